@@ -1,0 +1,537 @@
+"""Mergeable statistics: log-bucket histograms, Wilson intervals and the ``ShadowStats`` aggregator.
+
+Histograms follow DDSketch (Masson et al., VLDB 2019): a value ``v > 0`` goes to bucket
+``ceil(log(v) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)``, and a bucket reports
+``2 * gamma**i / (gamma + 1)``, which is within relative error ``a`` (1%) of every value in it.
+Counts live in a fixed numpy int64 array, so memory is bounded and merging two histograms (other
+workers, other replicas) is adding arrays; the merged quantiles are exactly those of one histogram
+that saw all the values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from shadowproxy.compare import Comparison
+
+__all__ = [
+    "LogHistogram",
+    "ShadowStats",
+    "SignedHistogram",
+    "Summary",
+    "wilson_interval",
+]
+
+RELATIVE_ACCURACY = 0.01
+PERCENTILES: tuple[tuple[str, float], ...] = (
+    ("p50", 0.5),
+    ("p90", 0.9),
+    ("p95", 0.95),
+    ("p99", 0.99),
+    ("p999", 0.999),
+)
+MIRROR_RESULTS: tuple[str, ...] = ("sampled", "sent", "dropped", "skipped", "error")
+OUTCOMES: tuple[str, ...] = ("candidate_error", "unparseable", "too_large")
+CONFUSION_MAX_PAIRS = 1000
+CONFUSION_TOP_LABELS = 10
+OTHER = "other"
+STATE_VERSION = 1
+
+
+def _rank(q: float, n: int) -> int:
+    """1-based rank of the q-quantile: ceil(q * n), at least 1 (numpy's ``inverted_cdf``)."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be within [0, 1], got {q}")
+    return max(1, math.ceil(q * n))
+
+
+class LogHistogram:
+    """Histogram of non-negative values with relative error <= 1% on quantiles.
+
+    Values in ``(0, min_value)`` count in the first bucket, values above ``max_value`` (and
+    ``inf``) in the last; zero and negative values count in a separate zero bucket reported as 0;
+    NaN is ignored. The defaults cover latencies from 1 µs to 1000 s in about 1040 buckets.
+
+    >>> h = LogHistogram()
+    >>> h.record(0.010); h.record(0.020)
+    >>> round(h.quantile(0.5), 4)
+    0.01
+    """
+
+    __slots__ = (
+        "_counts",
+        "_inv_log_gamma",
+        "_offset",
+        "count",
+        "gamma",
+        "max_value",
+        "min_value",
+        "sum",
+        "zero",
+    )
+
+    def __init__(
+        self, min_value: float = 1e-6, max_value: float = 1e3, relative_accuracy: float = RELATIVE_ACCURACY
+    ) -> None:
+        if not 0 < min_value < max_value or not 0 < relative_accuracy < 1:
+            raise ValueError("need 0 < min_value < max_value and 0 < relative_accuracy < 1")
+        self.min_value = min_value
+        self.max_value = max_value
+        self.gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
+        self._inv_log_gamma = 1.0 / math.log(self.gamma)
+        self._offset = math.ceil(math.log(min_value) * self._inv_log_gamma)
+        top = math.ceil(math.log(max_value) * self._inv_log_gamma)
+        self._counts: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(top - self._offset + 1, dtype=np.int64)
+        self.zero = 0
+        self.count = 0
+        self.sum = 0.0
+
+    def _same_layout(self, other: LogHistogram) -> bool:
+        return (
+            self.gamma == other.gamma
+            and self._offset == other._offset
+            and len(self._counts) == len(other._counts)
+        )
+
+    def record(self, v: float) -> None:
+        # Hot path (once per mirrored request): one math.log and one array increment, ~0.3 µs.
+        if v > 0:
+            if v >= self.max_value:
+                self._counts[-1] += 1
+                self.sum += v if v < math.inf else self.max_value
+            else:
+                i = math.ceil(math.log(v) * self._inv_log_gamma) - self._offset if v > self.min_value else 0
+                self._counts[i if i > 0 else 0] += 1
+                self.sum += v
+        elif v <= 0:
+            self.zero += 1
+        else:
+            return  # NaN
+        self.count += 1
+
+    def record_many(self, values: Iterable[float] | np.ndarray[Any, Any]) -> None:
+        """Record many values at once, bucketed as ``record`` would."""
+        arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64).ravel()
+        arr = arr[~np.isnan(arr)]
+        positive = arr[arr > 0]
+        last = len(self._counts) - 1
+        clamped = np.clip(positive, self.min_value, self.max_value)
+        idx = np.ceil(np.log(clamped) * self._inv_log_gamma).astype(np.int64) - self._offset
+        idx = np.where(positive >= self.max_value, last, np.where(positive <= self.min_value, 0, idx))
+        idx = np.clip(idx, 0, last)
+        self._counts += np.bincount(idx, minlength=len(self._counts)).astype(np.int64)
+        self.zero += int(arr.size - positive.size)
+        self.sum += float(np.where(np.isinf(positive), self.max_value, positive).sum())
+        self.count += int(arr.size)
+
+    def merge(self, other: LogHistogram) -> None:
+        if not self._same_layout(other):
+            raise ValueError("cannot merge histograms with different bucket layouts")
+        self._counts += other._counts
+        self.zero += other.zero
+        self.count += other.count
+        self.sum += other.sum
+
+    def bucket_value(self, index: int) -> float:
+        """The value reported for bucket ``index`` (relative to the first bucket)."""
+        return 2 * self.gamma ** (index + self._offset) / (self.gamma + 1)
+
+    def value_at_rank(self, rank: int) -> float:
+        """The value of the ``rank``-th smallest recorded value (1-based), within 1%."""
+        if self.count == 0:
+            return 0.0
+        rank = min(max(rank, 1), self.count)
+        if rank <= self.zero:
+            return 0.0
+        cumulative = np.cumsum(self._counts)
+        index = int(np.searchsorted(cumulative, rank - self.zero, side="left"))
+        return self.bucket_value(index)
+
+    def quantile(self, q: float) -> float:
+        """The value at rank ``ceil(q * count)`` (like ``numpy.quantile(method="inverted_cdf")``),
+        within 1% relative error; 0.0 when empty."""
+        return self.value_at_rank(_rank(q, self.count))
+
+    def percentiles_ms(self) -> dict[str, float]:
+        return {name: round(self.quantile(q) * 1000, 6) for name, q in PERCENTILES}
+
+    def to_state(self) -> dict[str, Any]:
+        """Compact JSON-friendly state: the non-zero stretch of buckets and where it starts."""
+        nonzero = np.flatnonzero(self._counts)
+        first = int(nonzero[0]) if nonzero.size else 0
+        last = int(nonzero[-1]) + 1 if nonzero.size else 0
+        return {
+            "gamma": self.gamma,
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "offset": first + self._offset,
+            "counts": self._counts[first:last].tolist(),
+            "zero": self.zero,
+            "count": self.count,
+            "sum": self.sum,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> LogHistogram:
+        h = cls(float(state["min_value"]), float(state["max_value"]))
+        if not math.isclose(float(state["gamma"]), h.gamma, rel_tol=1e-12):
+            raise ValueError(f"histogram state has gamma {state['gamma']}, expected {h.gamma}")
+        counts = [int(c) for c in state["counts"]]
+        start = int(state["offset"]) - h._offset
+        if counts and (start < 0 or start + len(counts) > len(h._counts)):
+            raise ValueError("histogram state buckets fall outside the layout")
+        if any(c < 0 for c in counts):
+            raise ValueError("histogram state has negative counts")
+        h._counts[start : start + len(counts)] = counts
+        h.zero = int(state["zero"])
+        h.count = int(state["count"])
+        h.sum = float(state["sum"])
+        if h.count != h.zero + int(h._counts.sum()):
+            raise ValueError("histogram state count does not match its buckets")
+        return h
+
+
+class SignedHistogram:
+    """Histogram of values of either sign (e.g. candidate minus production latency): negative
+    magnitudes and positive values in two ``LogHistogram``s, exact zeros counted apart."""
+
+    __slots__ = ("neg", "pos", "zero")
+
+    def __init__(self, min_value: float = 1e-6, max_value: float = 1e3) -> None:
+        self.neg = LogHistogram(min_value, max_value)
+        self.pos = LogHistogram(min_value, max_value)
+        self.zero = 0
+
+    @property
+    def count(self) -> int:
+        return self.neg.count + self.zero + self.pos.count
+
+    @property
+    def sum(self) -> float:
+        return self.pos.sum - self.neg.sum
+
+    def record(self, v: float) -> None:
+        if v > 0:
+            self.pos.record(v)
+        elif v < 0:
+            self.neg.record(-v)
+        elif v == 0:
+            self.zero += 1
+
+    def merge(self, other: SignedHistogram) -> None:
+        self.neg.merge(other.neg)
+        self.pos.merge(other.pos)
+        self.zero += other.zero
+
+    def quantile(self, q: float) -> float:
+        """Value at rank ``ceil(q * count)`` within 1% relative error; 0.0 when empty."""
+        n = self.count
+        if n == 0:
+            return 0.0
+        rank = _rank(q, n)
+        if rank <= self.neg.count:
+            # The rank-th smallest signed value is the (count - rank + 1)-th largest magnitude.
+            return -self.neg.value_at_rank(self.neg.count - rank + 1)
+        rank -= self.neg.count
+        if rank <= self.zero:
+            return 0.0
+        return self.pos.value_at_rank(rank - self.zero)
+
+    def percentiles_ms(self) -> dict[str, float]:
+        return {name: round(self.quantile(q) * 1000, 6) for name, q in PERCENTILES}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"neg": self.neg.to_state(), "pos": self.pos.to_state(), "zero": self.zero}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SignedHistogram:
+        h = cls()
+        h.neg = LogHistogram.from_state(state["neg"])
+        h.pos = LogHistogram.from_state(state["pos"])
+        h.zero = int(state["zero"])
+        return h
+
+
+class Summary:
+    """Count, mean and quantiles of a figure such as Jensen–Shannon divergence or cosine."""
+
+    __slots__ = ("hist",)
+
+    def __init__(self) -> None:
+        self.hist = SignedHistogram(1e-12, 1e12)
+
+    def record_many(self, values: Iterable[float]) -> None:
+        for v in values:
+            self.hist.record(v)
+
+    def merge(self, other: Summary) -> None:
+        self.hist.merge(other.hist)
+
+    def snapshot(self) -> dict[str, float | int]:
+        n = self.hist.count
+        out: dict[str, float | int] = {"count": n, "mean": self.hist.sum / n if n else 0.0}
+        for name, q in PERCENTILES:
+            out[name] = self.hist.quantile(q)
+        return out
+
+    def to_state(self) -> dict[str, Any]:
+        return self.hist.to_state()
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Summary:
+        s = cls()
+        s.hist = SignedHistogram.from_state(state)
+        return s
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n == 0."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lower = 0.0 if k == 0 else max(0.0, center - half)
+    upper = 1.0 if k == n else min(1.0, center + half)
+    return (lower, upper)
+
+
+class _Target:
+    __slots__ = ("errors", "latency", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latency = LogHistogram()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors, "latency_ms": self.latency.percentiles_ms()}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors, "latency": self.latency.to_state()}
+
+    def merge_state(self, state: Mapping[str, Any]) -> None:
+        self.requests += int(state["requests"])
+        self.errors += int(state["errors"])
+        self.latency.merge(LogHistogram.from_state(state["latency"]))
+
+
+class ShadowStats:
+    """Everything the proxy and the mirror report, in one place; ``snapshot()`` is ``/shadow/stats``.
+
+    Not thread-safe: one per event loop (worker); workers and replicas merge with ``from_states``.
+    """
+
+    def __init__(self) -> None:
+        self.production = _Target()
+        self.candidate = _Target()
+        self.mirror: dict[str, int] = dict.fromkeys(MIRROR_RESULTS, 0)
+        self.mirror_in_flight = 0
+        self.agree = 0
+        self.disagree = 0
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.mirrored_production = LogHistogram()
+        self.mirrored_candidate = LogHistogram()
+        self.latency_diff = SignedHistogram()
+        self.production_errors_on_mirrored = 0
+        self.confusion: Counter[tuple[str, str]] = Counter()
+        self._confusion_labels: set[str] = set()
+        self.abs_diff = LogHistogram(1e-12, 1e12)
+        self.summaries: dict[str, Summary] = {name: Summary() for name in ("jsd", "cosine", "similarity")}
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def record_production(self, latency_s: float | None, status: int) -> None:
+        """A client-facing exchange; status 0 (no answer) or >= 500 is an error."""
+        self.production.requests += 1
+        if status == 0 or status >= 500:
+            self.production.errors += 1
+        if latency_s is not None:
+            self.production.latency.record(latency_s)
+
+    def record_candidate(self, latency_s: float | None, error: bool) -> None:
+        """A shadow request that was sent, whatever became of it."""
+        self.candidate.requests += 1
+        if error:
+            self.candidate.errors += 1
+        if latency_s is not None:
+            self.candidate.latency.record(latency_s)
+
+    def record_pair_latency(self, prod_s: float, cand_s: float) -> None:
+        """Both latencies of one mirrored request: the latency gate compares only these."""
+        self.mirrored_production.record(prod_s)
+        self.mirrored_candidate.record(cand_s)
+        self.latency_diff.record(cand_s - prod_s)
+
+    def record_production_error_on_mirrored(self) -> None:
+        """Production answered a mirrored request with 5xx, or we answered 502/504 for it."""
+        self.production_errors_on_mirrored += 1
+
+    def record_mirror(self, result: str) -> None:
+        if result not in self.mirror:
+            raise ValueError(f"unknown mirror result {result!r}; expected one of {', '.join(MIRROR_RESULTS)}")
+        self.mirror[result] += 1
+
+    def record_outcome(self, outcome: str, n: int = 1) -> None:
+        if outcome not in self.outcomes:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
+        self.outcomes[outcome] += n
+
+    def record_comparison(self, cmp: Comparison, kind: str) -> None:
+        self.agree += cmp.agree
+        self.disagree += cmp.disagree
+        if kind == "label":
+            for pair in cmp.pairs:
+                self._count_pair(pair, 1)
+        if cmp.abs_diffs:
+            self.abs_diff.record_many(cmp.abs_diffs)
+        self.summaries["jsd"].record_many(cmp.jsd)
+        self.summaries["cosine"].record_many(cmp.cosine)
+        self.summaries["similarity"].record_many(cmp.similarity)
+
+    def _count_pair(self, pair: tuple[str, str], n: int) -> None:
+        confusion = self.confusion
+        if pair in confusion or len(confusion) < CONFUSION_MAX_PAIRS:
+            confusion[pair] += n
+            self._confusion_labels.update(pair)
+            return
+        # Bounded memory under label explosions (free text mistaken for labels): unseen labels
+        # become "other", and a pair still untracked folds into ("other", "other").
+        known = self._confusion_labels
+        folded = (pair[0] if pair[0] in known else OTHER, pair[1] if pair[1] in known else OTHER)
+        confusion[folded if folded in confusion else (OTHER, OTHER)] += n
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _confusion_matrix(self) -> dict[str, Any]:
+        freq: Counter[str] = Counter()
+        for (p, c), n in self.confusion.items():
+            freq[p] += n
+            freq[c] += n
+        ranked = sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))
+        labels = [label for label, _ in ranked[:CONFUSION_TOP_LABELS]]
+        if len(ranked) > CONFUSION_TOP_LABELS and OTHER not in labels:
+            labels.append(OTHER)
+        position = {label: i for i, label in enumerate(labels)}
+        fallback = position.get(OTHER, -1)
+        matrix = [[0] * len(labels) for _ in labels]
+        for (p, c), n in self.confusion.items():
+            i = position.get(p, fallback)
+            j = position.get(c, fallback)
+            matrix[i][j] += n
+        return {"labels": labels, "matrix": matrix}
+
+    def snapshot(self, full: bool = False) -> dict[str, Any]:
+        total = self.agree + self.disagree
+        sent = self.mirror["sent"]
+        cand_err = self.outcomes["candidate_error"]
+        prod_err = self.production_errors_on_mirrored
+        cand_rate = cand_err / sent if sent else 0.0
+        prod_rate = prod_err / sent if sent else 0.0
+        lo, hi = wilson_interval(self.disagree, total)
+        abs_n = self.abs_diff.count
+        differences: dict[str, Any] = {
+            "abs_diff": {
+                "count": abs_n,
+                "mean": self.abs_diff.sum / abs_n if abs_n else 0.0,
+                **{name: self.abs_diff.quantile(q) for name, q in PERCENTILES},
+            },
+            **{name: s.snapshot() for name, s in self.summaries.items()},
+        }
+        out: dict[str, Any] = {
+            "production": self.production.snapshot(),
+            "candidate": self.candidate.snapshot(),
+            "mirror": {**self.mirror, "in_flight": self.mirror_in_flight},
+            "comparisons": {
+                "total": total,
+                "agree": self.agree,
+                "disagree": self.disagree,
+                **self.outcomes,
+                "disagreement_rate": self.disagree / total if total else 0.0,
+                "disagreement_rate_ci95": [lo, hi],
+            },
+            "mirrored": {
+                "pairs": self.mirrored_production.count,
+                "production_latency_ms": self.mirrored_production.percentiles_ms(),
+                "candidate_latency_ms": self.mirrored_candidate.percentiles_ms(),
+            },
+            "latency_diff_ms": self.latency_diff.percentiles_ms(),
+            "confusion": self._confusion_matrix(),
+            "differences": differences,
+            "errors": {
+                "sent": sent,
+                "candidate_error": cand_err,
+                "production_error": prod_err,
+                "candidate_error_rate": cand_rate,
+                "production_error_rate": prod_rate,
+                "error_rate_delta": cand_rate - prod_rate,
+            },
+        }
+        if full:
+            out["state"] = self.to_state()
+        return out
+
+    # -- merging -----------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``)."""
+        return {
+            "version": STATE_VERSION,
+            "production": self.production.to_state(),
+            "candidate": self.candidate.to_state(),
+            "mirror": dict(self.mirror),
+            "mirror_in_flight": self.mirror_in_flight,
+            "agree": self.agree,
+            "disagree": self.disagree,
+            "outcomes": dict(self.outcomes),
+            "mirrored_production": self.mirrored_production.to_state(),
+            "mirrored_candidate": self.mirrored_candidate.to_state(),
+            "latency_diff": self.latency_diff.to_state(),
+            "production_errors_on_mirrored": self.production_errors_on_mirrored,
+            "confusion": [[p, c, n] for (p, c), n in self.confusion.items()],
+            "abs_diff": self.abs_diff.to_state(),
+            "summaries": {name: s.to_state() for name, s in self.summaries.items()},
+        }
+
+    def merge_state(self, state: Mapping[str, Any]) -> None:
+        """Add a state from ``to_state`` (or a full snapshot holding one under ``"state"``)."""
+        if "state" in state:
+            state = state["state"]
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported stats state version {state.get('version')!r}")
+        self.production.merge_state(state["production"])
+        self.candidate.merge_state(state["candidate"])
+        for key in MIRROR_RESULTS:
+            self.mirror[key] += int(state["mirror"].get(key, 0))
+        self.mirror_in_flight += int(state["mirror_in_flight"])
+        self.agree += int(state["agree"])
+        self.disagree += int(state["disagree"])
+        for key in OUTCOMES:
+            self.outcomes[key] += int(state["outcomes"].get(key, 0))
+        self.mirrored_production.merge(LogHistogram.from_state(state["mirrored_production"]))
+        self.mirrored_candidate.merge(LogHistogram.from_state(state["mirrored_candidate"]))
+        self.latency_diff.merge(SignedHistogram.from_state(state["latency_diff"]))
+        self.production_errors_on_mirrored += int(state["production_errors_on_mirrored"])
+        # Most frequent pairs first, so the cap keeps what matters when replicas disagree on labels.
+        for p, c, n in sorted(state["confusion"], key=lambda t: -int(t[2])):
+            self._count_pair((str(p), str(c)), int(n))
+        self.abs_diff.merge(LogHistogram.from_state(state["abs_diff"]))
+        for name, s in self.summaries.items():
+            s.merge(Summary.from_state(state["summaries"][name]))
+
+    @classmethod
+    def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:
+        """Merge full snapshots (or bare states) of several workers or replicas into one."""
+        merged = cls()
+        for state in states:
+            merged.merge_state(state)
+        return merged
