@@ -1,0 +1,153 @@
+"""The `shadowproxy` command line.
+
+Each subcommand is one `_add_<name>(subparsers)` function that adds its parser and sets
+`func=<handler>`; list it in `_COMMANDS`. A handler takes the parsed arguments and returns the exit
+code. Mistakes a user can fix are one line on stderr and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TypeAlias
+
+from shadowproxy import __version__
+from shadowproxy.config import Config, load_config
+from shadowproxy.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # also argparse's own code for usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shadowproxy",
+        description="Shadow-mode reverse proxy for ML model endpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    """The config at `path`, or None after printing its problems as `path: problem` lines."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return None
+
+
+def _print_problems(path: str, error: ConfigError) -> None:
+    for problem in error.problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# check-config
+
+
+def _add_check_config(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check-config",
+        help="validate a config file and print a summary",
+        description="Validate a config file. Exit 0 when valid, 2 with one line per problem otherwise.",
+    )
+    parser.add_argument("file", metavar="FILE")
+    parser.set_defaults(func=_check_config)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return EXIT_USAGE
+    print(f"{args.file}: OK")
+    print(summary(config))
+    return EXIT_OK
+
+
+def summary(config: Config) -> str:
+    """A few lines describing what a config will do."""
+    mirror, compare, path = config.mirror, config.compare, config.compare.path
+    lines = [
+        ("production", str(config.production.target)),
+        ("candidate", str(config.candidate.target)),
+        ("listen", _address(config.listen.host, config.listen.port)),
+        ("admin", _address(config.admin.host, config.admin.port)),
+        ("mirror", f"sample_rate {mirror.sample_rate:g}, methods {', '.join(mirror.methods) or '(none)'}"),
+        ("compare", f"preset {compare.preset}, kind {compare.kind}" + (f", path {path}" if path else "")),
+        ("store", config.store.path or "off"),
+        ("drift", "on" if config.drift is not None else "off"),
+    ]
+    return "\n".join(f"  {name:<12}{value}" for name, value in lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# serve
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_serve(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the proxy and the admin server",
+        description="Run the proxy and the admin server until SIGTERM/SIGINT, then drain and exit.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1, metavar="N", help="proxy processes (default 1)"
+    )
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    # Imported here: the server stack is not needed by the other commands.
+    from shadowproxy.app import run
+
+    try:
+        result = run(config, workers=args.workers)
+    except ConfigError as exc:  # problems only found at startup (e.g. an unreadable ca_file)
+        _print_problems(args.config, exc)
+        return EXIT_USAGE
+    return result if isinstance(result, int) else EXIT_OK
+
+
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_serve,
+    _add_check_config,
+)

@@ -1,0 +1,533 @@
+"""Configuration: a TOML file turned into frozen, typed dataclasses, validated up front.
+
+The dataclasses below are the one place that holds every default (the values of INTERFACE.md) and,
+in each field's metadata, the check its TOML value must pass. Field names are the TOML keys.
+Nothing else in shadowproxy reads the TOML::
+
+    config = load_config("shadowproxy.toml")   # ConfigError lists every problem, one line each
+    config.mirror.sample_rate                   # 0.1
+    config.production.target.host_header        # "127.0.0.1:8001"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from shadowproxy.errors import ConfigError
+
+__all__ = [
+    "AdminConfig",
+    "CandidateConfig",
+    "CompareConfig",
+    "Config",
+    "DriftConfig",
+    "GatesConfig",
+    "ListenConfig",
+    "MirrorConfig",
+    "ProductionConfig",
+    "StoreConfig",
+    "UpstreamURL",
+    "load_config",
+    "parse_config",
+    "parse_upstream_url",
+]
+
+PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json")
+KINDS = ("label", "numeric", "vector", "distribution", "text")
+
+_T = TypeVar("_T")
+_Check = Callable[[object], object]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upstream URLs
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    """An upstream model server, parsed from `production.url` / `candidate.url`.
+
+    >>> parse_upstream_url("http://[::1]:8002/v1/")
+    UpstreamURL(scheme='http', host='::1', port=8002, path_prefix='/v1')
+    """
+
+    scheme: str
+    host: str  # without brackets, ready for connecting
+    port: int
+    path_prefix: str = ""  # put before every request path; "" or "/..." without a trailing slash
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host_header(self) -> str:
+        # RFC 9110 §7.2 / RFC 3986 §3.2.2: IPv6 literals are bracketed, the default port is omitted.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.path_prefix}"
+
+
+@functools.lru_cache(maxsize=64)
+def parse_upstream_url(url: str) -> UpstreamURL:
+    """Parse an http(s) URL; ValueError (worded to follow a key path) when it is not usable."""
+    bad = f"must be an http:// or https:// URL with a host, got {_quote(url)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid host or port, got {_quote(url)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(bad)
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError(f"must not contain spaces or control characters, got {_quote(url)}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain a user name or password")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(f"must not have a query or fragment, got {_quote(url)}")
+    if port == 0:
+        raise ValueError(f"port must be between 1 and 65535, got {_quote(url)}")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return UpstreamURL(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks: each takes the raw TOML value and returns the typed value or raises _Invalid.
+
+
+class _Invalid(Exception):
+    """A value failed its check; `lines` are (key path suffix, message) pairs."""
+
+    def __init__(self, message: str = "", *, lines: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.lines = lines if lines is not None else [("", message)]
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number_text(value: float) -> str:
+    return repr(value)
+
+
+def _describe(value: object) -> str:
+    """The TOML type of a value, and the value when it is short, for "expected X, got Y"."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {_number_text(value)}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return f"date/time {value}"
+
+
+def _integer(low: int, high: int | None = None) -> _Check:
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {_describe(value)}")
+        if high is not None and not low <= value <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {value}")
+        if value < low:
+            raise _Invalid(f"must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
+def _number(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> _Check:
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(f"expected a number, got {_describe(value)}")
+        number = float(value)
+        got = _number_text(value)
+        if not math.isfinite(number):
+            raise _Invalid(f"must be a finite number, got {got}")
+        if ge is not None and le is not None and not ge <= number <= le:
+            raise _Invalid(f"must be between {ge:g} and {le:g}, got {got}")
+        if gt is not None and not number > gt:
+            raise _Invalid(f"must be greater than {gt:g}, got {got}")
+        if ge is not None and not number >= ge:
+            raise _Invalid(f"must be at least {ge:g}, got {got}")
+        return number
+
+    return check
+
+
+def _boolean(value: object) -> object:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected a boolean, got {_describe(value)}")
+    return value
+
+
+def _any_text(text: str) -> str:
+    return text
+
+
+def _string(validate: Callable[[str], str] = _any_text) -> _Check:
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a string, got {_describe(value)}")
+        return validate(value)
+
+    return check
+
+
+def _strings(validate: Callable[[str], str] = _any_text) -> _Check:
+    """An array of strings, each passed through `validate`; returned as a tuple."""
+
+    def check(value: object) -> object:
+        if not isinstance(value, list):
+            raise _Invalid(f"expected an array of strings, got {_describe(value)}")
+        items: list[str] = []
+        lines: list[tuple[str, str]] = []
+        for index, item in enumerate(value):
+            try:
+                if not isinstance(item, str):
+                    raise _Invalid(f"expected a string, got {_describe(item)}")
+                items.append(validate(item))
+            except _Invalid as exc:
+                lines.extend((f"[{index}]{at}", message) for at, message in exc.lines)
+        if lines:
+            raise _Invalid(lines=lines)
+        return tuple(items)
+
+    return check
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise _Invalid("must not be empty")
+    return text
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def validate(text: str) -> str:
+        if text not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {_quote(text)}")
+        return text
+
+    return validate
+
+
+# RFC 9110 §5.6.2: token = 1*tchar
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _method(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise _Invalid(f"must be an HTTP method (an RFC 9110 token), got {_quote(text)}")
+    return text.upper()
+
+
+def _header_name_or_empty(text: str) -> str:
+    if text and not _TOKEN.fullmatch(text):
+        raise _Invalid(f"must be an HTTP header name (an RFC 9110 token), got {_quote(text)}")
+    return text
+
+
+def _bearer_token(text: str) -> str:
+    # It travels in `Authorization: Bearer <token>`: visible ASCII only, no spaces.
+    if not re.fullmatch(r"[\x21-\x7e]*", text):
+        raise _Invalid("must be visible ASCII characters without spaces")
+    return text
+
+
+def _pointer(text: str) -> str:
+    if not text.startswith("/"):
+        raise _Invalid(f'must be a JSON pointer (RFC 6901) starting with "/", got {_quote(text)}')
+    if re.search(r"~(?![01])", text):
+        raise _Invalid(
+            f'must be a JSON pointer (RFC 6901) where "~" is followed by 0 or 1, got {_quote(text)}'
+        )
+    return text
+
+
+def _pointer_or_empty(text: str) -> str:
+    return _pointer(text) if text else text
+
+
+def _url(text: str) -> str:
+    try:
+        parse_upstream_url(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+_PORT = _integer(1, 65535)
+_COUNT = _integer(1)  # counts and sizes
+_POSITIVE = _number(gt=0)  # timeouts, intervals, ratios
+_NON_NEGATIVE = _number(ge=0)
+_FRACTION = _number(ge=0, le=1)
+
+
+def _key(default: _T, check: _Check) -> _T:
+    """A field with its INTERFACE.md default and the check its TOML value must pass."""
+    return field(default=default, metadata={"check": check})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The configuration; defaults exactly as INTERFACE.md gives them.
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """[listen]: the client-facing port."""
+
+    host: str = _key("0.0.0.0", _string(_non_empty))
+    port: int = _key(8080, _PORT)
+    max_body_bytes: int = _key(10_485_760, _COUNT)
+    drain_timeout_s: float = _key(15.0, _POSITIVE)
+    max_header_bytes: int = _key(65_536, _COUNT)
+    header_timeout_s: float = _key(10.0, _POSITIVE)
+    keepalive_timeout_s: float = _key(75.0, _POSITIVE)
+    shutdown_delay_s: float = _key(0.0, _NON_NEGATIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: metrics and the shadow API."""
+
+    host: str = _key("127.0.0.1", _string(_non_empty))
+    port: int = _key(9090, _PORT)
+    token: str = field(default="", repr=False, metadata={"check": _string(_bearer_token)})
+
+
+@dataclass(frozen=True, slots=True)
+class ProductionConfig:
+    """[production]: the model whose answers clients get."""
+
+    url: str = field(metadata={"check": _string(_url)})
+    timeout_s: float = _key(10.0, _POSITIVE)
+    max_connections: int = _key(1024, _COUNT)
+    pool_idle_timeout_s: float = _key(4.0, _POSITIVE)
+    ca_file: str = _key("", _string())
+    tls_verify: bool = _key(True, _boolean)
+
+    @property
+    def target(self) -> UpstreamURL:
+        return parse_upstream_url(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateConfig:
+    """[candidate]: the model under test; its answers never reach clients."""
+
+    url: str = field(metadata={"check": _string(_url)})
+    timeout_s: float = _key(10.0, _POSITIVE)
+    max_in_flight: int = _key(256, _COUNT)
+    backoff_after: int = _key(5, _COUNT)
+    # Not in INTERFACE.md's [candidate] table: an https candidate needs them as much as production.
+    ca_file: str = _key("", _string())
+    tls_verify: bool = _key(True, _boolean)
+
+    @property
+    def target(self) -> UpstreamURL:
+        return parse_upstream_url(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """[mirror]: which requests are also sent to the candidate."""
+
+    sample_rate: float = _key(0.1, _FRACTION)
+    sticky_header: str = _key("", _string(_header_name_or_empty))
+    methods: tuple[str, ...] = _key(("POST",), _strings(_method))
+    max_body_bytes: int = _key(1_048_576, _COUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class CompareConfig:
+    """[compare]: where predictions are in the answers and how two are compared."""
+
+    preset: str = _key("kserve-v1", _string(_one_of(*PRESETS)))
+    path: str = _key("", _string(_pointer_or_empty))
+    kind: str = _key("label", _string(_one_of(*KINDS)))
+    abs_tol: float = _key(1e-6, _NON_NEGATIVE)
+    rel_tol: float = _key(1e-3, _NON_NEGATIVE)
+    output: str = _key("", _string())
+    max_response_bytes: int = _key(1_048_576, _COUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class GatesConfig:
+    """[gates]: thresholds of the promotion verdict."""
+
+    min_samples: int = _key(500, _COUNT)
+    max_disagreement_rate: float = _key(0.02, _FRACTION)
+    max_p99_latency_ratio: float = _key(1.25, _POSITIVE)
+    max_error_rate_delta: float = _key(0.01, _FRACTION)
+    min_labels: int = _key(100, _COUNT)
+    min_accuracy_delta: float | None = _key(None, _number(ge=-1, le=1))  # None: no accuracy gate
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """[store]: the SQLite audit store; off while `path` is ""."""
+
+    path: str = _key("", _string())
+    sample_rate: float = _key(0.05, _FRACTION)
+    flush_interval_s: float = _key(0.2, _POSITIVE)
+    max_rows: int = _key(1_000_000, _COUNT)
+    max_age_days: float = _key(30.0, _POSITIVE)
+    store_bodies: bool = _key(False, _boolean)
+    redact: tuple[str, ...] = _key((), _strings(_pointer))
+    version_header: str = _key("X-Model-Version", _string(_header_name_or_empty))
+    version_path: str = _key("", _string(_pointer_or_empty))
+
+
+@dataclass(frozen=True, slots=True)
+class DriftConfig:
+    """[drift]: feature and prediction drift; runs only when the table is present."""
+
+    baseline: str = _key("", _string())
+    warmup: int = _key(5000, _COUNT)
+    sample_rate: float = _key(1.0, _FRACTION)
+    window: int = _key(10_000, _COUNT)
+    features: tuple[str, ...] = _key((), _strings(_non_empty))
+    max_features: int = _key(100, _COUNT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration. Build it with `load_config` or `parse_config`."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    production: ProductionConfig
+    candidate: CandidateConfig
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    drift: DriftConfig | None = None
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "listen": ListenConfig,
+    "admin": AdminConfig,
+    "production": ProductionConfig,
+    "candidate": CandidateConfig,
+    "mirror": MirrorConfig,
+    "compare": CompareConfig,
+    "gates": GatesConfig,
+    "store": StoreConfig,
+    "drift": DriftConfig,
+}
+_OPTIONAL_SECTIONS = frozenset({"drift"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; ConfigError lists every problem found."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([f"cannot read the config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"the config file is not UTF-8: {exc.reason} at byte {exc.start}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"]) from None
+    return parse_config(data)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate already-parsed TOML; ConfigError lists every problem, one line each."""
+    problems: list[str] = []
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            what = "unknown section" if isinstance(value, dict) else "unknown key"
+            problems.append(f"{name}: {what}{_did_you_mean(name, _SECTIONS)}")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = data.get(name)
+        if table is None and name in _OPTIONAL_SECTIONS:
+            sections[name] = None
+            continue
+        if table is None:
+            table = {}
+        if not isinstance(table, dict):
+            problems.append(f"{name}: expected a table, got {_describe(table)}")
+            continue
+        section = _parse_section(name, cls, table, problems)
+        if section is not None:
+            sections[name] = section
+
+    _check_across_sections(sections, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def _parse_section(name: str, cls: type[_T], table: Mapping[str, object], problems: list[str]) -> _T | None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    before = len(problems)
+    values: dict[str, object] = {}
+    for key, raw in table.items():
+        spec = fields.get(key)
+        if spec is None:
+            problems.append(f"{name}.{key}: unknown key{_did_you_mean(key, fields)}")
+            continue
+        try:
+            values[key] = spec.metadata["check"](raw)
+        except _Invalid as exc:
+            problems.extend(f"{name}.{key}{at}: {message}" for at, message in exc.lines)
+    for key, spec in fields.items():
+        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        if required and key not in table:
+            problems.append(f"{name}.{key}: required")
+    if len(problems) > before:
+        return None
+    return cls(**values)
+
+
+def _check_across_sections(sections: Mapping[str, Any], problems: list[str]) -> None:
+    """Rules that involve more than one key; run on the sections that passed their own checks."""
+    compare = sections.get("compare")
+    if isinstance(compare, CompareConfig) and compare.preset == "json" and not compare.path:
+        problems.append('compare.path: required when compare.preset is "json"')
+
+    listen, admin = sections.get("listen"), sections.get("admin")
+    if isinstance(listen, ListenConfig) and isinstance(admin, AdminConfig) and listen.port == admin.port:
+        wildcard = {"0.0.0.0", "::", "*"}
+        if listen.host == admin.host or listen.host in wildcard or admin.host in wildcard:
+            problems.append(f"admin.port: must differ from listen.port on the same host, got {admin.port}")
+
+    drift = sections.get("drift")
+    if isinstance(drift, DriftConfig) and len(drift.features) > drift.max_features:
+        problems.append(
+            f"drift.features: lists {len(drift.features)} features, more than drift.max_features "
+            f"({drift.max_features})"
+        )
+
+
+def _did_you_mean(key: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f' (did you mean "{close[0]}"?)' if close else ""
