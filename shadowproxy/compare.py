@@ -171,6 +171,8 @@ def _close(p: float, c: float, abs_tol: float, rel_tol: float) -> tuple[bool, fl
     if fp != fp or fc != fc:
         both_nan = fp != fp and fc != fc
         return both_nan, 0.0 if both_nan else math.inf
+    if fp in (math.inf, -math.inf) or fc in (math.inf, -math.inf):
+        return False, math.inf  # as math.isclose: infinity is close only to itself
     diff = abs(fc - fp)
     return diff <= max(rel_tol * max(abs(fp), abs(fc)), abs_tol), diff
 
@@ -220,7 +222,7 @@ def _elementwise(
         diff = np.abs(c - p)
         tol = np.maximum(rel_tol * np.maximum(np.abs(p), np.abs(c)), abs_tol)
         same = (p == c) | (np.isnan(p) & np.isnan(c))
-        ok = same | (diff <= tol)
+        ok = same | ((diff <= tol) & np.isfinite(p) & np.isfinite(c))
     diff = np.where(same, 0.0, np.where(np.isnan(diff), np.inf, diff))
     return ok, diff
 
