@@ -404,11 +404,14 @@ class ShadowStats:
             confusion[pair] += n
             self._confusion_labels.update(pair)
             return
-        # Bounded memory under label explosions (free text mistaken for labels): unseen labels
-        # become "other", and a pair still untracked folds into ("other", "other").
+        # Bounded memory under label explosions (free text mistaken for labels): once full, labels
+        # not seen in a tracked pair become "other"; such folded pairs may take up to as many
+        # entries again, and anything beyond counts as ("other", "other").
         known = self._confusion_labels
         folded = (pair[0] if pair[0] in known else OTHER, pair[1] if pair[1] in known else OTHER)
-        confusion[folded if folded in confusion else (OTHER, OTHER)] += n
+        if folded not in confusion and len(confusion) >= 2 * CONFUSION_MAX_PAIRS:
+            folded = (OTHER, OTHER)
+        confusion[folded] += n
 
     # -- reading -----------------------------------------------------------------------------
 
