@@ -34,7 +34,7 @@ class GatesLike(Protocol):
 
 
 def _pct(x: float) -> str:
-    return f"{x * 100:.2f}%".replace(".00%", "%")
+    return f"{x * 100:.3g}%"
 
 
 def _gate(
