@@ -1,0 +1,528 @@
+"""The client-facing HTTP/1.1 engine: an asyncio protocol over httptools (llhttp).
+
+It owns framing, keep-alive, pipelining (answers in request order), flow control, limits and
+timeouts. What to do with a request is not its business: for every request head it creates a
+`Cycle` and calls the handler, which attaches a `RequestSink` for the body and answers through the
+cycle's `start_response` / `write` / `end`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import httptools
+import orjson
+
+_STATUS_LINES: dict[int, bytes] = {}
+_REASONS = {
+    100: b"Continue", 400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
+    431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+# Above this much request body held for a handler that is not yet connected, stop reading.
+_BODY_BUFFER_HIGH = 256 * 1024
+
+
+class RequestSink(Protocol):
+    """Where a cycle's request body goes, and who hears about the client side."""
+
+    def on_request_body(self, data: bytes) -> None: ...
+
+    def on_request_complete(self) -> None: ...
+
+    def on_client_lost(self) -> None: ...
+
+    def pause_response(self) -> None: ...
+
+    def resume_response(self) -> None: ...
+
+
+Handler = Callable[["Cycle"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_header_bytes: int = 65536
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def simple_response(status: int, message: str, *, close: bool, extra: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+    """A complete small JSON answer `{"error": message}` (our own, never production's)."""
+    body = orjson.dumps({"error": message})
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+    ]
+    lines.extend(b"%s: %s\r\n" % (name, value) for name, value in extra)
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
+
+
+class Cycle:
+    """One request and its answer on a client connection."""
+
+    __slots__ = (
+        "conn", "method", "target", "http_version", "headers", "keep_alive", "content_length",
+        "chunked", "expect_continue", "client_ip", "sink", "request_complete", "response_started",
+        "response_complete", "body_size", "_buffer", "_buffered", "_chunked_response", "_no_body",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: bytes,
+        target: bytes,
+        http_version: str,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        self.conn = conn
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+        self.client_ip = conn.client_ip
+        self.sink: RequestSink | None = None
+        self.request_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.body_size = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._chunked_response = False
+        self._no_body = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    # -- request side (called by the connection) --------------------------------------------------
+    def attach(self, sink: RequestSink) -> None:
+        """Route the request body to `sink`, starting with whatever arrived before."""
+        self.sink = sink
+        buffered = self._buffer
+        if buffered:
+            self._buffer = []
+            self._buffered = 0
+            for chunk in buffered:
+                sink.on_request_body(chunk)
+            self.conn.resume_reading("buffer")
+        if self.request_complete:
+            sink.on_request_complete()
+
+    def _receive_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.conn.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")
+        sink = self.sink
+        if sink is not None:
+            sink.on_request_body(data)
+        else:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > _BODY_BUFFER_HIGH:
+                self.conn.pause_reading("buffer")
+
+    def _receive_complete(self) -> None:
+        self.request_complete = True
+        if self.sink is not None:
+            self.sink.on_request_complete()
+
+    # -- response side (called by the handler) ----------------------------------------------------
+    def start_response(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content_length: int | None,
+        has_body: bool,
+    ) -> None:
+        """Send the status line and `headers` (already free of hop-by-hop fields).
+
+        Framing: with `content_length` the body passes as is; otherwise it is chunked for an
+        HTTP/1.1 client, or delimited by closing the connection for an HTTP/1.0 one.
+        """
+        conn = self.conn
+        if conn.closing:
+            self.keep_alive = False
+        self.response_started = True
+        self._no_body = not has_body or self.method == b"HEAD"
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        parts.extend([b"%s: %s\r\n" % header for header in headers])
+        if has_body and content_length is None:
+            if self.http_version == "1.1":
+                self._chunked_response = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.http_version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        conn.write(b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        if self._no_body or not data:
+            return
+        if self._chunked_response:
+            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def end(self) -> None:
+        if self.response_complete:
+            return
+        self.response_complete = True
+        if self._chunked_response and not self._no_body:
+            self.conn.write(b"0\r\n\r\n")
+        self.conn.cycle_done(self)
+
+    def respond(self, status: int, message: str, *, close: bool = False) -> None:
+        """Answer with our own small JSON error (502, 504, ...) when nothing was sent yet."""
+        if self.response_started:
+            self.abort()
+            return
+        self.response_started = True
+        self.response_complete = True
+        if close or self.conn.closing or not self.request_complete:
+            self.keep_alive = False
+        self.conn.write(simple_response(status, message, close=not self.keep_alive))
+        self.conn.cycle_done(self)
+
+    def abort(self) -> None:
+        """Give up mid-answer: the only honest signal left is closing the connection."""
+        self.response_complete = True
+        self.keep_alive = False
+        self.conn.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, answers them in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b""
+        self.closing = False
+        self.closed = False
+        self.active: Cycle | None = None  # the cycle whose answer is being written
+        self.parsing: Cycle | None = None  # the cycle whose request is being read
+        self.queue: collections.deque[Cycle] = collections.deque()
+        self._read_pauses: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = str(peer[0]).encode()
+        self.server.connections.add(self)
+        self._set_timer(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        self._cancel_timer()
+        cycles = [self.active, *self.queue]
+        if self.parsing is not None and self.parsing not in cycles:
+            cycles.append(self.parsing)
+        self.active = None
+        self.queue.clear()
+        for cycle in cycles:
+            if cycle is not None and not cycle.response_complete and cycle.sink is not None:
+                cycle.sink.on_client_lost()
+        self.server.connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self._in_head or self.parsing is None:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # An upgrade (h2c, websocket) we do not offer: answer it as plain HTTP/1.1; the Upgrade
+            # and Connection fields are hop-by-hop and never reach production.
+            offset = int(exc.args[0]) if exc.args else len(data)
+            if offset < len(data):
+                self.data_received(data[offset:])
+            return
+        except httptools.HttpParserError as exc:
+            reject = exc.__context__ if isinstance(exc.__context__, _Reject) else None
+            if reject is None:
+                self.server.count_client_error("bad_request")
+                self._reject(400, "malformed request")
+            else:
+                self.server.count_client_error(
+                    {413: "body_too_large", 431: "header_too_large"}.get(reject.status, "bad_request")
+                )
+                self._reject(reject.status, reject.message)
+            return
+        if self._in_head and self._head_bytes > self.limits.max_header_bytes:
+            self.server.count_client_error("header_too_large")
+            self._reject(431, "request header fields too large")
+
+    def pause_writing(self) -> None:
+        cycle = self.active
+        if cycle is not None and cycle.sink is not None:
+            cycle.sink.pause_response()
+
+    def resume_writing(self) -> None:
+        cycle = self.active
+        if cycle is not None and cycle.sink is not None:
+            cycle.sink.resume_response()
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        if self.active is None:
+            self._set_timer(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self.parser
+        headers = self._headers
+        size = len(self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+        if size > self.limits.max_header_bytes:
+            raise _Reject(431, "request header fields too large")
+        content_length: int | None = None
+        chunked = False
+        expect_continue = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                # RFC 9112 §6.3: differing Content-Length values are unrecoverable framing errors.
+                if content_length is not None or not value.strip().isdigit():
+                    raise _Reject(400, "invalid or repeated content-length")
+                content_length = int(value)
+            elif lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+        if chunked and content_length is not None:
+            # RFC 9112 §6.1: both framings at once is how requests are smuggled.
+            raise _Reject(400, "both content-length and transfer-encoding")
+        if content_length is not None and content_length > self.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")
+        version = parser.get_http_version()
+        cycle = Cycle(
+            self,
+            parser.get_method(),
+            self._url,
+            version,
+            headers,
+            parser.should_keep_alive(),
+            content_length,
+            chunked,
+            expect_continue and version == "1.1",
+        )
+        self.parsing = cycle
+        if self.active is None:
+            self._start(cycle)
+        else:
+            # Pipelined: answered after the ones before it; stop reading until it is its turn.
+            self.queue.append(cycle)
+            self.pause_reading("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.parsing
+        if cycle is not None:
+            cycle._receive_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.parsing
+        self.parsing = None
+        if cycle is not None:
+            cycle._receive_complete()
+
+    # -- cycles -----------------------------------------------------------------------------------
+    def _start(self, cycle: Cycle) -> None:
+        self._cancel_timer()
+        self.active = cycle
+        if cycle.expect_continue and not cycle.request_complete:
+            # We read the body ourselves, so the client may send it now (RFC 9110 §10.1.1).
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.server.handler(cycle)
+
+    def cycle_done(self, cycle: Cycle) -> None:
+        if cycle is not self.active:
+            return
+        self.active = None
+        if not cycle.keep_alive or not cycle.request_complete or self.closing:
+            # An unread request body would be taken for the next request: close instead.
+            self.close()
+            return
+        if self.queue:
+            self.resume_reading("pipeline")
+            self._start(self.queue.popleft())
+            return
+        self.resume_reading("pipeline")
+        self._set_timer(self.limits.keepalive_timeout_s, self.close)
+        if self.server.draining:
+            self.close()
+
+    # -- transport helpers ------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._read_pauses and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._read_pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    @property
+    def idle(self) -> bool:
+        return self.active is None and not self._in_head
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request we will not serve and close (the stream cannot be trusted after it)."""
+        cycle = self.active
+        if cycle is not None and cycle.response_started:
+            self.abort()
+            return
+        if cycle is not None and cycle.sink is not None:
+            cycle.response_complete = True
+            cycle.sink.on_client_lost()
+        self.write(simple_response(status, message, close=True))
+        self.close()
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self.active is not None:
+            return
+        if self._in_head:
+            self.server.count_client_error("header_timeout")
+            self._reject(408, "request header timeout")
+        else:
+            self.close()
+
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        self.closing = True
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+class Server:
+    """The listening side: connections, limits, the handler, and graceful draining."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits,
+        *,
+        on_client_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._on_client_error = on_client_error
+        self._server: asyncio.AbstractServer | None = None
+        self._all_closed: asyncio.Event | None = None
+
+    def count_client_error(self, reason: str) -> None:
+        if self._on_client_error is not None:
+            self._on_client_error(reason)
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            lambda: ClientConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop new requests, let in-flight ones finish; True when all finished in time."""
+        self.draining = True
+        self.stop_accepting()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        self._all_closed = asyncio.Event()
+        if not self.connections:
+            self._all_closed.set()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            for conn in list(self.connections):
+                conn.abort()
+            return False
+
+    def connection_closed(self) -> None:
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()

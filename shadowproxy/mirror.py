@@ -1,0 +1,291 @@
+"""Bounded dispatch of sampled requests to the candidate, and pairing with production's answer.
+
+The proxy hands a sampled exchange over through a `MirrorTicket`: body bytes as they arrive, then
+"request complete" (the candidate request starts at once, from the buffered bytes, so the candidate
+can never push back on the client connection) and finally production's status, body and latency.
+Everything after that runs in the ticket's own task: waiting for the candidate, parsing, comparing,
+recording. Nothing here can block the client's answer; what cannot be afforded is dropped and
+counted (INTERFACE.md: sampled / sent / error / dropped / skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+
+from shadowproxy.compare import compare_predictions
+from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
+from shadowproxy.http.server import Cycle
+from shadowproxy.http.upstream import BufferedResponse, ConnectFailed, UpstreamError, UpstreamPool, fetch
+from shadowproxy.metrics import Metrics
+from shadowproxy.presets import extract_predictions
+from shadowproxy.sampling import Sampler
+from shadowproxy.stats import ShadowStats
+
+log = logging.getLogger("shadowproxy.mirror")
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 10.0
+
+
+class Mirror:
+    def __init__(
+        self,
+        *,
+        pool: UpstreamPool,
+        candidate: CandidateConfig,
+        mirror: MirrorConfig,
+        compare: CompareConfig,
+        production_timeout_s: float,
+        metrics: Metrics,
+        stats: ShadowStats,
+    ) -> None:
+        self.pool = pool
+        self.sampler = Sampler(mirror)
+        self.timeout_s = candidate.timeout_s
+        self.max_in_flight = candidate.max_in_flight
+        self.backoff_after = candidate.backoff_after
+        self.compare = compare
+        # How long a finished candidate waits for production's answer before giving up on the pair.
+        self.production_wait_s = production_timeout_s + 60.0
+        self.metrics = metrics
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        target = pool.target
+        self.prefix = target.path_prefix.encode()
+        self.host_header = target.host_header.encode()
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._failures = 0
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._mirror_counter = metrics.mirror_by_result
+        metrics.mirror_sample_rate.set(self.sampler.sample_rate)
+
+    # -- run-time control -------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> float:
+        return self.sampler.sample_rate
+
+    def set_sample_rate(self, rate: float) -> None:
+        self.sampler.sample_rate = rate
+        self.metrics.mirror_sample_rate.set(rate)
+
+    # -- accounting -------------------------------------------------------------------------------
+    def _count(self, result: str) -> None:
+        self.stats.record_mirror(result)
+        if result != "sampled":
+            self._mirror_counter[result].inc()
+
+    def skip(self, reason: str) -> None:
+        self._count("skipped")
+        self.metrics.mirror_skipped.labels(reason).inc()
+
+    def drop(self, reason: str) -> None:
+        self._count("dropped")
+        self.metrics.mirror_dropped.labels(reason).inc()
+
+    def _set_in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        self.stats.mirror_in_flight = self.in_flight
+        self.metrics.mirror_in_flight.set(self.in_flight)
+
+    # -- the proxy's side -------------------------------------------------------------------------
+    def begin(
+        self, cycle: Cycle, path: bytes, headers: list[tuple[bytes, bytes]], request_id: bytes
+    ) -> MirrorTicket | None:
+        """Called for every request head; a ticket when this request is to be mirrored."""
+        sampler = self.sampler
+        if not sampler.sampled(cycle.headers):
+            return None
+        self._count("sampled")
+        reason = sampler.skip_reason(cycle.method, cycle.content_length)
+        if reason is not None:
+            self.skip(reason)
+            return None
+        return MirrorTicket(self, cycle.method, path, headers)
+
+    def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
+        """The request body is complete: send the candidate its copy now, or drop it."""
+        if self.in_flight >= self.max_in_flight:
+            ticket.cancelled = True
+            self.drop("in_flight_full")
+            return
+        if self._backoff_until and self.loop.time() < self._backoff_until:
+            ticket.cancelled = True
+            self.drop("backoff")
+            return
+        parts = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (ticket.method, self.prefix, ticket.path, self.host_header)]
+        parts.extend([b"%s: %s\r\n" % header for header in ticket.headers])
+        parts.append(b"X-Shadow-Request: true\r\nContent-Length: %d\r\n\r\n" % len(body))
+        head = b"".join(parts)
+        self._count("sent")
+        self._set_in_flight(1)
+        task = self.loop.create_task(self._run(ticket, head, body))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- the ticket's task ------------------------------------------------------------------------
+    async def _run(self, ticket: MirrorTicket, head: bytes, body: bytes) -> None:
+        response: BufferedResponse | None = None
+        failure = ""
+        try:
+            response = await asyncio.wait_for(
+                fetch(
+                    self.pool, head, body, head_request=ticket.method == b"HEAD",
+                    max_body_bytes=self.compare.max_response_bytes,
+                ),
+                self.timeout_s,
+            )
+        except asyncio.TimeoutError:
+            failure = "timeout"
+        except ConnectFailed:
+            failure = "connect"
+        except UpstreamError as exc:
+            failure = "malformed" if "malformed" in str(exc) else "reset"
+        finally:
+            self._set_in_flight(-1)
+        self._note_connect_outcome(failure == "connect")
+        if response is None:
+            self._count("error")
+            self.metrics.upstream_failures.labels("candidate", failure).inc()
+            self.stats.record_candidate(None, error=True)
+        else:
+            self.metrics.duration_by_target["candidate"].observe(response.latency_s)
+            self.stats.record_candidate(response.latency_s, error=response.status >= 500)
+        try:
+            await asyncio.wait_for(ticket.production, self.production_wait_s)
+        except asyncio.TimeoutError:
+            return
+        try:
+            self._judge(ticket, response)
+        except Exception:  # a comparison bug must never take the proxy down: log and count
+            log.exception("comparison failed")
+            self._outcome("candidate_error", 1)
+
+    def _note_connect_outcome(self, connect_failed: bool) -> None:
+        """Back off after `backoff_after` consecutive refused connections (0.1 s doubling to 10 s)."""
+        if not connect_failed:
+            self._failures = 0
+            self._backoff_s = 0.0
+            self._backoff_until = 0.0
+            return
+        self._failures += 1
+        if self._failures >= self.backoff_after:
+            self._backoff_s = min(BACKOFF_MAX_S, self._backoff_s * 2 if self._backoff_s else BACKOFF_START_S)
+            self._backoff_until = self.loop.time() + self._backoff_s
+
+    def _outcome(self, outcome: str, n: int) -> None:
+        """An outcome other than agree/disagree (those come from `record_comparison`)."""
+        self.stats.record_outcome(outcome, n)
+        self.metrics.comparisons_by_outcome[outcome].inc(n)
+
+    def _judge(self, ticket: MirrorTicket, candidate: BufferedResponse | None) -> None:
+        """Pair both answers: compare predictions, or say why they cannot be compared."""
+        status, prod_body, prod_latency = ticket.production.result()
+        if prod_latency is not None and candidate is not None:
+            self.stats.record_pair_latency(prod_latency, candidate.latency_s)
+        production_ok = 200 <= status < 300
+        if status == 0 or status >= 500:
+            self.stats.record_production_error_on_mirrored()
+        if candidate is None or candidate.status >= 500:
+            self._outcome("candidate_error", 1)
+            return
+        if not production_ok:
+            return  # production's own error: nothing to compare, and a matching 4xx is no error
+        if not 200 <= candidate.status < 300:
+            self._outcome("candidate_error", 1)
+            return
+        if prod_body is None or candidate.truncated:
+            self._outcome("too_large", 1)
+            return
+        cfg = self.compare
+        try:
+            prod_preds = extract_predictions(orjson.loads(prod_body), cfg.preset, cfg.path, cfg.output)
+        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError):
+            self._outcome("unparseable", 1)
+            return
+        try:
+            cand_preds = extract_predictions(orjson.loads(candidate.body), cfg.preset, cfg.path, cfg.output)
+        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError):
+            self._outcome("candidate_error", 1)
+            return
+        if len(prod_preds) != len(cand_preds):
+            self._outcome("candidate_error", 1)
+            return
+        result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol)
+        self.stats.record_comparison(result, cfg.kind)
+        if result.agree:
+            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+        if result.disagree:
+            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give shadow exchanges in flight the same drain time as client requests."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class MirrorTicket:
+    """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
+
+    __slots__ = ("mirror", "method", "path", "headers", "chunks", "size", "cancelled", "production",
+                 "dispatched")
+
+    def __init__(self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.mirror = mirror
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.cancelled = False
+        self.dispatched = False
+        self.production: asyncio.Future[tuple[int, bytes | None, float | None]] = mirror.loop.create_future()
+
+    @property
+    def max_response_bytes(self) -> int:
+        return self.mirror.compare.max_response_bytes
+
+    def add_body(self, data: bytes) -> None:
+        if self.cancelled:
+            return
+        self.size += len(data)
+        if self.size > self.mirror.sampler.max_body_bytes:
+            # A chunked body grew past mirror.max_body_bytes: stop buffering, count it as skipped.
+            self.cancelled = True
+            self.chunks = []
+            self.mirror.skip("body_too_large")
+        else:
+            self.chunks.append(data)
+
+    def request_complete(self) -> None:
+        if self.cancelled or self.dispatched:
+            return
+        self.dispatched = True
+        body = b"".join(self.chunks)
+        self.chunks = []
+        self.mirror.dispatch(self, body)
+
+    def capture_response(
+        self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None
+    ) -> list[bytes] | None:
+        """A list to collect production's body into, when the answer is worth comparing."""
+        if self.cancelled or not 200 <= status < 300:
+            return None
+        if content_length is not None and content_length > self.max_response_bytes:
+            return None
+        return []
+
+    def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
+        if self.production.done():
+            return
+        if not self.dispatched and not self.cancelled:
+            # The client's request never completed (it went away, or production answered early).
+            self.cancelled = True
+            self.mirror.drop("client_gone")
+        self.production.set_result((status, body, latency_s))

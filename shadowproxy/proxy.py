@@ -1,0 +1,388 @@
+"""What the proxy does with one exchange: the hot path.
+
+A request head arrives (`Proxy.handle`); its headers are rewritten (hop-by-hop fields dropped,
+X-Forwarded-*, X-Request-ID), an `Exchange` ties the client's cycle to a pooled production
+connection and streams both bodies with flow control, our own errors answer what production could
+not (502, 504), and a sampled exchange is handed to the mirror through a `MirrorTicket`, which sees
+finished bytes only, never transports or parsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from shadowproxy.http.server import Cycle
+from shadowproxy.http.upstream import ConnectFailed, UpstreamConnection, UpstreamPool
+from shadowproxy.metrics import Metrics
+
+if TYPE_CHECKING:
+    from shadowproxy.mirror import Mirror, MirrorTicket
+    from shadowproxy.stats import ShadowStats
+
+# RFC 9110 §7.6.1 (plus the RFC 2616 names still seen in the wild): meaningful for one connection
+# only, never forwarded. Fields named in `Connection` join them per message.
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
+)
+# Rewritten by us on the way up: framing is ours, Expect was answered by us, Host is the upstream's.
+_REWRITTEN = frozenset(
+    (b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+     b"x-request-id")
+)
+# RFC 9110 §9.2.2: only these may be sent twice when a pooled connection turns out to be stale.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
+# Bodies up to this size are kept until the answer starts, so a stale connection can be retried.
+_RETRY_BODY_MAX = 64 * 1024
+_PENDING_HIGH = 256 * 1024
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def new_request_id() -> bytes:
+    return os.urandom(16).hex().encode()
+
+
+class Proxy:
+    """The handler the client-facing server calls for every request head."""
+
+    def __init__(
+        self,
+        *,
+        pool: UpstreamPool,
+        timeout_s: float,
+        metrics: Metrics,
+        stats: ShadowStats,
+        mirror: Mirror | None = None,
+    ) -> None:
+        self.pool = pool
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.stats = stats
+        self.mirror = mirror
+        self.loop = asyncio.get_running_loop()
+        target = pool.target
+        self.prefix = target.path_prefix.encode()
+        self.host_header = target.host_header.encode()
+        self.in_flight = 0
+        self._requests_by_class = metrics.requests_by_class
+        self._duration = metrics.duration_by_target["production"]
+
+    def handle(self, cycle: Cycle) -> None:
+        headers = cycle.headers
+        drop = HOP_BY_HOP
+        if any(name.lower() == b"connection" for name, _ in headers):
+            drop = HOP_BY_HOP | _connection_tokens(headers)
+        forward: list[tuple[bytes, bytes]] = []
+        request_id = b""
+        forwarded_for = b""
+        client_host = b""
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname in _REWRITTEN:
+                if lname == b"x-request-id":
+                    request_id = value
+                elif lname == b"x-forwarded-for":
+                    forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+                elif lname == b"host":
+                    client_host = value
+                continue
+            forward.append((name, value))
+        if not request_id:
+            request_id = new_request_id()
+        client_ip = cycle.client_ip
+        forward.append((b"X-Forwarded-For", forwarded_for + b", " + client_ip if forwarded_for else client_ip))
+        forward.append((b"X-Forwarded-Proto", b"http"))
+        if client_host:
+            forward.append((b"X-Forwarded-Host", client_host))
+        forward.append((b"X-Request-ID", request_id))
+
+        path = cycle.target
+        if not path.startswith(b"/"):
+            # absolute-form (RFC 9112 §3.2.2) or `*`: the origin form is what the model server expects.
+            if b"://" in path:
+                rest = path.split(b"://", 1)[1]
+                slash = rest.find(b"/")
+                path = rest[slash:] if slash >= 0 else b"/"
+        parts = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header)]
+        parts.extend([b"%s: %s\r\n" % header for header in forward])
+        if cycle.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif cycle.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n\r\n" % cycle.content_length)
+        else:
+            parts.append(b"\r\n")
+        ticket = self.mirror.begin(cycle, path, forward, request_id) if self.mirror is not None else None
+        exchange = Exchange(self, cycle, b"".join(parts), request_id, ticket)
+        cycle.attach(exchange)
+        exchange.start()
+
+    def record(self, status: int, latency_s: float | None) -> None:
+        self._requests_by_class[Metrics.status_class(status)].inc()
+        if latency_s is not None:
+            self._duration.observe(latency_s)
+        self.stats.record_production(latency_s, status)
+
+
+class Exchange:
+    """One client request forwarded to production, its answer streamed back."""
+
+    __slots__ = (
+        "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "timer", "pending",
+        "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
+        "capture", "capture_size",
+    )
+
+    def __init__(
+        self, proxy: Proxy, cycle: Cycle, head: bytes, request_id: bytes, ticket: MirrorTicket | None
+    ) -> None:
+        self.proxy = proxy
+        self.cycle = cycle
+        self.head = head
+        self.request_id = request_id
+        self.ticket = ticket
+        self.conn: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.retry_body: list[bytes] | None = [] if cycle.method in IDEMPOTENT else None
+        self.retried = False
+        self.t_sent = 0.0
+        self.status = 0
+        self.done = False
+        self.request_sent = False
+        self.capture: list[bytes] | None = None
+        self.capture_size = 0
+
+    def start(self) -> None:
+        proxy = self.proxy
+        proxy.in_flight += 1
+        self.timer = proxy.loop.call_later(proxy.timeout_s, self._on_timeout)
+        conn = proxy.pool.acquire_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.task = proxy.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.proxy.pool.acquire()
+        except ConnectFailed:
+            self.task = None
+            self.proxy.metrics.upstream_failures.labels("production", "connect").inc()
+            self._fail(502, "production unreachable")
+            return
+        except asyncio.CancelledError:
+            return
+        self.task = None
+        if self.done:
+            conn.close()
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.t_sent = self.proxy.loop.time()
+        conn.start(self, self.head, head_request=self.cycle.method == b"HEAD")
+        pending = self.pending
+        if pending:
+            self.pending = []
+            self.pending_size = 0
+            for chunk in pending:
+                self._send_body(chunk)
+            self.cycle.conn.resume_reading("upstream")
+        if self.cycle.request_complete:
+            self._end_body()
+
+    def _send_body(self, data: bytes) -> None:
+        assert self.conn is not None
+        if self.cycle.chunked:
+            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def _end_body(self) -> None:
+        if self.cycle.chunked and self.conn is not None:
+            self.conn.write(b"0\r\n\r\n")
+        self.request_sent = True
+
+    # -- RequestSink (the client's side) ----------------------------------------------------------
+    def on_request_body(self, data: bytes) -> None:
+        if self.ticket is not None:
+            self.ticket.add_body(data)
+        retry = self.retry_body
+        if retry is not None:
+            retry.append(data)
+            if sum(map(len, retry)) > _RETRY_BODY_MAX:
+                self.retry_body = None
+        if self.conn is not None:
+            self._send_body(data)
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > _PENDING_HIGH:
+                self.cycle.conn.pause_reading("upstream")
+
+    def on_request_complete(self) -> None:
+        if self.ticket is not None:
+            self.ticket.request_complete()
+        if self.conn is not None:
+            self._end_body()
+
+    def on_client_lost(self) -> None:
+        """The client went away: the upstream exchange is cancelled and its connection closed."""
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.detach()
+        # 499 as nginx logs it: the client closed the connection before the answer was complete.
+        self._finish(499, None)
+
+    def pause_response(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def resume_response(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    # -- ResponseSink (production's side) ---------------------------------------------------------
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
+    ) -> None:
+        if self.done:
+            return
+        self.status = status
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.retry_body = None
+        drop = HOP_BY_HOP
+        for name, value in headers:
+            if name.lower() == b"connection":
+                drop = HOP_BY_HOP | _connection_tokens(headers)
+                break
+        out: list[tuple[bytes, bytes]] = []
+        has_request_id = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname == b"x-request-id":
+                has_request_id = True
+            out.append((name, value))
+        if not has_request_id:
+            out.append((b"X-Request-ID", self.request_id))
+        has_body = status not in (204, 304) and not (100 <= status < 200)
+        if self.ticket is not None:
+            self.capture = self.ticket.capture_response(status, headers, content_length)
+        self.cycle.start_response(status, reason, out, content_length, has_body)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.cycle.write(data)
+        capture = self.capture
+        if capture is not None:
+            capture.append(data)
+            self.capture_size += len(data)
+            if self.ticket is not None and self.capture_size > self.ticket.max_response_bytes:
+                self.capture = None
+
+    def on_response_complete(self) -> None:
+        if self.done:
+            return
+        conn = self.conn
+        self.conn = None
+        latency = self.proxy.loop.time() - self.t_sent
+        if conn is not None:
+            if self.request_sent:
+                self.proxy.pool.release(conn)
+            else:
+                # Production answered before reading the whole body: that stream is out of step.
+                conn.close()
+        self.cycle.conn.resume_reading("upstream")
+        self.cycle.end()
+        if self.ticket is not None:
+            body = b"".join(self.capture) if self.capture is not None else None
+            self.ticket.production_done(self.status, body, latency)
+            self.ticket = None
+        self._finish(self.status, latency)
+
+    def on_response_failed(self, exc: BaseException) -> None:
+        if self.done:
+            return
+        conn = self.conn
+        self.conn = None
+        if self.cycle.response_started:
+            self.proxy.metrics.upstream_failures.labels("production", "reset").inc()
+            self.cycle.abort()
+            self._finish(502, None)
+            return
+        if (
+            conn is not None
+            and conn.reused
+            and not self.retried
+            and self.retry_body is not None
+            and (self.cycle.request_complete or not self.cycle.has_body)
+        ):
+            # A pooled connection the server had closed while idle: send once more on a new one.
+            self.retried = True
+            self.pending = list(self.retry_body)
+            self.request_sent = False
+            self.task = self.proxy.loop.create_task(self._connect())
+            return
+        kind = "malformed" if "malformed" in str(exc) else "reset"
+        self.proxy.metrics.upstream_failures.labels("production", kind).inc()
+        self._fail(502, "production failed to answer")
+
+    def pause_request_body(self) -> None:
+        self.cycle.conn.pause_reading("upstream")
+
+    def resume_request_body(self) -> None:
+        self.cycle.conn.resume_reading("upstream")
+
+    # -- endings ----------------------------------------------------------------------------------
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.cycle.response_started:
+            return
+        self.proxy.metrics.upstream_failures.labels("production", "timeout").inc()
+        self._fail(504, "production timed out")
+
+    def _fail(self, status: int, message: str) -> None:
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.detach()
+            self.conn = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.cycle.conn.resume_reading("upstream")
+        self.cycle.respond(status, message)
+        self._finish(status, None)
+
+    def _finish(self, status: int, latency: float | None) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.ticket is not None:
+            self.ticket.production_done(status, None, None)
+            self.ticket = None
+        self.proxy.in_flight -= 1
+        self.proxy.record(status, latency)
