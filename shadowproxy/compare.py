@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -42,7 +43,7 @@ _NUMBER_TYPES_SET: set[type] = {int, float}
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
-Preds = list[object]
+Preds = Sequence[object]
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ class Comparison:
 
 
 def compare_predictions(
-    kind: str, prod: list[object], cand: list[object], abs_tol: float, rel_tol: float
+    kind: str, prod: Sequence[object], cand: Sequence[object], abs_tol: float, rel_tol: float
 ) -> Comparison:
     """Compare two equally long prediction lists; ``ValueError`` on unequal lengths or unknown kind."""
     if len(prod) != len(cand):
@@ -144,7 +145,7 @@ def canonical_label(v: object) -> str:
         return repr(v)
 
 
-def _compare_labels(prod: list[object], cand: list[object], out: Comparison) -> None:
+def _compare_labels(prod: Preds, cand: Preds, out: Comparison) -> None:
     flags = out.flags
     pairs = out.pairs
     for p, c in zip(prod, cand, strict=True):
@@ -362,7 +363,7 @@ def _keys_match(p: object, c: object) -> bool:
     )
 
 
-def _compare_distributions(prod: list[object], cand: list[object], out: Comparison) -> None:
+def _compare_distributions(prod: Preds, cand: Preds, out: Comparison) -> None:
     for p, c in zip(prod, cand, strict=True):
         pp = _probabilities(p)
         pc = _probabilities(c)
@@ -373,7 +374,7 @@ def _compare_distributions(prod: list[object], cand: list[object], out: Comparis
         out.jsd.append(_jsd(pp, pc))
 
 
-def _distribution_np(prod: list[object], cand: list[object], out: Comparison) -> bool:
+def _distribution_np(prod: Preds, cand: Preds, out: Comparison) -> bool:
     p = _as_float_array(prod)
     c = _as_float_array(cand)
     if p is None or c is None or p.ndim != 2 or p.shape != c.shape:
@@ -411,7 +412,7 @@ def _similarity(a: str, b: str) -> float:
     return matcher.ratio()
 
 
-def _compare_texts(prod: list[object], cand: list[object], out: Comparison) -> None:
+def _compare_texts(prod: Preds, cand: Preds, out: Comparison) -> None:
     for p, c in zip(prod, cand, strict=True):
         if not (isinstance(p, str) and isinstance(c, str)):
             out.flags.append(False)

@@ -53,8 +53,9 @@ def _drive(
 
 
 def _gate(result: dict[str, Any], name: str) -> dict[str, Any]:
-    [gate] = [g for g in result["gates"] if g["name"] == name]
-    return gate
+    gates: list[dict[str, Any]] = [g for g in result["gates"] if g["name"] == name]
+    assert len(gates) == 1
+    return gates[0]
 
 
 def test_fresh_proxy_has_insufficient_data() -> None:
