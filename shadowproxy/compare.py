@@ -8,6 +8,9 @@
 | ``distribution`` | same argmax (first index on ties) | ``jsd`` (base 2, in [0, 1]) |
 | ``text`` | equal after collapsing whitespace runs to one space and stripping | ``similarity`` |
 
+``numeric`` reads a one-element list (``[0.7]``, ``[[0.7]]``) as its element, since many
+regressors answer that way; ``text`` needs strings on both sides.
+
 Odd values never raise: a value the kind cannot read (a string where a number belongs, a ragged
 vector, a negative probability, ...) is a disagreement. Booleans are not numbers here, as in JSON.
 The figure lists hold one entry per prediction where the figure is defined (``cosine`` is skipped
