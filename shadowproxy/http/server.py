@@ -169,7 +169,7 @@ class Cycle:
         HTTP/1.1 client, or delimited by closing the connection for an HTTP/1.0 one.
         """
         conn = self.conn
-        if conn.closing:
+        if conn.closing or conn.server.draining:
             self.keep_alive = False
         self.response_started = True
         self._no_body = not has_body or self.method == b"HEAD"

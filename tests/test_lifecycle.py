@@ -1,0 +1,193 @@
+"""What only a real process shows: start-up line, exit codes, SIGTERM drain, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningProxy, Upstream, closed_port_url, free_port
+
+
+def write_config(path: Path, production: str, *, listen_port: int, admin_port: int, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[listen]
+host = "127.0.0.1"
+port = {listen_port}
+shutdown_delay_s = 0.0
+drain_timeout_s = 5.0
+
+[admin]
+host = "127.0.0.1"
+port = {admin_port}
+
+[production]
+url = "{production}"
+
+[candidate]
+url = "{closed_port_url()}"
+{extra}
+"""
+    )
+    return path
+
+
+class ServeProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, listen_port: int, admin_port: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        self.first_line = ""
+
+
+async def start_serve(config: Path, listen_port: int, admin_port: int) -> ServeProcess:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    serving = ServeProcess(proc, listen_port, admin_port)
+    assert proc.stdout is not None
+    serving.first_line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    return serving
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_exits_2_on_missing_config(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(tmp_path / "nope.toml"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"Traceback" not in err
+    assert len(err.decode().strip().splitlines()) == 1
+
+
+async def test_serve_exits_2_on_bad_config_naming_each_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[listen]\nport = 70000\n[mirror]\nsample_rate = 1.5\n[production]\nurl = "ftp://x"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(bad),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 2
+    assert "Traceback" not in text
+    for key in ("listen.port", "mirror.sample_rate", "production.url", "candidate.url"):
+        assert key in text
+
+
+async def test_startup_line_names_both_addresses(tmp_path: Path, upstream: Upstream, processes: list) -> None:
+    lp, ap = free_port(), free_port()
+    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
+    processes.append(serving.proc)
+    assert f"127.0.0.1:{lp}" in serving.first_line
+    assert f"127.0.0.1:{ap}" in serving.first_line
+
+
+async def test_sigterm_lets_slow_request_finish_then_exits_0(
+    tmp_path: Path, upstream: Upstream, processes: list
+) -> None:
+    lp, ap = free_port(), free_port()
+    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
+    processes.append(serving.proc)
+    async with aiohttp.ClientSession() as s:
+        slow = asyncio.create_task(s.get(serving.url + "/delay/1.0"))
+        while not upstream.requests:
+            await asyncio.sleep(0.01)
+        serving.proc.send_signal(signal.SIGTERM)
+        response = await asyncio.wait_for(slow, 10)
+        assert response.status == 200
+        assert response.headers.get("Connection", "").lower() == "close"
+        response.release()
+    assert await asyncio.wait_for(serving.proc.wait(), 10) == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as s, s.get(serving.url + "/"):
+            pass
+
+
+async def test_sigterm_turns_readyz_503_while_still_serving(
+    tmp_path: Path, upstream: Upstream, processes: list
+) -> None:
+    lp, ap = free_port(), free_port()
+    config = write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap)
+    config.write_text(config.read_text().replace("shutdown_delay_s = 0.0", "shutdown_delay_s = 1.5"))
+    serving = await start_serve(config, lp, ap)
+    processes.append(serving.proc)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(serving.admin_url + "/readyz") as r:
+            assert r.status == 200
+        serving.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with s.get(serving.admin_url + "/readyz") as r:
+            assert r.status == 503
+        async with s.post(serving.url + "/", data=b"{}") as r:  # still accepting during the delay
+            assert r.status == 200
+    assert await asyncio.wait_for(serving.proc.wait(), 10) == 0
+
+
+async def test_sigint_also_drains_and_exits_0(tmp_path: Path, upstream: Upstream, processes: list) -> None:
+    lp, ap = free_port(), free_port()
+    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
+    processes.append(serving.proc)
+    os.kill(serving.proc.pid, signal.SIGINT)
+    assert await asyncio.wait_for(serving.proc.wait(), 10) == 0
+    assert serving.proc.stderr is not None
+    assert b"Traceback" not in await serving.proc.stderr.read()
+
+
+# -- admin endpoints, in process --------------------------------------------------------------
+
+
+async def test_healthz_answers_ok(upstream: Upstream, start_proxy) -> None:
+    proxy: RunningProxy = await start_proxy(upstream.url)
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/healthz") as r:
+        assert r.status == 200
+        assert await r.json() == {"status": "ok"}
+
+
+async def test_readyz_follows_production_reachability(start_proxy) -> None:
+    down: RunningProxy = await start_proxy(closed_port_url())
+    up_server = Upstream()
+    await up_server.start()
+    try:
+        up: RunningProxy = await start_proxy(up_server.url)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(down.admin_url + "/readyz") as r:
+                assert r.status == 503
+            async with s.get(up.admin_url + "/readyz") as r:
+                assert r.status == 200
+    finally:
+        await up_server.close()
+
+
+async def test_metrics_count_answers_by_status_class(upstream: Upstream, start_proxy) -> None:
+    proxy: RunningProxy = await start_proxy(upstream.url)
+    async with aiohttp.ClientSession() as s:
+        for path in ("/", "/", "/status/404", "/status/503"):
+            async with s.get(proxy.url + path) as r:
+                await r.read()
+        async with s.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'shadowproxy_requests_total{status_class="2xx"} 2.0' in text
+    assert 'shadowproxy_requests_total{status_class="4xx"} 1.0' in text
+    assert 'shadowproxy_requests_total{status_class="5xx"} 1.0' in text
+    assert 'shadowproxy_upstream_request_duration_seconds_count{target="production"} 4.0' in text
+    assert 'shadowproxy_upstream_request_duration_seconds_bucket{le="30.0",target="production"} 4.0' in text
