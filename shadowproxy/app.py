@@ -7,7 +7,7 @@ import logging
 import signal
 import ssl
 import sys
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -103,8 +103,7 @@ class ShadowProxy:
         site = web.TCPSite(runner, cfg.admin.host, cfg.admin.port)
         await site.start()
         self._admin_runner = runner
-        server = site._server
-        assert server is not None and server.sockets
+        server = cast(asyncio.Server, site._server)
         sockname = server.sockets[0].getsockname()
         self.admin_address = (str(sockname[0]), int(sockname[1]))
 
@@ -126,7 +125,7 @@ class ShadowProxy:
             )
             writer.close()
             ok = True
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, ssl.SSLError):
             ok = False
         self._ready_cache = (loop.time(), ok)
         self.metrics.ready.set(1 if ok else 0)

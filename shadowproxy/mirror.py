@@ -139,7 +139,7 @@ class Mirror:
                 ),
                 self.timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             failure = "timeout"
         except ConnectFailed:
             failure = "connect"
@@ -157,7 +157,7 @@ class Mirror:
             self.stats.record_candidate(response.latency_s, error=response.status >= 500)
         try:
             await asyncio.wait_for(ticket.production, self.production_wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         try:
             self._judge(ticket, response)

@@ -107,12 +107,11 @@ class Proxy:
         forward.append((b"X-Request-ID", request_id))
 
         path = cycle.target
-        if not path.startswith(b"/"):
-            # absolute-form (RFC 9112 §3.2.2) or `*`: the origin form is what the model server expects.
-            if b"://" in path:
-                rest = path.split(b"://", 1)[1]
-                slash = rest.find(b"/")
-                path = rest[slash:] if slash >= 0 else b"/"
+        if not path.startswith(b"/") and b"://" in path:
+            # absolute-form (RFC 9112 §3.2.2): the origin form is what the model server expects.
+            rest = path.split(b"://", 1)[1]
+            slash = rest.find(b"/")
+            path = rest[slash:] if slash >= 0 else b"/"
         parts = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header)]
         parts.extend([b"%s: %s\r\n" % header for header in forward])
         if cycle.chunked:
@@ -268,10 +267,8 @@ class Exchange:
             self.timer = None
         self.retry_body = None
         drop = HOP_BY_HOP
-        for name, value in headers:
-            if name.lower() == b"connection":
-                drop = HOP_BY_HOP | _connection_tokens(headers)
-                break
+        if any(name.lower() == b"connection" for name, _ in headers):
+            drop = HOP_BY_HOP | _connection_tokens(headers)
         out: list[tuple[bytes, bytes]] = []
         has_request_id = False
         for name, value in headers:

@@ -23,7 +23,9 @@ from shadowproxy.app import ShadowProxy
 from shadowproxy.config import Config, parse_config
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     # The proxy runs on uvloop in production; test it there.
     return {"uvloop": uvloop.new_event_loop}
 
@@ -261,7 +263,7 @@ async def raw_exchange(host: str, port: int, data: bytes, *, read_timeout: float
             if not chunk:
                 break
             chunks.append(chunk)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     finally:
         writer.close()

@@ -295,7 +295,9 @@ async def test_204_and_304_have_no_body(raw_upstream, start_proxy) -> None:
 async def test_expect_100_continue_is_answered(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url)
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+    writer.write(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"hello")
@@ -308,7 +310,8 @@ async def test_expect_100_continue_is_answered(upstream: Upstream, start_proxy) 
 
 async def test_oversized_headers_get_431(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url, listen={"max_header_bytes": 1024})
-    raw = await raw_exchange(proxy.host, proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
+    big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
+    raw = await raw_exchange(proxy.host, proxy.port, big)
     assert raw.startswith(b"HTTP/1.1 431 ")
     assert upstream.requests == []
 

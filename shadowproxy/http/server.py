@@ -518,7 +518,7 @@ class Server:
         try:
             await asyncio.wait_for(self._all_closed.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for conn in list(self.connections):
                 conn.abort()
             return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl as ssl_module
 import time
 from dataclasses import dataclass, field
@@ -291,10 +292,8 @@ class UpstreamPool:
             finally:
                 if not waiter.done():
                     waiter.cancel()
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
-                except ValueError:
-                    pass
 
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -312,7 +311,7 @@ class UpstreamPool:
                 ),
                 self.connect_timeout_s,
             )
-        except (OSError, asyncio.TimeoutError, ssl_module.SSLError) as exc:
+        except (TimeoutError, OSError, ssl_module.SSLError) as exc:
             self._open.discard(conn)
             conn.closed = True
             self.stats.connect_failures += 1
