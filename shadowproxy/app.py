@@ -157,6 +157,8 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         print(f"shadowproxy: cannot listen: {exc}", file=sys.stderr)
         return 1
+    if config.store.path or config.drift is not None:
+        log.warning("[store] and [drift] are validated but not active in this release; ignoring them")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
