@@ -11,6 +11,7 @@ counted (INTERFACE.md: sampled / sent / error / dropped / skipped).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import orjson
@@ -203,13 +204,13 @@ class Mirror:
             return
         cfg = self.compare
         try:
-            prod_preds = extract_predictions(orjson.loads(prod_body), cfg.preset, cfg.path, cfg.output)
-        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError):
+            prod_preds = extract_predictions(_loads(prod_body), cfg.preset, cfg.path, cfg.output)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             self._outcome("unparseable", 1)
             return
         try:
-            cand_preds = extract_predictions(orjson.loads(candidate.body), cfg.preset, cfg.path, cfg.output)
-        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, IndexError):
+            cand_preds = extract_predictions(_loads(candidate.body), cfg.preset, cfg.path, cfg.output)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             self._outcome("candidate_error", 1)
             return
         if len(prod_preds) != len(cand_preds):
@@ -228,6 +229,15 @@ class Mirror:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
         for task in list(self.tasks):
             task.cancel()
+
+
+def _loads(body: bytes) -> object:
+    """Parse a model's JSON answer. Python servers write NaN/Infinity as bare literals (json.dumps'
+    default) that strict JSON and orjson refuse; the standard library reads them."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 class MirrorTicket:

@@ -96,7 +96,9 @@ class Upstream:
             await resp.write_eof()
             return resp
         if self.answer is not None:
-            return web.Response(body=orjson.dumps(self.answer(seen)), content_type="application/json")
+            answer = self.answer(seen)
+            body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
+            return web.Response(body=body, content_type="application/json")
         if request.method == "HEAD":
             return web.Response(status=self.status, headers={"X-Echo-Length": str(len(body))})
         return web.Response(

@@ -1,0 +1,175 @@
+"""Mirrored pairs through a real proxy: outcomes and numbers against a truth the test computes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from shadowproxy.models import ModelBehaviour, candidate_flips, generate_instances, start_model
+from shadowproxy.stats import wilson_interval
+from tests.conftest import RunningProxy, Upstream
+
+FULL_MIRROR: dict[str, Any] = {"sample_rate": 1.0}
+
+
+async def _send_batches(proxy: RunningProxy, batches: list[list[list[float]]], concurrency: int = 16) -> list[bytes]:
+    semaphore = asyncio.Semaphore(concurrency)
+    answers: list[bytes] = [b""] * len(batches)
+
+    async def one(i: int, session: aiohttp.ClientSession) -> None:
+        async with semaphore, session.post(proxy.url + "/v1/models/demo:predict",
+                                           data=orjson.dumps({"instances": batches[i]})) as r:
+            assert r.status == 200
+            answers[i] = await r.read()
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(i, session) for i in range(len(batches))))
+    await proxy.settle()
+    return answers
+
+
+async def test_known_flip_share_gives_exactly_that_disagreement(start_proxy) -> None:
+    flip_rate = 0.2
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour.candidate(flip_rate=flip_rate, delay_ms=0)) as cand:
+        proxy = await start_proxy(prod.url, cand.url, mirror=FULL_MIRROR)
+        instances = generate_instances(3000, seed=11)
+        batches = [instances[i:i + 3] for i in range(0, len(instances), 3)]
+        await _send_batches(proxy, batches)
+    expected = sum(candidate_flips(x, flip_rate) for x in instances)
+    comparisons = proxy.stats()["comparisons"]
+    assert comparisons["total"] == len(instances)
+    assert comparisons["disagree"] == expected
+    assert comparisons["agree"] == len(instances) - expected
+    assert comparisons["candidate_error"] == 0
+    lo, hi = comparisons["disagreement_rate_ci95"]
+    assert (lo, hi) == pytest.approx(wilson_interval(expected, len(instances)))
+    assert lo <= flip_rate <= hi
+
+
+async def test_twin_candidate_agrees_everywhere(start_proxy) -> None:
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour.production(version="twin")) as cand:
+        proxy = await start_proxy(prod.url, cand.url, mirror=FULL_MIRROR)
+        await _send_batches(proxy, [[x] for x in generate_instances(300, seed=3)])
+    comparisons = proxy.stats()["comparisons"]
+    assert comparisons["agree"] == 300
+    assert comparisons["disagree"] == 0
+
+
+async def test_percentiles_of_known_delays(start_proxy) -> None:
+    # Production answers in ~10 ms, the candidate in ~40 ms: percentiles within 1 ms + 2% of truth.
+    async with await start_model(ModelBehaviour.production(delay_ms=10)) as prod, \
+            await start_model(ModelBehaviour.production(delay_ms=40)) as cand:
+        proxy = await start_proxy(prod.url, cand.url, mirror=FULL_MIRROR)
+        await _send_batches(proxy, [[x] for x in generate_instances(200, seed=5)], concurrency=8)
+    stats = proxy.stats()
+    for target, delay in (("production", 10.0), ("candidate", 40.0)):
+        p50 = stats[target]["latency_ms"]["p50"]
+        assert delay <= p50 <= delay + 1 + 0.02 * delay + 3, (target, p50)  # + loopback and server overhead
+    diff = stats["latency_diff_ms"]["p50"]
+    assert 30 - 3 <= diff <= 30 + 3
+
+
+async def test_unparseable_production_answer_is_counted_not_compared(upstream: Upstream, candidate_upstream: Upstream,
+                                                                      start_proxy) -> None:
+    upstream.answer = lambda seen: "not a kserve answer"
+    candidate_upstream.answer = lambda seen: {"predictions": [1]}
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            async with s.post(proxy.url + "/", data=b'{"instances": [[1]]}') as r:
+                assert await r.read() == b'"not a kserve answer"'
+    await proxy.settle()
+    comparisons = proxy.stats()["comparisons"]
+    assert comparisons["unparseable"] == 5
+    assert comparisons["total"] == 0
+    assert comparisons["candidate_error"] == 0
+
+
+async def test_unparseable_candidate_answer_is_candidate_error(upstream: Upstream, candidate_upstream: Upstream,
+                                                                start_proxy) -> None:
+    upstream.answer = lambda seen: {"predictions": [1, 2]}
+    candidate_upstream.answer = lambda seen: {"nothing": "here"}
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.post(proxy.url + "/", data=b"{}") as r:
+                assert r.status == 200
+    await proxy.settle()
+    comparisons = proxy.stats()["comparisons"]
+    assert comparisons["candidate_error"] == 4
+    assert comparisons["agree"] == comparisons["disagree"] == 0
+
+
+async def test_batch_length_mismatch_is_candidate_error(upstream: Upstream, candidate_upstream: Upstream,
+                                                         start_proxy) -> None:
+    upstream.answer = lambda seen: {"predictions": [1, 2, 3]}
+    candidate_upstream.answer = lambda seen: {"predictions": [1, 2]}
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR)
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/", data=b"{}") as r:
+        assert r.status == 200
+    await proxy.settle()
+    assert proxy.stats()["comparisons"]["candidate_error"] == 1
+    assert proxy.stats()["comparisons"]["total"] == 0
+
+
+async def test_production_error_is_not_compared_and_candidate_5xx_is_error(
+    upstream: Upstream, candidate_upstream: Upstream, start_proxy
+) -> None:
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/status/404", data=b"{}") as r:  # both 404: no error, no comparison
+            assert r.status == 404
+        async with s.post(proxy.url + "/status/500", data=b"{}") as r:  # candidate 5xx: always its error
+            assert r.status == 500
+    await proxy.settle()
+    stats = proxy.stats()
+    assert stats["comparisons"]["total"] == 0
+    assert stats["comparisons"]["candidate_error"] == 1
+    assert stats["errors"]["production_error"] == 1
+
+
+async def test_oversized_answer_is_too_large_not_compared(upstream: Upstream, candidate_upstream: Upstream,
+                                                          start_proxy) -> None:
+    upstream.answer = lambda seen: {"predictions": [1] * 1000}
+    candidate_upstream.answer = lambda seen: {"predictions": [1] * 1000}
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR,
+                              compare={"max_response_bytes": 100})
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/", data=b"{}") as r:
+        assert len(await r.read()) > 100
+    await proxy.settle()
+    comparisons = proxy.stats()["comparisons"]
+    assert comparisons["too_large"] == 1
+    assert comparisons["total"] == 0
+
+
+async def test_numeric_kind_through_the_proxy(upstream: Upstream, candidate_upstream: Upstream, start_proxy) -> None:
+    # Python model servers write NaN as a bare literal (json.dumps' default), which strict JSON lacks.
+    upstream.answer = lambda seen: b'{"predictions": [1.0, 2.0, 3.0, NaN]}'
+    candidate_upstream.answer = lambda seen: b'{"predictions": [1.0000001, 2.5, 3.0, NaN]}'
+    proxy = await start_proxy(upstream.url, candidate_upstream.url, mirror=FULL_MIRROR,
+                              compare={"kind": "numeric"})
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/", data=b"{}") as r:
+        assert r.status == 200
+    await proxy.settle()
+    comparisons = proxy.stats()["comparisons"]
+    assert (comparisons["agree"], comparisons["disagree"]) == (3, 1)
+    assert proxy.stats()["differences"]["abs_diff"]["count"] == 4
+
+
+async def test_comparison_metrics_match_stats(start_proxy) -> None:
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour.candidate(flip_rate=0.3, delay_ms=0)) as cand:
+        proxy = await start_proxy(prod.url, cand.url, mirror=FULL_MIRROR)
+        await _send_batches(proxy, [[x] for x in generate_instances(200, seed=9)])
+        async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    comparisons = proxy.stats()["comparisons"]
+    for outcome in ("agree", "disagree", "candidate_error"):
+        assert f'shadowproxy_comparisons_total{{outcome="{outcome}"}} {float(comparisons[outcome])}' in text
+    assert f'shadowproxy_upstream_request_duration_seconds_count{{target="candidate"}} {200.0}' in text
