@@ -6,9 +6,11 @@ import asyncio
 import gzip
 import io
 import os
+import ssl
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.conftest import RawUpstream, RunningProxy, Upstream, closed_port_url, raw_exchange
 
@@ -390,3 +392,129 @@ async def test_proxy_keeps_serving_after_garbage(upstream: Upstream, start_proxy
 async def _metrics(proxy: RunningProxy) -> str:
     async with client() as s, s.get(proxy.admin_url + "/metrics") as r:
         return await r.text()
+
+
+# -- flow control and TLS -----------------------------------------------------------------------
+
+
+async def test_response_to_a_client_not_reading_is_not_buffered(start_proxy) -> None:
+    """Backpressure: with the client not reading, production is paused, not drained into memory."""
+    total = 100 * 1024 * 1024
+    written = 0
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        response = web.StreamResponse(headers={"Content-Length": str(total)})
+        await response.prepare(request)
+        chunk = b"y" * 65536
+        while written < total:
+            await response.write(chunk)  # waits while the proxy has stopped reading
+            written += len(chunk)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", stream)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(1.0)
+        stalled_at = written
+        # Kernel socket buffers on both hops hold a few MiB; the rest must wait upstream.
+        assert stalled_at < 32 * 1024 * 1024, stalled_at
+        received = 0
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        while received < total:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert chunk
+            received += len(chunk)
+        writer.close()
+        assert received == total
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_upstream_with_private_ca(tmp_path, start_proxy) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await proc.wait() == 0
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = Upstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", server.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        proxy = await start_proxy(f"https://127.0.0.1:{port}", production={"ca_file": str(cert)})
+        async with client() as s:
+            for _ in range(3):
+                async with s.post(proxy.url + "/tls", data=b"secret") as r:
+                    assert r.status == 200
+                    assert await r.read() == b"secret"
+        untrusted = await start_proxy(f"https://127.0.0.1:{port}")
+        async with client() as s, s.post(untrusted.url + "/tls", data=b"x") as r:
+            assert r.status == 502  # the system CAs do not know our certificate
+    finally:
+        await runner.cleanup()
+
+
+async def test_upload_to_a_production_not_reading_is_not_buffered(start_proxy) -> None:
+    """Backpressure the other way: a client uploading faster than production reads is paused."""
+    total = 100 * 1024 * 1024
+    gate = asyncio.Event()
+    received = 0
+
+    async def slow_reader(request: web.Request) -> web.Response:
+        nonlocal received
+        await gate.wait()
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+        return web.Response(text=str(received))
+
+    app = web.Application(client_max_size=total * 2)
+    app.router.add_post("/up", slow_reader)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        proxy = await start_proxy(f"http://127.0.0.1:{port}", listen={"max_body_bytes": total * 2})
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % total)
+        sent = 0
+        chunk = b"z" * (1 << 20)
+
+        async def upload() -> None:
+            nonlocal sent
+            while sent < total:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+
+        task = asyncio.create_task(upload())
+        await asyncio.sleep(1.0)
+        assert sent < 40 * 1024 * 1024, sent
+        gate.set()
+        await asyncio.wait_for(task, 20)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        body = await asyncio.wait_for(reader.read(64), 5)
+        writer.close()
+        assert body == str(total).encode()
+    finally:
+        await runner.cleanup()
