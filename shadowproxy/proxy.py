@@ -138,7 +138,7 @@ class Exchange:
     __slots__ = (
         "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "timer", "pending",
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
-        "capture", "capture_size",
+        "capture", "capture_size", "t_body_done", "body_seen",
     )
 
     def __init__(
@@ -162,6 +162,8 @@ class Exchange:
         self.request_sent = False
         self.capture: list[bytes] | None = None
         self.capture_size = 0
+        self.t_body_done = 0.0
+        self.body_seen = 0
 
     def start(self) -> None:
         proxy = self.proxy
@@ -233,6 +235,7 @@ class Exchange:
                 self.cycle.conn.pause_reading("upstream")
 
     def on_request_complete(self) -> None:
+        self.t_body_done = self.proxy.loop.time()
         if self.ticket is not None:
             self.ticket.request_complete()
         if self.conn is not None:
@@ -353,6 +356,19 @@ class Exchange:
     def _on_timeout(self) -> None:
         self.timer = None
         if self.done or self.cycle.response_started:
+            return
+        proxy = self.proxy
+        # The wait for production's answer counts from the end of the upload, so a large body on
+        # a slow client is not cut off; checked here rather than re-arming the timer per request.
+        cycle = self.cycle
+        if not cycle.request_complete and cycle.body_size > self.body_seen:
+            # Still uploading, and progressing: a slow client is not production's delay.
+            self.body_seen = cycle.body_size
+            self.timer = proxy.loop.call_later(proxy.timeout_s, self._on_timeout)
+            return
+        remaining = self.t_body_done + proxy.timeout_s - proxy.loop.time() if self.t_body_done else 0.0
+        if remaining > 0.001:
+            self.timer = proxy.loop.call_later(remaining, self._on_timeout)
             return
         self.proxy.metrics.upstream_failures.labels("production", "timeout").inc()
         self._fail(504, "production timed out")

@@ -518,3 +518,16 @@ async def test_upload_to_a_production_not_reading_is_not_buffered(start_proxy) -
         assert body == str(total).encode()
     finally:
         await runner.cleanup()
+
+
+async def test_slow_upload_is_not_mistaken_for_a_slow_production(upstream: Upstream, start_proxy) -> None:
+    proxy = await start_proxy(upstream.url, production={"timeout_s": 0.3})
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+    for part in (b"ab", b"cd", b"ef", b"gh"):  # 0.8 s of upload, longer than the 0.3 s timeout
+        await asyncio.sleep(0.2)
+        writer.write(part)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"abcdefgh")
