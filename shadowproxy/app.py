@@ -15,7 +15,7 @@ from shadowproxy.admin import make_admin_app
 from shadowproxy.config import Config, UpstreamURL
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
-from shadowproxy.metrics import Metrics
+from shadowproxy.metrics import Metrics, ShadowCollector
 from shadowproxy.mirror import Mirror
 from shadowproxy.proxy import Proxy
 from shadowproxy.stats import ShadowStats
@@ -41,6 +41,7 @@ class ShadowProxy:
         self.config = config
         self.metrics = Metrics()
         self.stats = ShadowStats()
+        self.metrics.registry.register(ShadowCollector(self.stats, config.gates))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)

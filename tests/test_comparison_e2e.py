@@ -173,3 +173,21 @@ async def test_comparison_metrics_match_stats(start_proxy) -> None:
     for outcome in ("agree", "disagree", "candidate_error"):
         assert f'shadowproxy_comparisons_total{{outcome="{outcome}"}} {float(comparisons[outcome])}' in text
     assert f'shadowproxy_upstream_request_duration_seconds_count{{target="candidate"}} {200.0}' in text
+
+
+async def test_scrape_time_figures_follow_the_stats(start_proxy) -> None:
+    async with await start_model(ModelBehaviour.production(output="proba")) as prod, \
+            await start_model(ModelBehaviour.candidate(flip_rate=0.5, delay_ms=0, output="proba")) as cand:
+        proxy = await start_proxy(prod.url, cand.url, mirror=FULL_MIRROR, compare={"kind": "distribution"},
+                                  gates={"min_samples": 10})
+        await _send_batches(proxy, [[x] for x in generate_instances(100, seed=4)])
+        async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    comparisons = proxy.stats()["comparisons"]
+    lower, upper = comparisons["disagreement_rate_ci95"]
+    assert f"shadowproxy_disagreement_rate {comparisons['disagreement_rate']}" in text
+    assert f'shadowproxy_disagreement_rate_ci95{{bound="upper"}} {upper}' in text
+    assert 'shadowproxy_promotion_verdict{verdict="fail"} 1.0' in text
+    jsd_p90 = proxy.stats()["differences"]["jsd"]["p90"]
+    assert jsd_p90 > 0
+    assert f'shadowproxy_prediction_difference{{figure="jsd",percentile="p90"}} {jsd_p90}' in text
