@@ -147,7 +147,84 @@ def _serve(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------------
+# report and demo (their modules import aiohttp, numpy and uvloop: loaded only when run)
+
+
+def _add_report(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="print the comparison report of running proxies",
+        description="Read the stats of one or more running proxies (replicas are merged), judge them "
+        "with the first proxy's gates and print a report. Exit 0 pass, 1 fail, 3 insufficient "
+        "data, 2 when a proxy cannot be reached.",
+    )
+    parser.add_argument(
+        "--admin-url",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a proxy's admin base URL, e.g. http://127.0.0.1:9090; repeat for replicas",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="per-proxy timeout (default 5)")
+    parser.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from shadowproxy.report import run_report
+
+    return run_report(args.admin_url, as_json=args.json, timeout_s=args.timeout)
+
+
+def _add_demo(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a self-contained demo: two model servers, the proxy, traffic and the report",
+        description="Start a production and a candidate demo model and the proxy on free ports, send "
+        "traffic through it, print the comparison report and stop everything.",
+    )
+    parser.add_argument(
+        "--requests", type=_positive_int, default=3000, metavar="N", help="requests to send (default 3000)"
+    )
+    parser.add_argument(
+        "--flip-rate",
+        type=float,
+        default=0.03,
+        metavar="X",
+        help="share of instances the candidate answers differently (default 0.03)",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="latency the candidate adds to every answer (default 2)",
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=16, metavar="N", help="client connections (default 16)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the instances and batch sizes (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from shadowproxy.demo import run_demo
+
+    return run_demo(
+        requests=args.requests,
+        flip_rate=args.flip_rate,
+        delay_ms=args.delay_ms,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        as_json=args.json,
+    )
+
+
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_serve,
     _add_check_config,
+    _add_report,
+    _add_demo,
 )

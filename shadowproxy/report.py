@@ -1,0 +1,450 @@
+"""`shadowproxy report`: one comparison report from the admin ports of one or more proxies.
+
+Each proxy's ``/shadow/stats?full=1`` carries its raw mergeable state; the states of all replicas
+are added up with ``ShadowStats.from_states`` (one URL takes the same path, so a single proxy's
+report is its own stats). The verdict is recomputed on the merged stats with the gates the first
+proxy is configured with, read back from the thresholds of its ``/shadow/verdict``::
+
+    report = await collect(["http://10.0.0.5:9090", "http://10.0.0.6:9090"])
+    print(render(report, color=False))
+    raise SystemExit(report.exit_code)
+
+Exit codes: 0 pass, 1 fail, 3 insufficient data, 2 when a proxy cannot be reached or answers
+something that is not its stats (``ReportError``, one line naming the URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import aiohttp
+import orjson
+
+from shadowproxy.config import GatesConfig, parse_upstream_url
+from shadowproxy.errors import ShadowProxyError
+from shadowproxy.stats import OTHER, PERCENTILES, ShadowStats
+from shadowproxy.verdict import evaluate
+
+__all__ = [
+    "EXIT_CODES",
+    "Report",
+    "ReportError",
+    "collect",
+    "gates_from_verdict",
+    "make_report",
+    "render",
+    "report_main",
+    "run_report",
+    "use_color",
+]
+
+EXIT_CODES = {"pass": 0, "fail": 1, "insufficient_data": 3}
+EXIT_UNREACHABLE = 2
+DEFAULT_TIMEOUT_S = 5.0
+
+# The verdict's gate names are the [gates] keys they are judged against.
+_GATE_KEYS = ("min_samples", "max_disagreement_rate", "max_p99_latency_ratio", "max_error_rate_delta")
+
+
+class ReportError(ShadowProxyError):
+    """A proxy could not be reached or did not answer with its stats; ``str()`` names the URL."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(f"{url}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The merged stats of ``sources``, with the verdict on them."""
+
+    verdict: dict[str, Any]  # {"verdict": ..., "gates": [...]} as from verdict.evaluate
+    stats: dict[str, Any]  # ShadowStats.snapshot() of the merged stats
+    sources: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict["verdict"]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict["verdict"],
+            "gates": self.verdict["gates"],
+            "stats": self.stats,
+            "sources": self.sources,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collecting
+
+
+def normalize_url(url: str) -> str:
+    """The admin base URL without a trailing slash; ValueError when it is not http(s) with a host."""
+    parse_upstream_url(url)
+    return url.rstrip("/")
+
+
+def gates_from_verdict(verdict: Mapping[str, Any], url: str = "") -> GatesConfig:
+    """The ``[gates]`` a proxy judges with, read from the thresholds in its ``/shadow/verdict``.
+
+    Gates the answer does not list keep their defaults (an older proxy, or one judging fewer).
+    """
+    gates = verdict.get("gates")
+    if not isinstance(gates, list):
+        raise ReportError(url, '/shadow/verdict: no "gates" list in the answer')
+    values: dict[str, Any] = {}
+    for gate in gates:
+        if not isinstance(gate, Mapping):
+            raise ReportError(url, "/shadow/verdict: a gate is not a JSON object")
+        name, threshold = gate.get("name"), gate.get("threshold")
+        if name not in _GATE_KEYS and name != "min_accuracy_delta":
+            continue
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ReportError(url, f"/shadow/verdict: gate {name} has no numeric threshold")
+        if not math.isfinite(threshold):
+            raise ReportError(url, f"/shadow/verdict: gate {name} has threshold {threshold}")
+        values[str(name)] = int(threshold) if name == "min_samples" else float(threshold)
+    if values.get("min_samples", 1) < 1:
+        raise ReportError(url, f"/shadow/verdict: min_samples threshold {values['min_samples']} < 1")
+    return dataclasses.replace(GatesConfig(), **values)
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, path: str) -> Any:
+    try:
+        async with session.get(url + path) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise ReportError(url, f"{path.split('?')[0]} answered HTTP {response.status}")
+    except TimeoutError:
+        raise ReportError(url, f"no answer from {path.split('?')[0]} in time") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ReportError(url, f"cannot reach the admin port: {exc}") from None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ReportError(url, f"{path.split('?')[0]} did not answer JSON") from None
+
+
+async def _fetch(
+    session: aiohttp.ClientSession, url: str, with_verdict: bool
+) -> tuple[Mapping[str, Any], Mapping[str, Any] | None]:
+    stats = await _get_json(session, url, "/shadow/stats?full=1")
+    if not isinstance(stats, Mapping) or not isinstance(stats.get("state"), Mapping):
+        raise ReportError(url, '/shadow/stats?full=1: no mergeable "state" in the answer')
+    verdict = await _get_json(session, url, "/shadow/verdict") if with_verdict else None
+    if with_verdict and not isinstance(verdict, Mapping):
+        raise ReportError(url, "/shadow/verdict: the answer is not a JSON object")
+    return stats, verdict
+
+
+async def collect(urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> Report:
+    """Fetch every proxy's stats (and the first one's gates), merge, judge; ReportError on failure."""
+    if not urls:
+        raise ValueError("need at least one admin URL")
+    bases = [url.rstrip("/") for url in urls]
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 3.0))
+    connector = aiohttp.TCPConnector(limit=16, force_close=True)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        results = await asyncio.gather(
+            *(_fetch(session, url, with_verdict=i == 0) for i, url in enumerate(bases)),
+            return_exceptions=True,
+        )
+    answers: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = []
+    for result in results:  # in URL order, so the first unreachable URL is the one named
+        if isinstance(result, BaseException):
+            raise result
+        answers.append(result)
+    verdict = answers[0][1]
+    assert verdict is not None
+    gates = gates_from_verdict(verdict, bases[0])
+    merged = ShadowStats()
+    for url, (stats, _) in zip(bases, answers, strict=True):
+        try:
+            merged.merge_state(stats)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ReportError(url, f"/shadow/stats?full=1: cannot merge its state ({exc!r})") from None
+    return make_report(merged.snapshot(), gates, bases)
+
+
+def make_report(snapshot: dict[str, Any], gates: GatesConfig, sources: Sequence[str]) -> Report:
+    """A report on an in-process snapshot (the demo) or on merged stats."""
+    return Report(verdict=evaluate(snapshot, gates), stats=snapshot, sources=list(sources))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+
+_RESET = "\x1b[0m"
+_STYLES = {"green": "\x1b[32m", "red": "\x1b[31m", "yellow": "\x1b[33m", "bold": "\x1b[1m", "dim": "\x1b[2m"}
+
+
+def use_color(stream: TextIO) -> bool:
+    """ANSI colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _Painter:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, *styles: str) -> str:
+        if not self.enabled or not styles:
+            return text
+        return "".join(_STYLES[s] for s in styles) + text + _RESET
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def _gate_number(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "min_samples":
+        return str(int(value))
+    if name in ("max_disagreement_rate", "max_error_rate_delta", "min_accuracy_delta"):
+        return _pct(float(value))
+    return f"{float(value):.2f}"
+
+
+def _ms(value: Any, signed: bool = False) -> str:
+    number = float(value)
+    return f"{number:+.2f}" if signed else f"{number:.2f}"
+
+
+def _pad(cells: Sequence[str], widths: Sequence[int], right: Sequence[bool]) -> str:
+    out = []
+    for cell, width, is_right in zip(cells, widths, right, strict=True):
+        out.append(cell.rjust(width) if is_right else cell.ljust(width))
+    return "  " + "  ".join(out).rstrip()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [_pad(header, widths, right), *(_pad(row, widths, right) for row in rows)]
+
+
+def _paint_cell(text: str, width: int, right: bool, paint: _Painter, *styles: str) -> str:
+    # Pad before painting: escape codes have no width on screen.
+    return paint(text.rjust(width) if right else text.ljust(width), *styles)
+
+
+def _verdict_lines(report: Report, paint: _Painter) -> list[str]:
+    verdict = report.verdict["verdict"]
+    style = {"pass": "green", "fail": "red"}.get(verdict, "yellow")
+    label = {"pass": "PASS", "fail": "FAIL", "insufficient_data": "INSUFFICIENT DATA"}.get(verdict, verdict)
+    what = {
+        "pass": "every gate passed: the candidate may be promoted",
+        "fail": "at least one gate failed: do not promote",
+        "insufficient_data": "not enough mirrored traffic yet to judge",
+    }.get(verdict, "")
+    n = len(report.sources)
+    return [
+        f"shadowproxy report: {n} {'proxy' if n == 1 else 'proxies'} ({', '.join(report.sources)})",
+        f"Verdict: {paint(label, 'bold', style)}  {what}",
+    ]
+
+
+def _gate_lines(report: Report, paint: _Painter) -> list[str]:
+    header = ["gate", "value", "threshold", "passed", "reason"]
+    rows: list[list[str]] = []
+    for gate in report.verdict["gates"]:
+        name = str(gate["name"])
+        passed = gate["passed"]
+        rows.append(
+            [
+                name,
+                _gate_number(name, gate["value"]),
+                _gate_number(name, gate["threshold"]),
+                "yes" if passed is True else "NO" if passed is False else "waiting",
+                str(gate["reason"]),
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = [False, True, True, False, False]
+    lines = ["Gates", paint(_pad(header, widths, right), "dim")]
+    for row, gate in zip(rows, report.verdict["gates"], strict=True):
+        passed = gate["passed"]
+        style = "green" if passed is True else "red" if passed is False else "yellow"
+        cells = [
+            row[0].ljust(widths[0]),
+            row[1].rjust(widths[1]),
+            row[2].rjust(widths[2]),
+            _paint_cell(row[3], widths[3], False, paint, style),
+            row[4],
+        ]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    prod = stats["production"]["latency_ms"]
+    cand = stats["candidate"]["latency_ms"]
+    mirrored = stats.get("mirrored", {})
+    pairs = int(mirrored.get("pairs", 0))
+    mprod = mirrored.get("production_latency_ms", {})
+    mcand = mirrored.get("candidate_latency_ms", {})
+    diff = stats.get("latency_diff_ms", {})
+    header = ["", "production", "candidate", "pair: prod", "pair: cand", "cand - prod"]
+    rows = [
+        [
+            name,
+            _ms(prod.get(name, 0)),
+            _ms(cand.get(name, 0)),
+            _ms(mprod.get(name, 0)),
+            _ms(mcand.get(name, 0)),
+            _ms(diff.get(name, 0), signed=True),
+        ]
+        for name, _ in PERCENTILES
+    ]
+    table = _table(header, rows, [False, True, True, True, True, True])
+    counts = (
+        f"production {stats['production']['requests']} requests, candidate "
+        f"{stats['candidate']['requests']}; {pairs} mirrored pairs answered by both"
+    )
+    return [f"Latency (ms)  {paint(counts, 'dim')}", paint(table[0], "dim"), *table[1:]]
+
+
+def _comparison_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    comparisons = stats["comparisons"]
+    total = int(comparisons["total"])
+    lo, hi = comparisons["disagreement_rate_ci95"]
+    rate = float(comparisons["disagreement_rate"])
+    lines = [
+        "Predictions",
+        f"  compared {total}: agree {comparisons['agree']}, disagree {comparisons['disagree']}",
+        f"  disagreement rate {paint(_pct(rate), 'bold')}"
+        + (f"  (95% interval {_pct(float(lo))} - {_pct(float(hi))})" if total else "  (nothing compared yet)"),
+    ]
+    others = [
+        (key, int(comparisons.get(key, 0))) for key in ("candidate_error", "unparseable", "too_large")
+    ]
+    shown = ", ".join(f"{key} {paint(str(n), 'red') if n else n}" for key, n in others)
+    lines.append(f"  not compared: {shown}")
+    return lines
+
+
+def _label_key(label: str) -> tuple[int, float, str]:
+    if label == OTHER:
+        return (2, 0.0, label)
+    try:
+        number = float(label)
+    except ValueError:
+        return (1, 0.0, label)
+    return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
+
+
+def _confusion_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    confusion = stats.get("confusion") or {}
+    labels = [str(label) for label in confusion.get("labels", [])]
+    matrix = confusion.get("matrix", [])
+    if not labels or not matrix:
+        return []
+    # The stats list labels by frequency; a table reads better in label order, "other" last.
+    order = sorted(range(len(labels)), key=lambda i: _label_key(labels[i]))
+    header = ["prod \\ cand", *(labels[i] for i in order)]
+    rows = [[labels[i], *(str(matrix[i][j]) for j in order)] for i in order]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["Confusion (rows: production label, columns: candidate label)"]
+    lines.append(paint(_pad(header, widths, [False] + [True] * len(labels)), "dim"))
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])]
+        for j, cell in enumerate(row[1:]):
+            off_diagonal = i != j and cell != "0"
+            cells.append(_paint_cell(cell, widths[j + 1], True, paint, *(("red",) if off_diagonal else ())))
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def _mirror_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    mirror = stats["mirror"]
+    parts = []
+    for key in ("sampled", "sent", "dropped", "skipped", "error", "in_flight"):
+        n = int(mirror.get(key, 0))
+        text = f"{key.replace('_', ' ')} {n}"
+        if key == "dropped" and n:
+            # Drops mean the candidate saw less than the sample: its numbers may be biased.
+            text = paint(f"{text} (!)", "bold", "red")
+        elif key == "error" and n:
+            text = paint(text, "red")
+        parts.append(text)
+    lines = ["Mirror", "  " + "  ".join(parts)]
+    dropped, sampled = int(mirror.get("dropped", 0)), int(mirror.get("sampled", 0))
+    if dropped:
+        share = dropped / sampled if sampled else 0.0
+        warning = f"  {_pct(share)} of sampled requests were dropped (candidate.max_in_flight full or backed off)"
+        lines.append(paint(warning, "red"))
+    return lines
+
+
+def render(report: Report, color: bool = False) -> str:
+    """The human-readable report, ANSI-coloured when ``color``."""
+    paint = _Painter(color)
+    stats = report.stats
+    sections = [
+        _verdict_lines(report, paint),
+        _gate_lines(report, paint),
+        _latency_lines(stats, paint),
+        _comparison_lines(stats, paint),
+        _confusion_lines(stats, paint),
+        _mirror_lines(stats, paint),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines)
+
+
+def to_json_text(data: Any) -> str:
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+async def report_main(
+    urls: Sequence[str],
+    *,
+    as_json: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """`shadowproxy report` on the running loop: prints the report, returns the exit code."""
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        print(f"shadowproxy report: --timeout: must be a positive number, got {timeout_s}", file=err)
+        return EXIT_UNREACHABLE
+    try:
+        bases = [normalize_url(url) for url in urls]
+    except ValueError as exc:
+        print(f"shadowproxy report: --admin-url: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    try:
+        report = await collect(bases, timeout_s)
+    except ReportError as exc:
+        print(f"shadowproxy report: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    if as_json:
+        print(to_json_text(report.to_json()), file=out)
+    else:
+        print(render(report, color=use_color(out)), file=out)
+    return report.exit_code
+
+
+def run_report(urls: Sequence[str], *, as_json: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """`shadowproxy report` in a fresh event loop (the command line's entry)."""
+    return asyncio.run(report_main(urls, as_json=as_json, timeout_s=timeout_s))

@@ -1,0 +1,84 @@
+"""`shadowproxy demo` in a real process: it runs, reports, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+DEMO = [sys.executable, "-m", "shadowproxy", "demo"]
+
+
+def assert_group_gone(what: str, pgid: int) -> None:
+    """The demo runs in a session of its own: once it exited, nothing may remain in its group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return
+    raise AssertionError(f"{what}: processes left in group {pgid}")
+
+
+def demo_process(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*DEMO, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def test_demo_prints_verdict_and_expected_next_to_measured_disagreement() -> None:
+    process = demo_process("--requests", "600")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert_group_gone("demo", process.pid)
+    assert re.search(r"^Verdict: (PASS|FAIL|INSUFFICIENT DATA)", out, re.MULTILINE)
+    expected = re.search(r"expected disagreement (\d+\.\d\d)%", out)
+    measured = re.search(r"measured disagreement (\d+\.\d\d)%", out)
+    assert expected and measured, out
+    assert "Traceback" not in err
+    assert "demo: 600/600 requests" in err  # the progress display (plain lines: not a terminal)
+
+
+def test_demo_json_measures_exactly_the_flips_it_built_in() -> None:
+    process = demo_process("--requests", "600", "--flip-rate", "0.05", "--json")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert_group_gone("demo --json", process.pid)
+    report = json.loads(out)
+    assert report["verdict"] in ("pass", "fail", "insufficient_data")
+    demo = report["demo"]
+    assert demo["requests"] == 600 and demo["failed"] == 0
+    assert report["stats"]["comparisons"]["total"] == demo["instances"]
+    # The candidate flips a stable hash-chosen set of instances, every one of them mirrored.
+    assert demo["measured_disagree"] == demo["expected_disagree"] > 0
+    assert report["stats"]["mirror"]["sent"] == 600
+
+
+def test_sigint_stops_the_demo_cleanly_with_exit_130() -> None:
+    process = demo_process("--requests", "1000000")
+    assert process.stderr is not None
+    first = process.stderr.readline()  # printed once the models and the proxy listen
+    assert first.startswith("demo: production model"), first
+    time.sleep(0.3)  # traffic in flight
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 130, err
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in err
+    assert "interrupted" in err
+    assert_group_gone("interrupted demo", process.pid)
+
+
+def test_bad_option_is_one_line_and_exit_2() -> None:
+    process = demo_process("--flip-rate", "1.5")
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == ["shadowproxy demo: --flip-rate: must be between 0 and 1, got 1.5"]
