@@ -17,6 +17,7 @@ import contextlib
 import ssl as ssl_module
 import time
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Protocol, cast
 
 import httptools
@@ -420,7 +421,7 @@ class _Collector:
 
     def on_response_complete(self) -> None:
         if not self.future.done():
-            latency = self.future.get_loop().time() - self.started
+            latency = perf_counter() - self.started  # loop.time() is millisecond-coarse on uvloop
             self.future.set_result(
                 BufferedResponse(self.status, self.headers, b"".join(self.chunks), self.truncated, latency)
             )
@@ -448,7 +449,7 @@ async def fetch(
         conn = await pool.acquire()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BufferedResponse] = loop.create_future()
-        conn.start(_Collector(future, max_body_bytes, loop.time()), head, head_request=head_request)
+        conn.start(_Collector(future, max_body_bytes, perf_counter()), head, head_request=head_request)
         if body:
             conn.write(body)
         try:
