@@ -138,12 +138,14 @@ class ShadowProxy:
         self.draining = True
         if listen.shutdown_delay_s > 0:
             await asyncio.sleep(listen.shutdown_delay_s)
-        if self.server is not None:
-            drained = await self.server.drain(listen.drain_timeout_s)
-            if not drained:
-                log.warning("drain timeout: closed connections still in flight")
-        if self.mirror is not None:
-            await self.mirror.drain(listen.drain_timeout_s)
+        # Client requests and shadow exchanges drain side by side within one drain_timeout_s, so the
+        # whole stop fits shutdown_delay_s + drain_timeout_s (a pod's grace period).
+        assert self.server is not None and self.mirror is not None
+        drained, _ = await asyncio.gather(
+            self.server.drain(listen.drain_timeout_s), self.mirror.drain(listen.drain_timeout_s)
+        )
+        if not drained:
+            log.warning("drain timeout: closed connections still in flight")
         for pool in (self.production_pool, self.candidate_pool):
             if pool is not None:
                 await pool.close()

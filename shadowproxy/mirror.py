@@ -224,9 +224,11 @@ class Mirror:
             self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
 
     async def drain(self, timeout_s: float) -> None:
-        """Give shadow exchanges in flight the same drain time as client requests."""
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        """Give shadow exchanges in flight the same drain time as client requests (including ones
+        started by client requests that are still finishing), then cancel what is left."""
+        deadline = self.loop.time() + timeout_s
+        while self.tasks and (left := deadline - self.loop.time()) > 0:
+            await asyncio.wait(list(self.tasks), timeout=left)
         for task in list(self.tasks):
             task.cancel()
 
