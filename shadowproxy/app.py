@@ -17,6 +17,7 @@ from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.metrics import Metrics, ShadowCollector
 from shadowproxy.mirror import Mirror
+from shadowproxy.observers import Observer
 from shadowproxy.proxy import Proxy
 from shadowproxy.stats import ShadowStats
 
@@ -48,6 +49,8 @@ class ShadowProxy:
         self.production_pool: UpstreamPool | None = None
         self.candidate_pool: UpstreamPool | None = None
         self.mirror: Mirror | None = None
+        # Later capabilities (audit store, drift monitor) see traffic through this list only.
+        self.observers: list[Observer] = []
         self.proxy: Proxy | None = None
         self.server: Server | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -79,6 +82,7 @@ class ShadowProxy:
             production_timeout_s=prod.timeout_s,
             metrics=self.metrics,
             stats=self.stats,
+            observers=self.observers,
         )
         self.proxy = Proxy(
             pool=self.production_pool,
@@ -86,6 +90,8 @@ class ShadowProxy:
             metrics=self.metrics,
             stats=self.stats,
             mirror=self.mirror,
+            observers=self.observers,
+            capture_limit=cfg.compare.max_response_bytes,
         )
         listen = cfg.listen
         self.server = Server(

@@ -21,6 +21,7 @@ from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import BufferedResponse, ConnectFailed, UpstreamError, UpstreamPool, fetch
 from shadowproxy.metrics import Metrics
+from shadowproxy.observers import Observer, PairRecord
 from shadowproxy.presets import extract_predictions
 from shadowproxy.sampling import Sampler
 from shadowproxy.stats import ShadowStats
@@ -42,8 +43,10 @@ class Mirror:
         production_timeout_s: float,
         metrics: Metrics,
         stats: ShadowStats,
+        observers: list[Observer] | None = None,
     ) -> None:
         self.pool = pool
+        self.observers = observers if observers is not None else []  # shared: added to at run time
         self.sampler = Sampler(mirror)
         self.timeout_s = candidate.timeout_s
         self.max_in_flight = candidate.max_in_flight
@@ -106,7 +109,7 @@ class Mirror:
         if reason is not None:
             self.skip(reason)
             return None
-        return MirrorTicket(self, cycle.method, path, headers)
+        return MirrorTicket(self, cycle.method, path, headers, request_id.decode("latin-1"))
 
     def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
         """The request body is complete: send the candidate its copy now, or drop it."""
@@ -184,44 +187,72 @@ class Mirror:
         self.metrics.comparisons_by_outcome[outcome].inc(n)
 
     def _judge(self, ticket: MirrorTicket, candidate: BufferedResponse | None) -> None:
-        """Pair both answers: compare predictions, or say why they cannot be compared."""
+        """Pair both answers, record the outcome, and tell the observers."""
         status, prod_body, prod_latency = ticket.production.result()
         if prod_latency is not None and candidate is not None:
             self.stats.record_pair_latency(prod_latency, candidate.latency_s)
-        production_ok = 200 <= status < 300
         if status == 0 or status >= 500:
             self.stats.record_production_error_on_mirrored()
-        if candidate is None or candidate.status >= 500:
-            self._outcome("candidate_error", 1)
-            return
-        if not production_ok:
-            return  # production's own error: nothing to compare, and a matching 4xx is no error
-        if not 200 <= candidate.status < 300:
-            self._outcome("candidate_error", 1)
-            return
-        if prod_body is None or candidate.truncated:
-            self._outcome("too_large", 1)
-            return
+        prod_preds: list[object] | None = None
+        if 200 <= status < 300 and prod_body is not None:
+            prod_preds = self._predictions(prod_body)
+        outcome, cand_preds, flags = self._compare(status, prod_body, prod_preds, candidate)
+        if outcome not in ("agree", "disagree", "not_compared"):  # agreements are counted per prediction
+            self._outcome(outcome, 1)
+        if self.observers:
+            record = PairRecord(
+                request_id=ticket.request_id,
+                outcome=outcome,
+                candidate_status=candidate.status if candidate is not None else 0,
+                candidate_headers=candidate.headers if candidate is not None else [],
+                candidate_body=candidate.body if candidate is not None and not candidate.truncated else None,
+                candidate_latency_s=candidate.latency_s if candidate is not None else None,
+                production_predictions=prod_preds,
+                candidate_predictions=cand_preds,
+                agreements=flags,
+            )
+            for observer in self.observers:
+                try:
+                    observer.on_pair(record)
+                except Exception:  # an observer's bug must never break the mirror
+                    log.exception("observer %r failed", observer)
+
+    def _predictions(self, body: bytes) -> list[object] | None:
         cfg = self.compare
         try:
-            prod_preds = extract_predictions(_loads(prod_body), cfg.preset, cfg.path, cfg.output)
+            return extract_predictions(_loads(body), cfg.preset, cfg.path, cfg.output)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-            self._outcome("unparseable", 1)
-            return
-        try:
-            cand_preds = extract_predictions(_loads(candidate.body), cfg.preset, cfg.path, cfg.output)
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-            self._outcome("candidate_error", 1)
-            return
-        if len(prod_preds) != len(cand_preds):
-            self._outcome("candidate_error", 1)
-            return
+            return None
+
+    def _compare(
+        self,
+        status: int,
+        prod_body: bytes | None,
+        prod_preds: list[object] | None,
+        candidate: BufferedResponse | None,
+    ) -> tuple[str, list[object] | None, list[bool] | None]:
+        """The request's outcome, the candidate's predictions and per-prediction agreement."""
+        if candidate is None or candidate.status >= 500:
+            return "candidate_error", None, None
+        if not 200 <= status < 300:
+            return "not_compared", None, None  # production's own error; a matching 4xx is no error
+        if not 200 <= candidate.status < 300:
+            return "candidate_error", None, None
+        if prod_body is None or candidate.truncated:
+            return "too_large", None, None
+        if prod_preds is None:
+            return "unparseable", None, None
+        cand_preds = self._predictions(candidate.body)
+        if cand_preds is None or len(prod_preds) != len(cand_preds):
+            return "candidate_error", cand_preds, None
+        cfg = self.compare
         result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
             self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
         if result.disagree:
             self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+        return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
     async def drain(self, timeout_s: float) -> None:
         """Give shadow exchanges in flight the same drain time as client requests (including ones
@@ -245,11 +276,14 @@ def _loads(body: bytes) -> object:
 class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
-    __slots__ = ("mirror", "method", "path", "headers", "chunks", "size", "cancelled", "production",
-                 "dispatched")
+    __slots__ = ("mirror", "method", "path", "headers", "request_id", "chunks", "size", "cancelled",
+                 "production", "dispatched")
 
-    def __init__(self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], request_id: str
+    ) -> None:
         self.mirror = mirror
+        self.request_id = request_id
         self.method = method
         self.path = path
         self.headers = headers
@@ -258,10 +292,6 @@ class MirrorTicket:
         self.cancelled = False
         self.dispatched = False
         self.production: asyncio.Future[tuple[int, bytes | None, float | None]] = mirror.loop.create_future()
-
-    @property
-    def max_response_bytes(self) -> int:
-        return self.mirror.compare.max_response_bytes
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -282,16 +312,6 @@ class MirrorTicket:
         body = b"".join(self.chunks)
         self.chunks = []
         self.mirror.dispatch(self, body)
-
-    def capture_response(
-        self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None
-    ) -> list[bytes] | None:
-        """A list to collect production's body into, when the answer is worth comparing."""
-        if self.cancelled or not 200 <= status < 300:
-            return None
-        if content_length is not None and content_length > self.max_response_bytes:
-            return None
-        return []
 
     def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
         if self.production.done():

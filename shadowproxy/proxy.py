@@ -10,17 +10,22 @@ finished bytes only, never transports or parsers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import ConnectFailed, UpstreamConnection, UpstreamPool
 from shadowproxy.metrics import Metrics
+from shadowproxy.observers import ExchangeRecord, Observer
 
 if TYPE_CHECKING:
     from shadowproxy.mirror import Mirror, MirrorTicket
     from shadowproxy.stats import ShadowStats
+
+log = logging.getLogger("shadowproxy.proxy")
 
 # RFC 9110 §7.6.1 (plus the RFC 2616 names still seen in the wild): meaningful for one connection
 # only, never forwarded. Fields named in `Connection` join them per message.
@@ -64,8 +69,12 @@ class Proxy:
         metrics: Metrics,
         stats: ShadowStats,
         mirror: Mirror | None = None,
+        observers: list[Observer] | None = None,
+        capture_limit: int = 1 << 20,
     ) -> None:
         self.pool = pool
+        self.observers = observers if observers is not None else []  # shared: added to at run time
+        self.capture_limit = capture_limit
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.stats = stats
@@ -125,6 +134,8 @@ class Proxy:
             parts.append(b"\r\n")
         ticket = self.mirror.begin(cycle, path, forward, request_id) if self.mirror is not None else None
         exchange = Exchange(self, cycle, b"".join(parts), request_id, ticket)
+        if self.observers:
+            exchange.observe(path)
         cycle.attach(exchange)
         exchange.start()
 
@@ -141,7 +152,8 @@ class Exchange:
     __slots__ = (
         "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "timer", "pending",
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
-        "capture", "capture_size", "t_body_done", "body_seen",
+        "capture", "capture_size", "t_body_done", "body_seen", "wants", "request_capture",
+        "request_capture_size", "started_at", "path", "response_headers", "mirrored",
     )
 
     def __init__(
@@ -167,6 +179,22 @@ class Exchange:
         self.capture_size = 0
         self.t_body_done = 0.0
         self.body_seen = 0
+        # Observers (audit store, drift): None unless observers are configured.
+        self.wants: list[bool] | None = None
+        self.request_capture: list[bytes] | None = None
+        self.request_capture_size = 0
+        self.started_at = 0.0
+        self.path = b""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.mirrored = False
+
+    def observe(self, path: bytes) -> None:
+        """Ask each observer once whether it wants this request's bodies."""
+        self.wants = wants = [observer.wants_bodies() for observer in self.proxy.observers]
+        self.started_at = time.time()
+        self.path = path
+        if self.ticket is not None or any(wants):
+            self.request_capture = []
 
     def start(self) -> None:
         proxy = self.proxy
@@ -224,6 +252,11 @@ class Exchange:
     def on_request_body(self, data: bytes) -> None:
         if self.ticket is not None:
             self.ticket.add_body(data)
+        if self.request_capture is not None:
+            self.request_capture.append(data)
+            self.request_capture_size += len(data)
+            if self.request_capture_size > self.proxy.capture_limit:
+                self.request_capture = None
         retry = self.retry_body
         if retry is not None:
             retry.append(data)
@@ -239,8 +272,10 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.t_body_done = self.proxy.loop.time()
-        if self.ticket is not None:
-            self.ticket.request_complete()
+        ticket = self.ticket
+        if ticket is not None:
+            ticket.request_complete()
+            self.mirrored = ticket.dispatched and not ticket.cancelled
         if self.conn is not None:
             self._end_body()
 
@@ -287,8 +322,14 @@ class Exchange:
         if not has_request_id:
             out.append((b"X-Request-ID", self.request_id))
         has_body = status not in (204, 304) and not (100 <= status < 200)
-        if self.ticket is not None:
-            self.capture = self.ticket.capture_response(status, headers, content_length)
+        if (
+            (self.ticket is not None or self.request_capture is not None)
+            and 200 <= status < 300
+            and (content_length is None or content_length <= self.proxy.capture_limit)
+        ):
+            self.capture = []
+        if self.wants is not None:
+            self.response_headers = headers
         self.cycle.start_response(status, reason, out, content_length, has_body)
 
     def on_response_body(self, data: bytes) -> None:
@@ -299,7 +340,7 @@ class Exchange:
         if capture is not None:
             capture.append(data)
             self.capture_size += len(data)
-            if self.ticket is not None and self.capture_size > self.ticket.max_response_bytes:
+            if self.capture_size > self.proxy.capture_limit:
                 self.capture = None
 
     def on_response_complete(self) -> None:
@@ -316,11 +357,11 @@ class Exchange:
                 conn.close()
         self.cycle.conn.resume_reading("upstream")
         self.cycle.end()
+        body = b"".join(self.capture) if self.capture is not None else None
         if self.ticket is not None:
-            body = b"".join(self.capture) if self.capture is not None else None
             self.ticket.production_done(self.status, body, latency)
             self.ticket = None
-        self._finish(self.status, latency)
+        self._finish(self.status, latency, body)
 
     def on_response_failed(self, exc: BaseException) -> None:
         if self.done:
@@ -389,7 +430,7 @@ class Exchange:
         self.cycle.respond(status, message)
         self._finish(status, None)
 
-    def _finish(self, status: int, latency: float | None) -> None:
+    def _finish(self, status: int, latency: float | None, response_body: bytes | None = None) -> None:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
@@ -402,3 +443,28 @@ class Exchange:
             self.ticket = None
         self.proxy.in_flight -= 1
         self.proxy.record(status, latency)
+        wants = self.wants
+        if wants is not None:
+            self._tell_observers(wants, status, latency, response_body)
+
+    def _tell_observers(
+        self, wants: list[bool], status: int, latency: float | None, response_body: bytes | None
+    ) -> None:
+        request_capture = self.request_capture
+        record = ExchangeRecord(
+            request_id=self.request_id.decode("latin-1"),
+            time=self.started_at,
+            method=self.cycle.method.decode("latin-1"),
+            path=self.path.decode("latin-1"),
+            status=status,
+            response_headers=self.response_headers,
+            latency_s=latency,
+            mirrored=self.mirrored,
+            request_body=b"".join(request_capture) if request_capture is not None else None,
+            response_body=response_body,
+        )
+        for observer, wanted in zip(self.proxy.observers, wants, strict=True):
+            try:
+                observer.on_exchange(record, wanted)
+            except Exception:  # an observer's bug must never break the proxy
+                log.exception("observer %r failed", observer)

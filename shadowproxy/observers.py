@@ -1,0 +1,57 @@
+"""The narrow seam through which later capabilities (audit store, drift monitor) see traffic.
+
+The proxy and the mirror never grow for them: an observer is told about each finished exchange
+(`on_exchange`) and each judged mirrored pair (`on_pair`) with plain records — bytes and numbers,
+never transports. Bodies are captured only for the share of requests an observer asks for
+(`wants_bodies`, decided once per request head), so an observer that samples 5% costs the other
+95% nothing but one call. Observers must not block: anything slow goes to their own queue or task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class ExchangeRecord:
+    """One client request and production's answer, as the client saw it."""
+
+    request_id: str
+    time: float  # wall clock (time.time()) when the request head arrived
+    method: str
+    path: str
+    status: int  # production's status, or ours (502, 504, 413...), or 499 when the client left
+    response_headers: list[tuple[bytes, bytes]]
+    latency_s: float | None  # first byte sent upstream to last byte received; None without an answer
+    mirrored: bool  # a shadow copy was sent to the candidate
+    request_body: bytes | None  # only when captured (an observer asked, or the request was mirrored)
+    response_body: bytes | None  # only when captured, 2xx and within compare.max_response_bytes
+
+
+@dataclass(slots=True)
+class PairRecord:
+    """A mirrored request after both answers were judged."""
+
+    request_id: str
+    outcome: str  # agree | disagree (any prediction) | candidate_error | unparseable | too_large | not_compared
+    candidate_status: int  # 0 when the candidate gave no answer
+    candidate_headers: list[tuple[bytes, bytes]]
+    candidate_body: bytes | None
+    candidate_latency_s: float | None
+    production_predictions: list[object] | None
+    candidate_predictions: list[object] | None
+    agreements: list[bool] | None  # per prediction, when compared
+
+
+class Observer(Protocol):
+    def wants_bodies(self) -> bool:
+        """Called once per request head: capture this request's bodies for `on_exchange`?"""
+        ...
+
+    def on_exchange(self, record: ExchangeRecord, wanted: bool) -> None:
+        """Every finished client request; `wanted` is this observer's own `wants_bodies` answer (the
+        bodies may also be there because the request was mirrored or another observer asked)."""
+        ...
+
+    def on_pair(self, record: PairRecord) -> None: ...
