@@ -113,4 +113,6 @@ def make_admin_app(proxy: ShadowProxy) -> web.Application:
     app.router.add_get("/shadow/verdict", verdict)
     app.router.add_get("/shadow/sample_rate", get_sample_rate)
     app.router.add_put("/shadow/sample_rate", put_sample_rate)
+    for component in proxy.components:
+        app.router.add_routes(component.routes())
     return app

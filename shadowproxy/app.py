@@ -17,7 +17,7 @@ from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.metrics import Metrics, ShadowCollector
 from shadowproxy.mirror import Mirror
-from shadowproxy.observers import Observer
+from shadowproxy.observers import Component, Observer
 from shadowproxy.proxy import Proxy
 from shadowproxy.stats import ShadowStats
 
@@ -33,6 +33,12 @@ def _ssl_context(target: UpstreamURL, ca_file: str, verify: bool) -> ssl.SSLCont
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def build_components(config: Config, metrics: Metrics) -> list[Component]:
+    """The optional capabilities the config turns on, each behind the observer seam."""
+    components: list[Component] = []
+    return components
 
 
 class ShadowProxy:
@@ -51,6 +57,8 @@ class ShadowProxy:
         self.mirror: Mirror | None = None
         # Later capabilities (audit store, drift monitor) see traffic through this list only.
         self.observers: list[Observer] = []
+        self.components: list[Component] = build_components(config, self.metrics)
+        self.observers.extend(self.components)
         self.proxy: Proxy | None = None
         self.server: Server | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -93,6 +101,8 @@ class ShadowProxy:
             observers=self.observers,
             capture_limit=cfg.compare.max_response_bytes,
         )
+        for component in self.components:
+            await component.start()
         listen = cfg.listen
         self.server = Server(
             self.proxy.handle,
@@ -115,7 +125,10 @@ class ShadowProxy:
         self.admin_address = (str(sockname[0]), int(sockname[1]))
 
     def stats_snapshot(self, full: bool = False) -> dict[str, Any]:
-        return self.stats.snapshot(full=full)
+        snapshot = self.stats.snapshot(full=full)
+        for component in self.components:
+            snapshot.update(component.stats_blocks())
+        return snapshot
 
     async def production_reachable(self) -> bool:
         """Readiness: can a TCP (and TLS) connection to production be opened? Cached for 1 s."""
@@ -155,6 +168,8 @@ class ShadowProxy:
         for pool in (self.production_pool, self.candidate_pool):
             if pool is not None:
                 await pool.close()
+        for component in self.components:
+            await component.close()  # after the drain: every answered request is recorded
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 
@@ -166,8 +181,6 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         print(f"shadowproxy: cannot listen: {exc}", file=sys.stderr)
         return 1
-    if config.store.path or config.drift is not None:
-        log.warning("[store] and [drift] are validated but not active in this release; ignoring them")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

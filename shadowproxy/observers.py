@@ -10,7 +10,10 @@ never transports. Bodies are captured only for the share of requests an observer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 @dataclass(slots=True)
@@ -55,3 +58,20 @@ class Observer(Protocol):
         ...
 
     def on_pair(self, record: PairRecord) -> None: ...
+
+
+class Component(Observer, Protocol):
+    """An observer with a lifecycle and a public face (the audit store, the drift monitor).
+
+    `start` runs before traffic is accepted; `close` after the drain (flush what is queued);
+    `routes` are added to the admin app; `stats_blocks` are merged into `/shadow/stats` (for
+    example `{"ground_truth": {...}}`) and so reach the verdict.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def routes(self) -> list[web.RouteDef]: ...
+
+    def stats_blocks(self) -> dict[str, Any]: ...
