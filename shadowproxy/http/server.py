@@ -17,6 +17,8 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
+from shadowproxy.http.writes import batch
+
 _STATUS_LINES: dict[int, bytes] = {}
 _REASONS = {
     100: b"Continue", 400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
@@ -239,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Cycle | None = None  # the cycle whose request is being read
         self.queue: collections.deque[Cycle] = collections.deque()
         self._read_pauses: set[str] = set()
+        self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
         self._timer: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -271,6 +274,15 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        batch.depth += 1
+        try:
+            self._data_received(data)
+        finally:
+            batch.depth -= 1
+            if not batch.depth and batch.dirty:
+                batch.flush_all()
+
+    def _data_received(self, data: bytes) -> None:
         if self._in_head or self.parsing is None:
             self._head_bytes += len(data)
         try:
@@ -280,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
             # and Connection fields are hop-by-hop and never reach production.
             offset = int(exc.args[0]) if exc.args else len(data)
             if offset < len(data):
-                self.data_received(data[offset:])
+                self._data_received(data[offset:])
             return
         except httptools.HttpParserError as exc:
             reject = exc.__context__ if isinstance(exc.__context__, _Reject) else None
@@ -407,8 +419,22 @@ class ClientConnection(asyncio.Protocol):
 
     # -- transport helpers ------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.closed:
+            return
+        if batch.depth:
+            out = self._out
+            if not out:
+                batch.dirty.append(self)
+            out.append(data)
+        elif self.transport is not None:
             self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self, reason: str) -> None:
         if not self._read_pauses and self.transport is not None and not self.closed:
@@ -461,6 +487,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closing = True
         self._cancel_timer()
+        self.flush()
         if self.transport is not None and not self.closed:
             self.transport.close()
 

@@ -23,6 +23,7 @@ from typing import Protocol, cast
 import httptools
 
 from shadowproxy.config import UpstreamURL
+from shadowproxy.http.writes import batch
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -60,7 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "sink", "reused", "closed", "idle_since",
         "_status", "_reason", "_headers", "_content_length", "_head_request", "_head_sent",
-        "_close_delimited", "_keep_alive", "_complete", "_got_bytes",
+        "_close_delimited", "_keep_alive", "_complete", "_got_bytes", "_out",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -71,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
+        self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -104,6 +106,15 @@ class UpstreamConnection(asyncio.Protocol):
         sink.on_response_failed(failure)
 
     def data_received(self, data: bytes) -> None:
+        batch.depth += 1
+        try:
+            self._data_received(data)
+        finally:
+            batch.depth -= 1
+            if not batch.depth and batch.dirty:
+                batch.flush_all()
+
+    def _data_received(self, data: bytes) -> None:
         self._got_bytes = True
         if self.sink is None:
             # Bytes nobody asked for (an idle connection): the stream is out of step, drop it.
@@ -180,12 +191,25 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange()
         self.sink = sink
         self._head_request = head_request
-        assert self.transport is not None
-        self.transport.write(head)
+        self.write(head)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.closed:
+            return
+        if batch.depth:
+            out = self._out
+            if not out:
+                batch.dirty.append(self)
+            out.append(data)
+        elif self.transport is not None:
             self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
