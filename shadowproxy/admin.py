@@ -9,18 +9,38 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from shadowproxy.verdict import evaluate
 
 if TYPE_CHECKING:
-    from shadowproxy.app import ShadowProxy
+    from shadowproxy.config import Config
+    from shadowproxy.observers import Component
 
-PROXY_KEY: web.AppKey[ShadowProxy] = web.AppKey("proxy")
+
+class AdminBackend(Protocol):
+    """What the admin app needs: one proxy (`ShadowProxy`) or the supervisor of several workers."""
+
+    config: Config
+    draining: bool
+    components: list[Component]
+
+    async def production_reachable(self) -> bool: ...
+
+    async def snapshot(self, full: bool = False) -> dict[str, Any]: ...
+
+    async def metrics_exposition(self) -> bytes: ...
+
+    def current_sample_rate(self) -> float | None: ...
+
+    async def set_sample_rate(self, rate: float) -> None: ...
+
+
+PROXY_KEY: web.AppKey[AdminBackend] = web.AppKey("proxy")
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -52,8 +72,7 @@ def requires_token(
 
 
 async def metrics(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    body = generate_latest(proxy.metrics.registry)
+    body = await request.app[PROXY_KEY].metrics_exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -73,12 +92,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     full = request.query.get("full", "") not in ("", "0", "false")
-    return json_response(proxy.stats_snapshot(full=full))
+    return json_response(await proxy.snapshot(full=full))
 
 
 async def verdict(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return json_response(evaluate(proxy.stats_snapshot(), proxy.config.gates))
+    return json_response(evaluate(await proxy.snapshot(), proxy.config.gates))
 
 
 @requires_token
@@ -91,19 +110,15 @@ async def put_sample_rate(request: web.Request) -> web.StreamResponse:
         return json_response({"error": 'body must be {"sample_rate": <number between 0 and 1>}'}, 400)
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
         return json_response({"error": f"sample_rate: must be a number between 0 and 1, got {rate!r}"}, 400)
-    if proxy.mirror is None:
-        return json_response({"error": "mirroring is not configured"}, 409)
-    proxy.mirror.set_sample_rate(float(rate))
+    await proxy.set_sample_rate(float(rate))
     return json_response({"sample_rate": float(rate)})
 
 
 async def get_sample_rate(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    rate = proxy.mirror.sample_rate if proxy.mirror is not None else 0.0
-    return json_response({"sample_rate": rate})
+    return json_response({"sample_rate": request.app[PROXY_KEY].current_sample_rate()})
 
 
-def make_admin_app(proxy: ShadowProxy) -> web.Application:
+def make_admin_app(proxy: AdminBackend) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[PROXY_KEY] = proxy
     app.router.add_get("/metrics", metrics)

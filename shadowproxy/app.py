@@ -10,6 +10,7 @@ import sys
 from typing import Any, cast
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from shadowproxy.admin import make_admin_app
 from shadowproxy.config import Config, UpstreamURL
@@ -123,6 +124,20 @@ class ShadowProxy:
         server = cast(asyncio.Server, site._server)
         sockname = server.sockets[0].getsockname()
         self.admin_address = (str(sockname[0]), int(sockname[1]))
+
+    # -- AdminBackend ------------------------------------------------------------------------------
+    async def snapshot(self, full: bool = False) -> dict[str, Any]:
+        return self.stats_snapshot(full=full)
+
+    async def metrics_exposition(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    def current_sample_rate(self) -> float | None:
+        return self.mirror.sample_rate if self.mirror is not None else None
+
+    async def set_sample_rate(self, rate: float) -> None:
+        if self.mirror is not None:
+            self.mirror.set_sample_rate(rate)
 
     def stats_snapshot(self, full: bool = False) -> dict[str, Any]:
         snapshot = self.stats.snapshot(full=full)
