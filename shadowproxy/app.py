@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
-import ssl
 import sys
 from typing import Any, cast
 
@@ -13,40 +14,36 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from shadowproxy.admin import make_admin_app
-from shadowproxy.config import Config, UpstreamURL
+from shadowproxy.config import Config
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.metrics import Metrics, ShadowCollector
 from shadowproxy.mirror import Mirror
 from shadowproxy.observers import Component, Observer
 from shadowproxy.proxy import Proxy
+from shadowproxy.readiness import Readiness
 from shadowproxy.stats import ShadowStats
+from shadowproxy.tls import client_context
 
 log = logging.getLogger("shadowproxy")
-
-
-def _ssl_context(target: UpstreamURL, ca_file: str, verify: bool) -> ssl.SSLContext | None:
-    if not target.tls:
-        return None
-    context = ssl.create_default_context(cafile=ca_file or None)
-    if not verify:
-        log.warning("TLS verification is off for %s", target)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def build_components(config: Config, metrics: Metrics) -> list[Component]:
     """The optional capabilities the config turns on, each behind the observer seam."""
     components: list[Component] = []
+    if config.drift is not None:
+        from shadowproxy.drift import DriftMonitor  # numpy and the profile code load only with [drift]
+
+        components.append(DriftMonitor(config.drift, config.compare, metrics))
     return components
 
 
 class ShadowProxy:
     """One proxy instance: listen port (lean engine) plus admin port (aiohttp), on one loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.stats = ShadowStats()
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates))
@@ -63,7 +60,7 @@ class ShadowProxy:
         self.proxy: Proxy | None = None
         self.server: Server | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._ready_cache: tuple[float, bool] = (0.0, False)
+        self.readiness = Readiness(config.production)
 
     async def start(self) -> None:
         cfg = self.config
@@ -73,14 +70,14 @@ class ShadowProxy:
             prod.target,
             max_connections=prod.max_connections,
             idle_timeout_s=prod.pool_idle_timeout_s,
-            ssl=_ssl_context(prod.target, prod.ca_file, prod.tls_verify),
+            ssl=client_context(prod.target, prod.ca_file, prod.tls_verify),
             connect_timeout_s=prod.timeout_s,
         )
         self.candidate_pool = UpstreamPool(
             cand.target,
             max_connections=cand.max_in_flight,
             idle_timeout_s=prod.pool_idle_timeout_s,
-            ssl=_ssl_context(cand.target, cand.ca_file, cand.tls_verify),
+            ssl=client_context(cand.target, cand.ca_file, cand.tls_verify),
             connect_timeout_s=cand.timeout_s,
         )
         self.mirror = Mirror(
@@ -115,7 +112,7 @@ class ShadowProxy:
             ),
             on_client_error=lambda reason: self.metrics.client_errors.labels(reason).inc(),
         )
-        self.listen_address = await self.server.listen(listen.host, listen.port)
+        self.listen_address = await self.server.listen(listen.host, listen.port, reuse_port=self.reuse_port)
         runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, cfg.admin.host, cfg.admin.port)
@@ -141,28 +138,13 @@ class ShadowProxy:
 
     def stats_snapshot(self, full: bool = False) -> dict[str, Any]:
         snapshot = self.stats.snapshot(full=full)
+        snapshot["process"] = {"pid": os.getpid(), "sample_rate": self.current_sample_rate()}
         for component in self.components:
             snapshot.update(component.stats_blocks())
         return snapshot
 
     async def production_reachable(self) -> bool:
-        """Readiness: can a TCP (and TLS) connection to production be opened? Cached for 1 s."""
-        loop = asyncio.get_running_loop()
-        checked_at, ok = self._ready_cache
-        if loop.time() - checked_at < 1.0:
-            return ok
-        pool = self.production_pool
-        assert pool is not None
-        target = pool.target
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.host, target.port, ssl=pool.ssl), 2.0
-            )
-            writer.close()
-            ok = True
-        except (TimeoutError, OSError, ssl.SSLError):
-            ok = False
-        self._ready_cache = (loop.time(), ok)
+        ok = await self.readiness.check()
         self.metrics.ready.set(1 if ok else 0)
         return ok
 
@@ -189,8 +171,15 @@ class ShadowProxy:
             await self._admin_runner.cleanup()
 
 
-async def serve(config: Config) -> int:
-    proxy = ShadowProxy(config)
+async def serve(config: Config, *, worker: bool = False) -> int:
+    """One proxy process; with `worker`, one of several on a shared port (see workers.py)."""
+    if worker:
+        from shadowproxy.workers import WORKER_LINE, die_with_parent
+
+        die_with_parent()
+        # The configured admin port belongs to the supervisor; a worker's admin is private.
+        config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, host="127.0.0.1", port=0))
+    proxy = ShadowProxy(config, reuse_port=worker)
     try:
         await proxy.start()
     except OSError as exc:
@@ -199,26 +188,33 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)  # kept: a second signal must not kill a draining proxy
     lh, lp = proxy.listen_address
     ah, ap = proxy.admin_address
-    print(
-        f"shadowproxy listening on http://{lh}:{lp} (admin http://{ah}:{ap}); "
-        f"production {config.production.target}, candidate {config.candidate.target}, "
-        f"sample_rate {config.mirror.sample_rate}",
-        flush=True,
-    )
+    if worker:
+        print(f"{WORKER_LINE}http://{ah}:{ap} listening on http://{lh}:{lp}", flush=True)
+    else:
+        print(
+            f"shadowproxy listening on http://{lh}:{lp} (admin http://{ah}:{ap}); "
+            f"production {config.production.target}, candidate {config.candidate.target}, "
+            f"sample_rate {config.mirror.sample_rate}",
+            flush=True,
+        )
     await stop.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
     await proxy.shutdown()
     return 0
 
 
-def run(config: Config, workers: int = 1) -> int:
+def run(config: Config, workers: int = 1, *, config_path: str = "", worker: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if workers > 1 and not worker:
+        from shadowproxy.workers import supervise
+
+        main = supervise(config, config_path, workers)
+    else:
+        main = serve(config, worker=worker)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -127,8 +127,11 @@ def _add_serve(subparsers: _Subparsers) -> None:
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
     parser.add_argument(
-        "--workers", type=_positive_int, default=1, metavar="N", help="proxy processes (default 1)"
+        "--workers", type=_positive_int, default=1, metavar="N",
+        help="proxy processes sharing the listen port (default 1); the admin port covers them all",
     )
+    # Internal: how the supervisor of --workers starts each worker process.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=_serve)
 
 
@@ -140,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shadowproxy.app import run
 
     try:
-        result = run(config, workers=args.workers)
+        result = run(config, workers=args.workers, config_path=args.config, worker=args.worker)
     except ConfigError as exc:  # problems only found at startup (e.g. an unreadable ca_file)
         _print_problems(args.config, exc)
         return EXIT_USAGE
@@ -222,9 +225,58 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# profile (drift baseline; numpy is loaded only when run)
+
+
+def _add_profile(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="write a drift baseline profile from training data",
+        description="Profile training data (JSON Lines of request bodies, or CSV with a header row) into "
+        "the baseline file [drift] baseline reads: per numeric feature quantile bin edges and shares, per "
+        "categorical feature the top 50 category shares. Exit 0 written, 2 for unusable input.",
+    )
+    parser.add_argument("data", metavar="DATA", help="JSON Lines of request bodies, or a .csv file")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the profile to write (JSON)")
+    parser.add_argument("--preset", default="kserve-v1", help="where the instances are (default kserve-v1)")
+    parser.add_argument("--bins", type=_positive_int, default=10, metavar="N", help="numeric bins (default 10)")
+    parser.add_argument("--format", dest="data_format", choices=["auto", "jsonl", "csv"], default="auto",
+                        help="DATA's format (default: csv for a .csv name, else jsonl)")
+    parser.add_argument("--predictions", default="", metavar="FILE",
+                        help="JSON Lines of production answers: adds the prediction distribution")
+    parser.add_argument("--prediction-kind", choices=["label", "numeric"], default=None,
+                        help="label (category shares) or numeric (bins); default: by the values")
+    parser.add_argument("--path", default="", metavar="POINTER", help="JSON pointer to the predictions")
+    parser.add_argument("--output-name", default="", metavar="NAME", help="oip-v2: the output to profile")
+    parser.add_argument("--features", default="", metavar="A,B", help="only these features (comma-separated)")
+    parser.add_argument("--max-features", type=_positive_int, default=100, metavar="N",
+                        help="at most this many features (default 100)")
+    parser.set_defaults(func=_profile)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from shadowproxy.profile import run_profile
+
+    return run_profile(
+        args.data,
+        args.output,
+        preset=args.preset,
+        bins=args.bins,
+        data_format=args.data_format,
+        predictions=args.predictions,
+        prediction_kind=args.prediction_kind,
+        pointer=args.path,
+        prediction_output=args.output_name,
+        features=[name.strip() for name in args.features.split(",") if name.strip()],
+        max_features=args.max_features,
+    )
+
+
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_serve,
     _add_check_config,
     _add_report,
     _add_demo,
+    _add_profile,
 )

@@ -174,7 +174,13 @@ async def collect(urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             merged.merge_state(stats)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ReportError(url, f"/shadow/stats?full=1: cannot merge its state ({exc!r})") from None
-    return make_report(merged.snapshot(), gates, bases)
+    snapshot = merged.snapshot()
+    # Blocks that are not mergeable state (ground truth, drift, the process) come from the first
+    # proxy; with several, the per-process block would describe only one of them and is left out.
+    first = answers[0][0]
+    skip = {"state", "process", "workers"} if len(bases) > 1 else {"state"}
+    snapshot.update({k: v for k, v in first.items() if k not in snapshot and k not in skip})
+    return make_report(snapshot, gates, bases)
 
 
 def make_report(snapshot: dict[str, Any], gates: GatesConfig, sources: Sequence[str]) -> Report:

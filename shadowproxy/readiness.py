@@ -1,0 +1,36 @@
+"""Readiness: can a connection to production be opened? (Kubernetes readiness; never the candidate.)"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from shadowproxy.config import ProductionConfig
+from shadowproxy.tls import client_context
+
+_CACHE_S = 1.0
+
+
+class Readiness:
+    """A TCP (and TLS) connect to production, cached for a second so probes cost next to nothing."""
+
+    def __init__(self, production: ProductionConfig) -> None:
+        self.target = production.target
+        self.ssl = client_context(self.target, production.ca_file, production.tls_verify)
+        self._checked_at = -_CACHE_S
+        self._ok = False
+
+    async def check(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at < _CACHE_S:
+            return self._ok
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.target.host, self.target.port, ssl=self.ssl), 2.0
+            )
+            writer.close()
+            ok = True
+        except (OSError, TimeoutError, ssl.SSLError):
+            ok = False
+        self._checked_at, self._ok = loop.time(), ok
+        return ok

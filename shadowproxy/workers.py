@@ -1,0 +1,266 @@
+"""`serve --workers N`: N proxy processes on one listen port, one admin port for all of them.
+
+Each worker is a full proxy (`shadowproxy serve --worker`) listening with SO_REUSEPORT, so the
+kernel spreads connections across them, with a private admin listener on 127.0.0.1. The parent
+(the supervisor) binds only the configured admin port and answers it by asking the workers:
+`/shadow/stats` and the verdict merge their mergeable state (histograms add up), `/metrics` sums
+their samples, `PUT /shadow/sample_rate` reaches every worker, a worker that dies is restarted,
+and SIGTERM to the parent drains them all. The hot path pays nothing for any of this: workers
+keep their own in-process registries, and the parent reads them only when it is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from shadowproxy.admin import make_admin_app
+from shadowproxy.config import Config
+from shadowproxy.metrics import ShadowCollector
+from shadowproxy.observers import Component
+from shadowproxy.readiness import Readiness
+from shadowproxy.stats import ShadowStats
+
+log = logging.getLogger("shadowproxy.workers")
+
+WORKER_LINE = "shadowproxy worker admin "
+# Computed from merged stats by the parent itself: never summed across workers.
+_DERIVED = frozenset(
+    ("shadowproxy_disagreement_rate", "shadowproxy_disagreement_rate_ci95", "shadowproxy_promotion_verdict",
+     "shadowproxy_prediction_difference")
+)
+# Gauges that add up across workers; any other gauge is a per-process reading (take the largest).
+_SUMMED_GAUGES = frozenset(("shadowproxy_mirror_in_flight",))
+_RESTART_DELAY_S = 0.5
+
+
+def die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when its supervisor dies, so no orphan keeps the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+class _Summed(Collector):
+    """Re-exposes metric families parsed from the workers, samples with equal labels added up."""
+
+    def __init__(self, expositions: list[str]) -> None:
+        self.expositions = expositions
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self.expositions:
+            for family in text_string_to_metric_families(text):
+                if family.name in _DERIVED:
+                    continue
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type)
+                    values[family.name] = {}
+                summed = values[family.name]
+                add = family.type != "gauge" or family.name in _SUMMED_GAUGES
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if key not in summed:
+                        summed[key] = sample.value
+                    elif add:
+                        summed[key] += sample.value
+                    else:
+                        summed[key] = max(summed[key], sample.value)
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.admin_url = ""
+        self.ready = asyncio.Event()
+
+
+class Supervisor:
+    """The parent process of `serve --workers N`; an AdminBackend over all workers."""
+
+    def __init__(self, config: Config, config_path: str, workers: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.workers = [Worker(i) for i in range(workers)]
+        self.draining = False
+        self.components: list[Component] = []
+        self.readiness = Readiness(config.production)
+        self._sample_rate = config.mirror.sample_rate
+        self._session: aiohttp.ClientSession | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._headers = {"Authorization": f"Bearer {config.admin.token}"} if config.admin.token else {}
+
+    # -- processes --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        for worker in self.workers:
+            self._watchers.append(asyncio.create_task(self._keep_running(worker)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), 30)
+        except TimeoutError:
+            raise OSError("workers did not start within 30 s") from None
+        self._runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.config.admin.host, self.config.admin.port).start()
+
+    async def _spawn(self, worker: Worker) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shadowproxy", "serve", "--config", self.config_path, "--worker",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                raise OSError(f"worker {worker.index} exited during start-up (code {await proc.wait()})")
+            if line.startswith(WORKER_LINE):
+                worker.admin_url = line[len(WORKER_LINE):].split()[0]
+                break
+        worker.proc = proc
+        if self._sample_rate != self.config.mirror.sample_rate:
+            await self._put_rate(worker, self._sample_rate)  # a restarted worker joins the current rate
+        worker.ready.set()
+        return proc
+
+    async def _keep_running(self, worker: Worker) -> None:
+        while not self.draining:
+            try:
+                proc = await self._spawn(worker)
+            except OSError as exc:
+                log.error("%s", exc)
+                await asyncio.sleep(_RESTART_DELAY_S)
+                continue
+            code = await proc.wait()
+            worker.ready.clear()
+            if not self.draining:
+                log.error("worker %d (pid %d) exited with %s; restarting", worker.index, proc.pid, code)
+                await asyncio.sleep(_RESTART_DELAY_S)
+
+    async def shutdown(self) -> int:
+        """Forward SIGTERM; each worker keeps accepting for shutdown_delay_s, then drains."""
+        self.draining = True
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        listen = self.config.listen
+        limit = listen.shutdown_delay_s + listen.drain_timeout_s + 5
+        codes = []
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            try:
+                codes.append(await asyncio.wait_for(worker.proc.wait(), limit))
+            except TimeoutError:
+                worker.proc.kill()
+                codes.append(await worker.proc.wait())
+        for task in self._watchers:
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        return 0 if all(code == 0 for code in codes) else 1
+
+    # -- talking to workers -----------------------------------------------------------------------
+    async def _get(self, worker: Worker, path: str) -> bytes:
+        assert self._session is not None
+        async with self._session.get(worker.admin_url + path, headers=self._headers) as response:
+            response.raise_for_status()
+            return await response.read()
+
+    async def _put_rate(self, worker: Worker, rate: float) -> None:
+        assert self._session is not None
+        async with self._session.put(
+            worker.admin_url + "/shadow/sample_rate", data=orjson.dumps({"sample_rate": rate}), headers=self._headers
+        ) as response:
+            response.raise_for_status()
+
+    async def _from_all(self, path: str) -> list[bytes]:
+        live = [w for w in self.workers if w.ready.is_set()]
+        answers = await asyncio.gather(*(self._get(w, path) for w in live), return_exceptions=True)
+        return [a for a in answers if isinstance(a, bytes)]
+
+    # -- AdminBackend -----------------------------------------------------------------------------
+    async def production_reachable(self) -> bool:
+        return await self.readiness.check()
+
+    async def _merged(self) -> tuple[ShadowStats, dict[str, Any]]:
+        states = [orjson.loads(body) for body in await self._from_all("/shadow/stats?full=1")]
+        merged = ShadowStats.from_states(states)
+        extras: dict[str, Any] = {}
+        if states:
+            # Blocks of components (ground truth, drift) are per worker; the first one speaks for all.
+            own = merged.snapshot().keys()
+            extras = {k: v for k, v in states[0].items() if k not in own and k not in ("state", "process")}
+        extras["workers"] = [
+            {**state.get("process", {}), "requests": state["production"]["requests"]} for state in states
+        ]
+        return merged, extras
+
+    async def snapshot(self, full: bool = False) -> dict[str, Any]:
+        merged, extras = await self._merged()
+        snapshot = merged.snapshot(full=full)
+        snapshot.update(extras)
+        return snapshot
+
+    async def metrics_exposition(self) -> bytes:
+        expositions = [body.decode() for body in await self._from_all("/metrics")]
+        merged, _ = await self._merged()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Summed(expositions))
+        registry.register(ShadowCollector(merged, self.config.gates))
+        return generate_latest(registry)
+
+    def current_sample_rate(self) -> float | None:
+        return self._sample_rate
+
+    async def set_sample_rate(self, rate: float) -> None:
+        self._sample_rate = rate
+        await asyncio.gather(*(self._put_rate(w, rate) for w in self.workers if w.ready.is_set()))
+
+
+async def supervise(config: Config, config_path: str, workers: int) -> int:
+    supervisor = Supervisor(config, config_path, workers)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start()
+    except OSError as exc:
+        print(f"shadowproxy: {exc}", file=sys.stderr)
+        await supervisor.shutdown()
+        return 1
+    listen, admin = config.listen, config.admin
+    print(
+        f"shadowproxy listening on http://{listen.host}:{listen.port} with {workers} workers "
+        f"(admin http://{admin.host}:{admin.port}); production {config.production.target}, "
+        f"candidate {config.candidate.target}, sample_rate {config.mirror.sample_rate}",
+        flush=True,
+    )
+    await stop.wait()
+    return await supervisor.shutdown()

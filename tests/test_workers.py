@@ -1,0 +1,132 @@
+"""`serve --workers 2`: real processes sharing the listen port, one admin port over both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Upstream, free_port
+
+
+async def test_two_workers_share_the_port_and_one_admin_covers_both(
+    tmp_path: Path, upstream: Upstream, candidate_upstream: Upstream
+) -> None:
+    upstream.answer = lambda seen: {"predictions": [1]}
+    candidate_upstream.answer = lambda seen: {"predictions": [1]}
+    lp, ap = free_port(), free_port()
+    config = tmp_path / "w.toml"
+    config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {lp}
+drain_timeout_s = 5.0
+[admin]
+host = "127.0.0.1"
+port = {ap}
+token = "t0ken"
+[production]
+url = "{upstream.url}"
+[candidate]
+url = "{candidate_upstream.url}"
+[mirror]
+sample_rate = 0.0
+""")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "2 workers" in line
+        url, admin = f"http://127.0.0.1:{lp}", f"http://127.0.0.1:{ap}"
+        async with aiohttp.ClientSession() as s:
+
+            async def burst(n: int) -> None:
+                for _ in range(n):  # a new connection each time, so the kernel spreads them
+                    async with s.post(url + "/", data=b"{}", headers={"Connection": "close"}) as r:
+                        assert r.status == 200
+
+            await asyncio.gather(*(burst(25) for _ in range(8)))
+            async with s.get(admin + "/shadow/stats") as r:
+                stats = await r.json()
+            workers = stats["workers"]
+            assert len(workers) == 2
+            assert len({w["pid"] for w in workers}) == 2
+            assert all(w["requests"] > 0 for w in workers), workers  # both served traffic
+            assert stats["production"]["requests"] == 200 == sum(w["requests"] for w in workers)
+            async with s.get(admin + "/metrics") as r:
+                text = await r.text()
+            assert 'shadowproxy_requests_total{status_class="2xx"} 200.0' in text
+
+            async with s.put(admin + "/shadow/sample_rate", json={"sample_rate": 1.0}) as r:
+                assert r.status == 401
+            async with s.put(admin + "/shadow/sample_rate", json={"sample_rate": 1.0},
+                             headers={"Authorization": "Bearer t0ken"}) as r:
+                assert r.status == 200
+            async with s.get(admin + "/shadow/stats") as r:
+                assert {w["sample_rate"] for w in (await r.json())["workers"]} == {1.0}
+            await asyncio.gather(*(burst(10) for _ in range(4)))
+            await asyncio.sleep(0.5)
+            async with s.get(admin + "/shadow/stats") as r:
+                stats = await r.json()
+            assert stats["mirror"]["sent"] == 40
+            assert stats["comparisons"]["agree"] == 40
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert proc.stderr is not None
+        assert b"Traceback" not in await proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_dead_worker_is_restarted(tmp_path: Path, upstream: Upstream) -> None:
+    lp, ap = free_port(), free_port()
+    config = tmp_path / "w.toml"
+    config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {lp}
+[admin]
+host = "127.0.0.1"
+port = {ap}
+[production]
+url = "{upstream.url}"
+[candidate]
+url = "{upstream.url}"
+""")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+        admin = f"http://127.0.0.1:{ap}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(admin + "/shadow/stats") as r:
+                pids = [w["pid"] for w in (await r.json())["workers"]]
+            victim = pids[0]
+            os.kill(victim, signal.SIGKILL)
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                async with s.get(admin + "/shadow/stats") as r:
+                    now = [w["pid"] for w in (await r.json())["workers"]]
+                if len(now) == 2 and victim not in now:
+                    break
+            assert len(now) == 2 and victim not in now
+            async with s.post(f"http://127.0.0.1:{lp}/", data=b"{}") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
