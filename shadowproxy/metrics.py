@@ -2,6 +2,7 @@
 
 Label sets are small and fixed and pre-initialised, so every series exists at zero from the first
 scrape (Prometheus' own advice) and the hot path uses ready label children, never `.labels()`.
+What the hot path updates per request is a plain number read at scrape time (hotmetrics.py).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shadowproxy.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
 from shadowproxy.verdict import GatesLike, evaluate
 
 if TYPE_CHECKING:
+    from shadowproxy.drift import DriftMonitor
     from shadowproxy.stats import ShadowStats
 
 # Model latencies run from about a millisecond (a small tree model) to tens of seconds (an LLM).
@@ -37,21 +40,19 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # Updated per request or per mirrored request: plain numbers, read at scrape time.
+        self.requests = PlainCounter(
             "shadowproxy_requests_total",
             "Client-facing answers by status class (our own 4xx/5xx included).",
-            ["status_class"],
-            registry=r,
+            "status_class", STATUS_CLASSES, r,
         )
-        self.requests_by_class = {c: self.requests.labels(c) for c in STATUS_CLASSES}
-        self.upstream_duration = Histogram(
+        self.requests_by_class = self.requests.children
+        self.upstream_duration = PlainHistogram(
             "shadowproxy_upstream_request_duration_seconds",
             "Upstream exchange time, first byte sent to last byte of the answer.",
-            ["target"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            "target", TARGETS, LATENCY_BUCKETS, r,
         )
-        self.duration_by_target = {t: self.upstream_duration.labels(t) for t in TARGETS}
+        self.duration_by_target = self.upstream_duration.children
         self.upstream_failures = Counter(
             "shadowproxy_upstream_failures_total",
             "Upstream exchanges that produced no complete answer, by target and kind.",
@@ -69,13 +70,12 @@ class Metrics:
         )
         for reason in CLIENT_ERRORS:
             self.client_errors.labels(reason)
-        self.mirror_requests = Counter(
+        self.mirror_requests = PlainCounter(
             "shadowproxy_mirror_requests_total",
             "Sampled requests by what became of their shadow copy.",
-            ["result"],
-            registry=r,
+            "result", MIRROR_RESULTS, r,
         )
-        self.mirror_by_result = {res: self.mirror_requests.labels(res) for res in MIRROR_RESULTS}
+        self.mirror_by_result = self.mirror_requests.children
         self.mirror_skipped = Counter(
             "shadowproxy_mirror_skipped_total",
             "Sampled requests not mirrored because they were not eligible, by reason.",
@@ -92,22 +92,23 @@ class Metrics:
             self.mirror_skipped.labels(reason)
         for reason in DROP_REASONS:
             self.mirror_dropped.labels(reason)
-        self.mirror_in_flight = Gauge(
-            "shadowproxy_mirror_in_flight", "Shadow requests outstanding.", registry=r
-        )
+        self.mirror_in_flight = PlainGauge("shadowproxy_mirror_in_flight", "Shadow requests outstanding.", r)
         self.mirror_sample_rate = Gauge(
             "shadowproxy_mirror_sample_rate", "The share of requests currently mirrored.", registry=r
         )
-        self.comparisons = Counter(
+        self.comparisons = PlainCounter(
             "shadowproxy_comparisons_total",
             "Compared predictions by outcome (candidate_error and unparseable count requests).",
-            ["outcome"],
-            registry=r,
+            "outcome", OUTCOMES, r,
         )
-        self.comparisons_by_outcome = {o: self.comparisons.labels(o) for o in OUTCOMES}
+        self.comparisons_by_outcome = self.comparisons.children
         self.ready = Gauge(
             "shadowproxy_production_ready", "1 while production accepts connections.", registry=r
         )
+        # Drift figures come from the drift monitor at scrape time; without [drift] only the
+        # per-status feature counts exist, at zero.
+        self.drift = DriftCollector()
+        r.register(self.drift)
 
     @staticmethod
     def status_class(status: int) -> str:
@@ -170,3 +171,138 @@ class ShadowCollector(Collector):
             for percentile in self.PERCENTILE_NAMES:
                 figures.add_metric([figure, percentile], float(summary.get(percentile, 0.0)))
         yield figures
+
+
+class DriftCollector(Collector):
+    """Drift figures (issue 7) from the drift monitor's `/shadow/drift` document, at scrape time.
+
+    Label values are feature names fixed by the baseline profile (or the first warm-up instances),
+    at most `drift.max_features`: request content cannot grow the label set.
+    """
+
+    STATUSES = ("ok", "warn", "alert")
+    PROBLEMS = ("missing", "invalid")
+
+    def __init__(self) -> None:
+        self.source: DriftMonitor | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        doc = self.source.snapshot() if self.source is not None else None
+        features: dict[str, dict[str, object]] = doc["features"] if doc else {}
+        by_status = GaugeMetricFamily(
+            "shadowproxy_drift_features",
+            "Watched features by drift status (warn at PSI >= 0.1, alert at >= 0.25).",
+            labels=["status"],
+        )
+        for name in self.STATUSES:
+            by_status.add_metric([name], float(sum(1 for f in features.values() if f["status"] == name)))
+        yield by_status
+        window = GaugeMetricFamily("shadowproxy_drift_window_instances", "Instances in the live drift window.")
+        window.add_metric([], float(doc["window"]) if doc else 0.0)
+        yield window
+        if doc is None:
+            return
+        psi = GaugeMetricFamily(
+            "shadowproxy_feature_drift_psi",
+            "Population Stability Index of each feature's live window against the baseline.",
+            labels=["feature"],
+        )
+        ks = GaugeMetricFamily(
+            "shadowproxy_feature_drift_ks",
+            "Kolmogorov-Smirnov statistic of each numeric feature's live window against the baseline bins.",
+            labels=["feature"],
+        )
+        problems = CounterMetricFamily(
+            "shadowproxy_drift_values",
+            "Watched feature values that were missing (absent or null) or invalid (wrong type).",
+            labels=["feature", "problem"],
+        )
+        for name, figures in features.items():
+            if isinstance(figures["psi"], float):
+                psi.add_metric([name], figures["psi"])
+            if isinstance(figures["ks"], float):
+                ks.add_metric([name], figures["ks"])
+            for problem in self.PROBLEMS:
+                problems.add_metric([name, problem], float(figures[problem]))  # type: ignore[arg-type]
+        yield psi
+        yield ks
+        yield problems
+        prediction = GaugeMetricFamily(
+            "shadowproxy_prediction_drift_psi",
+            "Population Stability Index of production predictions in the live window against the baseline.",
+        )
+        predictions = doc["predictions"]
+        if predictions is not None and isinstance(predictions["psi"], float):
+            prediction.add_metric([], predictions["psi"])
+        yield prediction
+        dropped = CounterMetricFamily(
+            "shadowproxy_drift_dropped", "Sampled requests not watched because the drift queue was full."
+        )
+        dropped.add_metric([], float(doc["dropped"]))
+        yield dropped
+        unparseable = CounterMetricFamily(
+            "shadowproxy_drift_unparseable", "Watched requests whose instances could not be read."
+        )
+        unparseable.add_metric([], float(doc["unparseable"]))
+        yield unparseable
+
+
+VERSION_LABELS_MAX = 20  # distinct model versions per target before the rest count as "other"
+STORE_ERROR_OPS = ("open", "write", "read", "prune")
+
+
+class StoreMetrics:
+    """The audit store's metrics (issue 6), registered only when `[store] path` is set.
+
+    `count_version` runs on the store's writer thread (prometheus_client's values are thread-safe);
+    the cap keeps a model that stamps every answer with a new version from growing the label set.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.dropped = Counter(
+            "shadowproxy_store_dropped_total",
+            "Records not stored because the store's queue was full (the disk fell behind).",
+            registry=r,
+        )
+        self.lost = Counter(
+            "shadowproxy_store_lost_total",
+            "Records not stored because the database could not be opened or written.",
+            registry=r,
+        )
+        self.written = Counter(
+            "shadowproxy_store_written_total", "Records (exchanges and pairs) written to the store.", registry=r
+        )
+        self.errors = Counter(
+            "shadowproxy_store_errors_total",
+            "Store operations that failed (a read-only path, a full disk...), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.errors_by_op = {op: self.errors.labels(op) for op in STORE_ERROR_OPS}
+        self.queue = Gauge("shadowproxy_store_queue_records", "Records waiting for the store's writer.", registry=r)
+        self.version_requests = Counter(
+            "shadowproxy_model_version_requests_total",
+            f"Answers by target and model version (at most {VERSION_LABELS_MAX} versions per target, "
+            'then "other"; "unknown" when the answer names none).',
+            ["target", "version"],
+            registry=r,
+        )
+        self._versions: dict[tuple[str, str], Counter] = {}
+        self._distinct = dict.fromkeys(TARGETS, 0)
+
+    def count_version(self, target: str, version: str | None) -> None:
+        key = (target, version if version is not None else "unknown")
+        child = self._versions.get(key)
+        if child is None:
+            if version is not None and self._distinct[target] >= VERSION_LABELS_MAX:
+                # Not remembered under its own name: a flood of versions must not grow this dict.
+                self.version_requests.labels(target, "other").inc()
+                return
+            if version is not None:
+                self._distinct[target] += 1
+            child = self._versions[key] = self.version_requests.labels(*key)
+        child.inc()

@@ -46,14 +46,6 @@ _RETRY_BODY_MAX = 64 * 1024
 _PENDING_HIGH = 256 * 1024
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
 def new_request_id() -> bytes:
     # 128 random bits as 32 hex digits; getrandbits avoids a syscall per request (os.urandom).
     return b"%032x" % getrandbits(128)
@@ -90,15 +82,12 @@ class Proxy:
 
     def handle(self, cycle: Cycle) -> None:
         headers = cycle.headers
-        drop = HOP_BY_HOP
-        if any(name.lower() == b"connection" for name, _ in headers):
-            drop = HOP_BY_HOP | _connection_tokens(headers)
+        drop = HOP_BY_HOP | cycle.connection_tokens if cycle.connection_tokens else HOP_BY_HOP
         forward: list[tuple[bytes, bytes]] = []
         request_id = b""
         forwarded_for = b""
         client_host = b""
-        for name, value in headers:
-            lname = name.lower()
+        for (name, value), lname in zip(headers, cycle.lnames, strict=True):
             if lname in drop:
                 continue
             if lname in _REWRITTEN:
@@ -299,7 +288,13 @@ class Exchange:
 
     # -- ResponseSink (production's side) ---------------------------------------------------------
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes],
+        tokens: frozenset[bytes],
+        content_length: int | None,
     ) -> None:
         if self.done:
             return
@@ -308,18 +303,15 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
         self.retry_body = None
-        drop = HOP_BY_HOP
-        if any(name.lower() == b"connection" for name, _ in headers):
-            drop = HOP_BY_HOP | _connection_tokens(headers)
+        drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
         out: list[tuple[bytes, bytes]] = []
         has_request_id = False
-        for name, value in headers:
-            lname = name.lower()
+        for header, lname in zip(headers, lnames, strict=True):
             if lname in drop:
                 continue
             if lname == b"x-request-id":
                 has_request_id = True
-            out.append((name, value))
+            out.append(header)
         if not has_request_id:
             out.append((b"X-Request-ID", self.request_id))
         has_body = status not in (204, 304) and not (100 <= status < 200)

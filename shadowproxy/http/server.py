@@ -25,6 +25,20 @@ _REASONS = {
     431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection"))
+_NO_TOKENS: frozenset[bytes] = frozenset()
+# Connection values that name no other field (by far the most common ones).
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Field names a Connection header lists besides keep-alive/close (RFC 9110 §7.6.1)."""
+    lowered = value.lower()
+    if lowered in _PLAIN_CONNECTION:
+        return _NO_TOKENS
+    return frozenset(t for t in (part.strip() for part in lowered.split(b",")) if t and t not in _PLAIN_CONNECTION)
+
+
 # Above this much request body held for a handler that is not yet connected, stop reading.
 _BODY_BUFFER_HIGH = 256 * 1024
 
@@ -83,7 +97,8 @@ class Cycle:
     """One request and its answer on a client connection."""
 
     __slots__ = (
-        "conn", "method", "target", "http_version", "headers", "keep_alive", "content_length",
+        "conn", "method", "target", "http_version", "headers", "lnames", "connection_tokens", "keep_alive",
+        "content_length",
         "chunked", "expect_continue", "client_ip", "sink", "request_complete", "response_started",
         "response_complete", "body_size", "_buffer", "_buffered", "_chunked_response", "_no_body",
     )
@@ -95,6 +110,8 @@ class Cycle:
         target: bytes,
         http_version: str,
         headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes],
+        connection_tokens: frozenset[bytes],
         keep_alive: bool,
         content_length: int | None,
         chunked: bool,
@@ -105,6 +122,8 @@ class Cycle:
         self.target = target
         self.http_version = http_version
         self.headers = headers
+        self.lnames = lnames  # the header names lower-cased once, in the same order
+        self.connection_tokens = connection_tokens  # field names listed in Connection (RFC 9110 §7.6.1)
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
@@ -245,6 +264,12 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._lnames: list[bytes] = []
+        self._head_size = 0
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect_continue = False
+        self._connection_tokens: frozenset[bytes] = _NO_TOKENS
         self._head_bytes = 0
         self._in_head = False
 
@@ -324,37 +349,48 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
+        self._lnames = []
+        self._head_size = 16
+        self._content_length = None
+        self._chunked = False
+        self._expect_continue = False
+        self._connection_tokens = _NO_TOKENS
         if self.active is None:
             self._set_timer(self.limits.header_timeout_s, self._on_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Each name is lower-cased once, here; framing fields are judged as they arrive.
+        lname = name.lower()
         self._headers.append((name, value))
+        self._lnames.append(lname)
+        self._head_size += len(name) + len(value) + 4
+        if lname in _FRAMING:
+            if lname == b"content-length":
+                # RFC 9112 §6.3: differing Content-Length values are unrecoverable framing errors.
+                if self._content_length is not None or not value.strip().isdigit():
+                    raise _Reject(400, "invalid or repeated content-length")
+                self._content_length = int(value)
+            elif lname == b"transfer-encoding":
+                self._chunked = True
+            elif lname == b"expect":
+                self._expect_continue = value.lower() == b"100-continue"
+            else:  # connection
+                tokens = connection_tokens(value)
+                if tokens:
+                    self._connection_tokens = self._connection_tokens | tokens
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         parser = self.parser
-        headers = self._headers
-        size = len(self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
-        if size > self.limits.max_header_bytes:
+        if self._head_size > self.limits.max_header_bytes:
             raise _Reject(431, "request header fields too large")
-        content_length: int | None = None
-        chunked = False
-        expect_continue = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                # RFC 9112 §6.3: differing Content-Length values are unrecoverable framing errors.
-                if content_length is not None or not value.strip().isdigit():
-                    raise _Reject(400, "invalid or repeated content-length")
-                content_length = int(value)
-            elif lname == b"transfer-encoding":
-                chunked = True
-            elif lname == b"expect" and value.lower() == b"100-continue":
-                expect_continue = True
+        content_length = self._content_length
+        chunked = self._chunked
         if chunked and content_length is not None:
             # RFC 9112 §6.1: both framings at once is how requests are smuggled.
             raise _Reject(400, "both content-length and transfer-encoding")
@@ -366,11 +402,13 @@ class ClientConnection(asyncio.Protocol):
             parser.get_method(),
             self._url,
             version,
-            headers,
+            self._headers,
+            self._lnames,
+            self._connection_tokens,
             parser.should_keep_alive(),
             content_length,
             chunked,
-            expect_continue and version == "1.1",
+            self._expect_continue and version == "1.1",
         )
         self.parsing = cycle
         if self.active is None:

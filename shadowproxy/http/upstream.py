@@ -23,10 +23,13 @@ from typing import Protocol, cast
 import httptools
 
 from shadowproxy.config import UpstreamURL
+from shadowproxy.http.server import connection_tokens
 from shadowproxy.http.writes import batch
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
 _NO_BODY_STATUSES = frozenset((204, 304))
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class UpstreamError(Exception):
@@ -41,8 +44,15 @@ class ResponseSink(Protocol):
     """What a connection tells about the exchange it carries."""
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
-    ) -> None: ...
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes],
+        tokens: frozenset[bytes],
+        content_length: int | None,
+    ) -> None:
+        """`lnames`: the header names lower-cased, in order; `tokens`: fields named in Connection."""
 
     def on_response_body(self, data: bytes) -> None: ...
 
@@ -60,8 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "transport", "parser", "sink", "reused", "closed", "idle_since",
-        "_status", "_reason", "_headers", "_content_length", "_head_request", "_head_sent",
-        "_close_delimited", "_keep_alive", "_complete", "_got_bytes", "_out",
+        "_status", "_reason", "_headers", "_lnames", "_tokens", "_chunked", "_content_length",
+        "_head_request", "_head_sent", "_close_delimited", "_keep_alive", "_complete", "_got_bytes", "_out",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -75,11 +85,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
         self._reset_exchange()
 
-    def _reset_exchange(self) -> None:
-        self._status = 0
+    def _reset_head(self) -> None:
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._lnames: list[bytes] = []
+        self._tokens: frozenset[bytes] = _NO_TOKENS
         self._content_length: int | None = None
+        self._chunked = False
+
+    def _reset_exchange(self) -> None:
+        self._status = 0
+        self._reset_head()
         self._head_request = False
         self._head_sent = False
         self._close_delimited = False
@@ -144,30 +160,32 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
         self._headers.append((name, value))
+        self._lnames.append(lname)
+        if lname in _FRAMING:
+            if lname == b"content-length":
+                try:
+                    self._content_length = int(value)
+                except ValueError:
+                    self._content_length = None
+            elif lname == b"transfer-encoding":
+                self._chunked = True
+            else:
+                tokens = connection_tokens(value)
+                if tokens:
+                    self._tokens = self._tokens | tokens
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             # Interim answer (100 Continue, 103 Early Hints): not forwarded; the final one follows.
-            self._headers = []
-            self._reason = b""
+            self._reset_head()
             return
         self._status = status
         self._keep_alive = self.parser.should_keep_alive()
-        content_length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = None
-            elif lname == b"transfer-encoding":
-                chunked = True
-        if chunked:
-            content_length = None
+        chunked = self._chunked
+        content_length = None if chunked else self._content_length
         self._content_length = content_length
         has_body = not (self._head_request or status in _NO_BODY_STATUSES)
         self._close_delimited = has_body and content_length is None and not chunked
@@ -175,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._keep_alive = False
         self._head_sent = True
         assert self.sink is not None
-        self.sink.on_response_head(status, self._reason, self._headers, content_length)
+        self.sink.on_response_head(status, self._reason, self._headers, self._lnames, self._tokens, content_length)
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
@@ -428,7 +446,13 @@ class _Collector:
     truncated: bool = False
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes],
+        tokens: frozenset[bytes],
+        content_length: int | None,
     ) -> None:
         self.status = status
         self.headers = headers

@@ -1,0 +1,102 @@
+"""Prometheus metrics the hot path updates: plain Python numbers, exposed at scrape time.
+
+prometheus-client's own children take a lock and do a label lookup per update; on a path that
+serves tens of thousands of requests a second in one event loop (one thread), a plain integer
+add is enough. These families keep the same `.inc()` / `.observe()` / `.set()` calls and are
+collected into the registry like any other collector; names, help, labels and buckets are the
+ones a `Counter` / `Histogram` / `Gauge` would expose.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+
+class PlainCount:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class PlainHistogramChild:
+    """Counts per bucket; Prometheus' `le` means value <= bound, which is `bisect_left`."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class PlainCounter(Collector):
+    def __init__(
+        self, name: str, documentation: str, label: str, values: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.label = label
+        self.children = {v: PlainCount() for v in values}
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, child in self.children.items():
+            family.add_metric([value], child.value)
+        yield family
+
+
+class PlainHistogram(Collector):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        values: Sequence[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.buckets = buckets
+        self.children = {v: PlainHistogramChild(buckets) for v in values}
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        edges = [floatToGoString(b) for b in self.buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
+        for value, child in self.children.items():
+            cumulative, running = [], 0
+            for edge, count in zip(edges, child.counts, strict=True):
+                running += count
+                cumulative.append((edge, running))
+            family.add_metric([value], cumulative, child.sum)
+        yield family
+
+
+class PlainGauge(Collector):
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
