@@ -1,0 +1,342 @@
+"""Drift monitoring (issue 7): profiles, PSI/KS against a numpy reference, bad data, the live monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shadowproxy.cli import main
+from shadowproxy.config import CompareConfig, DriftConfig
+from shadowproxy.drift import DriftMonitor
+from shadowproxy.errors import ConfigError
+from shadowproxy.metrics import Metrics
+from shadowproxy.observers import ExchangeRecord
+from shadowproxy.profile import build_profile, extract_instances, load_profile
+from tests.conftest import Upstream
+
+COLORS = ["red", "green", "blue", "yellow"]
+COLOR_P = [0.4, 0.3, 0.2, 0.1]
+
+
+# --- the reference: INTERFACE.md's definitions, written out independently --------------------------
+
+
+def ref_edges(base: np.ndarray, bins: int = 10) -> np.ndarray:
+    return np.quantile(base, [k / bins for k in range(1, bins)])
+
+
+def ref_psi_ks(base: np.ndarray, live: np.ndarray, bins: int = 10) -> tuple[float, float]:
+    edges = ref_edges(base, bins)
+    b = np.bincount(np.searchsorted(edges, base, side="left"), minlength=bins) / len(base)
+    lv = np.bincount(np.searchsorted(edges, live, side="left"), minlength=bins) / len(live)
+    ks = float(np.max(np.abs(np.cumsum(lv)[:-1] - np.cumsum(b)[:-1])))
+    b, lv = np.maximum(b, 1e-4), np.maximum(lv, 1e-4)
+    return float(np.sum((lv - b) * np.log(lv / b))), ks
+
+
+def ref_categorical_psi(base: list[str], live: list[str]) -> float:
+    cats = sorted(set(base))  # fewer than 50: no "other" in the baseline
+    b = np.array([base.count(c) for c in cats] + [0]) / len(base)
+    lv = np.array([live.count(c) for c in cats] + [sum(v not in cats for v in live)]) / len(live)
+    b, lv = np.maximum(b, 1e-4), np.maximum(lv, 1e-4)
+    return float(np.sum((lv - b) * np.log(lv / b)))
+
+
+# --- synthetic data ----------------------------------------------------------------------------------
+
+
+def synthetic(n: int, seed: int, shift: float = 0.0, new_color: float = 0.0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    columns: dict[str, Any] = {
+        "age": rng.normal(40.0, 10.0, n),
+        "income": rng.lognormal(10.0, 0.5, n),
+        "score": rng.uniform(0.0, 1.0, n) + shift,  # std 1/sqrt(12): shift in units of it below
+    }
+    colors = list(rng.choice(COLORS, n, p=COLOR_P))
+    if new_color:
+        colors = ["purple" if rng.random() < new_color else c for c in colors]
+    columns["color"] = colors
+    return columns
+
+
+def rows_of(columns: dict[str, Any]) -> list[dict[str, object]]:
+    n = len(columns["age"])
+    return [
+        {"age": float(columns["age"][i]), "income": float(columns["income"][i]),
+         "score": float(columns["score"][i]), "color": str(columns["color"][i])}
+        for i in range(n)
+    ]
+
+
+def bodies(rows: list[dict[str, object]], per_request: int = 500) -> list[bytes]:
+    return [orjson.dumps({"instances": rows[i : i + per_request]}) for i in range(0, len(rows), per_request)]
+
+
+def record(body: bytes, answer: bytes | None = None) -> ExchangeRecord:
+    return ExchangeRecord("r", 0.0, "POST", "/", 200, [], 0.001, False, body, answer)
+
+
+def monitor(tmp_path: Path, base_rows: list[dict[str, object]] | None, **drift: Any) -> DriftMonitor:
+    if base_rows is not None:
+        path = tmp_path / "baseline.json"
+        path.write_bytes(orjson.dumps(build_profile(base_rows).to_json()))
+        drift.setdefault("baseline", str(path))
+    config = DriftConfig(**drift)
+    return DriftMonitor(config, CompareConfig(), Metrics())
+
+
+def feed(m: DriftMonitor, payloads: list[bytes], answers: list[bytes] | None = None) -> dict[str, Any]:
+    for i, body in enumerate(payloads):
+        m.on_exchange(record(body, answers[i] if answers else None), wanted=True)
+    return m.snapshot()
+
+
+BASE = synthetic(20000, seed=1)
+BASE_ROWS = rows_of(BASE)
+
+
+# --- the checks of issue 7 ---------------------------------------------------------------------------
+
+
+def test_traffic_from_the_baseline_distribution_stays_under_psi_005(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    doc = feed(m, bodies(rows_of(synthetic(10000, seed=2))))
+    assert doc["window"] == 10000
+    assert set(doc["features"]) == {"age", "income", "score", "color"}
+    for name, figures in doc["features"].items():
+        assert figures["psi"] < 0.05, name
+        assert figures["status"] == "ok"
+
+
+def test_half_a_standard_deviation_shift_in_one_feature_shows_only_there(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    shift = 0.5 * float(np.std(BASE["score"]))
+    doc = feed(m, bodies(rows_of(synthetic(10000, seed=3, shift=shift))))
+    features = doc["features"]
+    assert features["score"]["psi"] > 0.1
+    assert features["score"]["status"] in ("warn", "alert")
+    for name in ("age", "income", "color"):
+        assert features[name]["psi"] < 0.05, name
+
+
+def test_a_new_category_shows_in_the_categorical_feature(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    doc = feed(m, bodies(rows_of(synthetic(10000, seed=4, new_color=0.2))))
+    color = doc["features"]["color"]
+    assert color["psi"] >= 0.25 and color["status"] == "alert"
+    assert color["ks"] is None  # KS is for numeric features
+    assert doc["features"]["age"]["psi"] < 0.05
+
+
+def test_psi_and_ks_equal_a_numpy_reference_over_the_sliding_window(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS, window=4000)
+    live = synthetic(9000, seed=5, shift=0.05, new_color=0.05)
+    doc = feed(m, bodies(rows_of(live), per_request=700))
+    assert doc["window"] == 4000
+    for name in ("age", "income", "score"):
+        expected_psi, expected_ks = ref_psi_ks(BASE[name], live[name][-4000:])
+        assert doc["features"][name]["psi"] == pytest.approx(expected_psi, abs=1e-9), name
+        assert doc["features"][name]["ks"] == pytest.approx(expected_ks, abs=1e-9), name
+    expected = ref_categorical_psi(BASE["color"], live["color"][-4000:])
+    assert doc["features"]["color"]["psi"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_missing_and_invalid_values_are_counted_per_feature(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    instances = [
+        {"age": 30.0, "income": 1e4, "score": 0.5, "color": "red"},
+        {"age": None, "income": "lots", "score": 0.5, "color": 7},  # null, string in numeric, number in categorical
+        {"income": [1, 2], "score": True, "color": "blue"},  # absent, a list, a boolean in numeric
+    ]
+    doc = feed(m, [orjson.dumps({"instances": instances}), b"not json", b'{"no": "instances"}'])
+    f = doc["features"]
+    assert (f["age"]["missing"], f["age"]["invalid"]) == (2, 0)
+    assert (f["income"]["missing"], f["income"]["invalid"]) == (0, 2)
+    assert (f["score"]["missing"], f["score"]["invalid"]) == (0, 1)
+    assert (f["color"]["missing"], f["color"]["invalid"]) == (0, 1)
+    assert doc["unparseable"] == 2
+    assert doc["window"] == 3
+    assert f["age"]["count"] == 1
+
+
+def test_warmup_learns_the_baseline_from_the_first_instances(tmp_path: Path) -> None:
+    m = monitor(tmp_path, None, warmup=5000, window=5000)
+    doc = feed(m, bodies(BASE_ROWS[:4000]))
+    assert doc["warming_up"] is True and doc["features"] == {} and doc["window"] == 0
+    live = synthetic(5000, seed=6, shift=0.2)
+    doc = feed(m, bodies(BASE_ROWS[4000:5000]) + bodies(rows_of(live)))
+    assert doc["warming_up"] is False and doc["window"] == 5000
+    expected_psi, expected_ks = ref_psi_ks(BASE["score"][:5000], live["score"])
+    assert doc["features"]["score"]["psi"] == pytest.approx(expected_psi, abs=1e-9)
+    assert doc["features"]["score"]["ks"] == pytest.approx(expected_ks, abs=1e-9)
+
+
+def test_feature_names_are_capped_at_max_features_and_filtered_by_features(tmp_path: Path) -> None:
+    capped = monitor(tmp_path, None, warmup=10, max_features=2)
+    wide = [{f"x{i}": 1.0 for i in range(50)} for _ in range(20)]
+    assert list(feed(capped, bodies(wide))["features"]) == ["x0", "x1"]
+    chosen = monitor(tmp_path, BASE_ROWS, features=("color",))
+    assert list(feed(chosen, bodies(BASE_ROWS[:100]))["features"]) == ["color"]
+
+
+def test_label_predictions_drift_against_their_warmup_baseline(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS, warmup=2000, window=2000)
+    request = orjson.dumps({"instances": BASE_ROWS[:100]})
+    rng = np.random.default_rng(7)
+    before = [orjson.dumps({"predictions": [int(x) for x in rng.random(100) < 0.1]}) for _ in range(20)]
+    after = [orjson.dumps({"predictions": [int(x) for x in rng.random(100) < 0.5]}) for _ in range(20)]
+    doc = feed(m, [request] * 40, before + after)
+    predictions = doc["predictions"]
+    assert predictions["window"] == 2000 and predictions["status"] == "alert"
+    live = [p for answer in after for p in orjson.loads(answer)["predictions"]]
+    base = [p for answer in before for p in orjson.loads(answer)["predictions"]]
+    expected = ref_categorical_psi([str(p) for p in base], [str(p) for p in live])
+    assert predictions["psi"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_only_wanted_records_count_and_a_full_queue_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    m.on_exchange(record(orjson.dumps({"instances": BASE_ROWS[:10]})), wanted=False)
+    assert m.snapshot()["window"] == 0
+    monkeypatch.setattr("shadowproxy.drift.QUEUE_RECORDS", 2)
+    doc = feed(m, [orjson.dumps({"instances": BASE_ROWS[:10]})] * 3)
+    assert (doc["window"], doc["dropped"]) == (20, 1)
+    never = monitor(tmp_path, BASE_ROWS, sample_rate=0.0)
+    assert not any(never.wants_bodies() for _ in range(100))
+
+
+def test_a_bad_baseline_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ConfigError, match="drift.baseline"):
+        DriftMonitor(DriftConfig(baseline=str(path)), CompareConfig())
+    with pytest.raises(ConfigError, match="drift.features"):
+        monitor(tmp_path, BASE_ROWS, features=("nope",))
+
+
+def test_instances_per_preset() -> None:
+    assert extract_instances({"instances": [[1, "a"]], "feature_names": ["x", "y"]}, "kserve-v1") == [
+        {"x": 1, "y": "a"}
+    ]
+    assert extract_instances({"instances": [[1, 2], 3]}, "tf-serving") == [{"f0": 1, "f1": 2}, {"f0": 3}]
+    split = {"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}
+    assert extract_instances(split, "mlflow") == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+    assert extract_instances({"inputs": {"a": [1, 2]}}, "mlflow") == [{"a": 1}, {"a": 2}]
+    oip = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                      {"name": "c", "shape": [2], "datatype": "BYTES", "data": ["u", "v"]}]}
+    assert extract_instances(oip, "oip-v2") == [
+        {"x[0]": 1, "x[1]": 2, "c[0]": "u"},
+        {"x[0]": 3, "x[1]": 4, "c[0]": "v"},
+    ]
+
+
+# --- the profile command -----------------------------------------------------------------------------
+
+
+def test_profile_command_writes_deciles_and_category_shares_from_jsonl(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b"\n".join(bodies(BASE_ROWS, per_request=1000)) + b"\nnot json\n")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(b'{"predictions": [0, 1, 1, 1]}\n')
+    out = tmp_path / "baseline.json"
+    code = main(["profile", str(data), "--preset", "kserve-v1", "-o", str(out), "--predictions", str(answers),
+                 "--prediction-kind", "label"])
+    assert code == 0
+    profile = load_profile(out)
+    age = profile.features["age"]
+    assert age.kind == "numeric" and len(age.edges) == 9
+    np.testing.assert_allclose(age.edges, ref_edges(BASE["age"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(age.shares, np.full(10, 0.1), atol=1e-9)
+    color = profile.features["color"]
+    assert color.kind == "categorical"
+    shares = dict(zip(color.categories, color.shares[:-1], strict=True))
+    for name, p in zip(COLORS, COLOR_P, strict=True):
+        assert shares[name] == pytest.approx(p, abs=0.02)
+    assert profile.predictions is not None and profile.predictions.categories == ["1", "0"]
+
+
+def test_profile_command_reads_csv_with_a_header_and_bins_option(tmp_path: Path) -> None:
+    data = tmp_path / "train.csv"
+    lines = ["a,kind"] + [f"{i},{'x' if i % 4 else 'y'}" for i in range(1000)] + [",x", "oops,y"]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "baseline.json"
+    assert main(["profile", str(data), "-o", str(out), "--bins", "4"]) == 0
+    doc = orjson.loads(out.read_bytes())
+    a = doc["features"]["a"]
+    assert a["kind"] == "numeric" and (a["missing"], a["invalid"]) == (1, 1)
+    np.testing.assert_allclose(a["edges"], np.quantile(np.arange(1000.0), [0.25, 0.5, 0.75]))
+    kind = doc["features"]["kind"]
+    assert kind["categories"] == ["x", "y"] and kind["other"] == 0.0
+
+
+def test_profile_command_exits_2_without_instances(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "empty.jsonl"
+    data.write_text('{"nothing": 1}\n')
+    assert main(["profile", str(data), "-o", str(tmp_path / "x.json")]) == 2
+    assert "no instances" in capsys.readouterr().err
+    assert main(["profile", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x.json")]) == 2
+
+
+# --- through a real proxy ----------------------------------------------------------------------------
+
+
+async def test_drift_endpoint_and_metrics_through_a_real_proxy(
+    upstream: Upstream, start_proxy: Any, tmp_path: Path
+) -> None:
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes(orjson.dumps(build_profile(BASE_ROWS).to_json()))
+    upstream.answer = lambda seen: {"predictions": [1] * len(orjson.loads(seen["body"])["instances"])}
+    proxy = await start_proxy(upstream.url, drift={"baseline": str(baseline), "window": 3000, "warmup": 1000})
+    live = synthetic(4000, seed=8, shift=0.5 * float(np.std(BASE["score"])))
+    async with aiohttp.ClientSession() as session:
+        for body in bodies(rows_of(live), per_request=400):
+            async with session.post(proxy.url + "/v1/models/m:predict", data=body) as r:
+                assert r.status == 200
+                await r.read()
+        # The background task parses within its interval: nothing is left for the endpoint to do.
+        (monitor,) = proxy.proxy.components
+        for _ in range(100):
+            if not monitor.queue:
+                break
+            await asyncio.sleep(0.02)
+        assert not monitor.queue
+        async with session.get(proxy.admin_url + "/shadow/drift") as r:
+            assert r.status == 200
+            doc = await r.json()
+        async with session.get(proxy.admin_url + "/metrics") as r:
+            exposition = await r.text()
+    assert doc["window"] == 3000
+    expected_psi, expected_ks = ref_psi_ks(BASE["score"], live["score"][-3000:])
+    assert doc["features"]["score"]["psi"] == pytest.approx(expected_psi, abs=1e-9)
+    assert doc["features"]["score"]["ks"] == pytest.approx(expected_ks, abs=1e-9)
+    assert doc["features"]["score"]["status"] in ("warn", "alert")
+    assert doc["features"]["age"]["status"] == "ok"
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+    assert samples[("shadowproxy_feature_drift_psi", (("feature", "score"),))] == pytest.approx(expected_psi)
+    assert samples[("shadowproxy_drift_values_total", (("feature", "age"), ("problem", "missing")))] == 0
+    assert samples[("shadowproxy_drift_window_instances", ())] == 3000
+    assert samples[("shadowproxy_prediction_drift_psi", ())] == pytest.approx(0.0, abs=1e-6)
+
+
+async def test_without_a_drift_table_there_is_no_monitor(upstream: Upstream, start_proxy: Any) -> None:
+    proxy = await start_proxy(upstream.url)
+    assert proxy.proxy.components == []
+    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/shadow/drift") as r:
+        assert r.status == 404
+
+
+def test_drift_config_defaults_match_the_interface() -> None:
+    config = DriftConfig()
+    assert dataclasses.astuple(config) == ("", 5000, 1.0, 10000, (), 100)
