@@ -128,6 +128,7 @@ def test_every_alert_has_a_severity_summary_description_and_runbook() -> None:
         "ShadowproxyMirrorDropping",
         "ShadowproxyProduction5xxHigh",
         "ShadowproxyDown",
+        "ShadowproxyFeatureDrift",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
