@@ -31,6 +31,10 @@ log = logging.getLogger("shadowproxy")
 def build_components(config: Config, metrics: Metrics) -> list[Component]:
     """The optional capabilities the config turns on, each behind the observer seam."""
     components: list[Component] = []
+    if config.store.path:
+        from shadowproxy.store import AuditStore
+
+        components.append(AuditStore(config, metrics))
     if config.drift is not None:
         from shadowproxy.drift import DriftMonitor  # numpy and the profile code load only with [drift]
 
@@ -162,6 +166,8 @@ class ShadowProxy:
         )
         if not drained:
             log.warning("drain timeout: closed connections still in flight")
+        if self.proxy is not None:
+            self.proxy.close()
         for pool in (self.production_pool, self.candidate_pool):
             if pool is not None:
                 await pool.close()

@@ -77,6 +77,11 @@ class Proxy:
         self.prefix = target.path_prefix.encode()
         self.host_header = target.host_header.encode()
         self.in_flight = 0
+        # Exchanges waiting for production's answer; a sweep checks their deadlines, so no loop
+        # timer is created and cancelled per request.
+        self.waiting: set[Exchange] = set()
+        self.sweep_interval = min(0.5, max(0.01, timeout_s / 20))
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         self._requests_by_class = metrics.requests_by_class
         self._duration = metrics.duration_by_target["production"]
 
@@ -129,6 +134,16 @@ class Proxy:
         cycle.attach(exchange)
         exchange.start()
 
+    def _sweep(self) -> None:
+        if self.waiting:
+            now = self.loop.time()
+            for exchange in list(self.waiting):
+                exchange.check_deadline(now)
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+
     def record(self, status: int, latency_s: float | None) -> None:
         self._requests_by_class[Metrics.status_class(status)].inc()
         if latency_s is not None:
@@ -140,7 +155,7 @@ class Exchange:
     """One client request forwarded to production, its answer streamed back."""
 
     __slots__ = (
-        "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "timer", "pending",
+        "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "deadline", "pending",
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
         "capture", "capture_size", "t_body_done", "body_seen", "wants", "request_capture",
         "request_capture_size", "started_at", "path", "response_headers", "mirrored",
@@ -156,7 +171,7 @@ class Exchange:
         self.ticket = ticket
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # production must answer (headers) by then; 0 once it has
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.retry_body: list[bytes] | None = [] if cycle.method in IDEMPOTENT else None
@@ -189,7 +204,8 @@ class Exchange:
     def start(self) -> None:
         proxy = self.proxy
         proxy.in_flight += 1
-        self.timer = proxy.loop.call_later(proxy.timeout_s, self._on_timeout)
+        self.deadline = proxy.loop.time() + proxy.timeout_s
+        proxy.waiting.add(self)
         conn = proxy.pool.acquire_idle()
         if conn is not None:
             self._attach(conn)
@@ -299,9 +315,9 @@ class Exchange:
         if self.done:
             return
         self.status = status
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.deadline = 0.0
+            self.proxy.waiting.discard(self)
         self.retry_body = None
         drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
         out: list[tuple[bytes, bytes]] = []
@@ -390,22 +406,20 @@ class Exchange:
         self.cycle.conn.resume_reading("upstream")
 
     # -- endings ----------------------------------------------------------------------------------
-    def _on_timeout(self) -> None:
-        self.timer = None
-        if self.done or self.cycle.response_started:
+    def check_deadline(self, now: float) -> None:
+        """Called by the proxy's sweep while production has not answered."""
+        if now < self.deadline or self.done or self.cycle.response_started:
             return
         proxy = self.proxy
-        # The wait for production's answer counts from the end of the upload, so a large body on
-        # a slow client is not cut off; checked here rather than re-arming the timer per request.
         cycle = self.cycle
         if not cycle.request_complete and cycle.body_size > self.body_seen:
             # Still uploading, and progressing: a slow client is not production's delay.
             self.body_seen = cycle.body_size
-            self.timer = proxy.loop.call_later(proxy.timeout_s, self._on_timeout)
+            self.deadline = now + proxy.timeout_s
             return
-        remaining = self.t_body_done + proxy.timeout_s - proxy.loop.time() if self.t_body_done else 0.0
-        if remaining > 0.001:
-            self.timer = proxy.loop.call_later(remaining, self._on_timeout)
+        if self.t_body_done and self.t_body_done + proxy.timeout_s > self.deadline:
+            # The wait for production's answer counts from the end of the upload.
+            self.deadline = self.t_body_done + proxy.timeout_s
             return
         self.proxy.metrics.upstream_failures.labels("production", "timeout").inc()
         self._fail(504, "production timed out")
@@ -425,9 +439,9 @@ class Exchange:
 
     def _finish(self, status: int, latency: float | None, response_body: bytes | None = None) -> None:
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.deadline = 0.0
+            self.proxy.waiting.discard(self)
         if self.task is not None:
             self.task.cancel()
             self.task = None

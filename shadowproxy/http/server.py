@@ -261,7 +261,10 @@ class ClientConnection(asyncio.Protocol):
         self.queue: collections.deque[Cycle] = collections.deque()
         self._read_pauses: set[str] = set()
         self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
-        self._timer: asyncio.TimerHandle | None = None
+        # One deadline at a time (head, or idle keep-alive), checked by the server's sweep: a
+        # float per request instead of a loop timer created and cancelled per request.
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] = self.close
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._lnames: list[bytes] = []
@@ -503,7 +506,6 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
         if self.active is not None:
             return
         if self._in_head:
@@ -513,14 +515,16 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback)
+        self._deadline = self.loop.time() + delay
+        self._on_deadline = callback
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = 0.0
+
+    def check_deadline(self, now: float) -> None:
+        if self._deadline and now >= self._deadline:
+            self._deadline = 0.0
+            self._on_deadline()
 
     def close(self) -> None:
         self.closing = True
@@ -554,6 +558,9 @@ class Server:
         self._on_client_error = on_client_error
         self._server: asyncio.AbstractServer | None = None
         self._all_closed: asyncio.Event | None = None
+        # Timeouts are checked this often, so they fire at most this late.
+        self.sweep_interval = min(1.0, max(0.02, min(limits.header_timeout_s, limits.keepalive_timeout_s) / 5))
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def count_client_error(self, reason: str) -> None:
         if self._on_client_error is not None:
@@ -564,7 +571,14 @@ class Server:
             lambda: ClientConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None
         )
         sockname = self._server.sockets[0].getsockname()
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         return str(sockname[0]), int(sockname[1])
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_deadline(now)
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -591,3 +605,6 @@ class Server:
     def connection_closed(self) -> None:
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
