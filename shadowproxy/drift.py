@@ -265,6 +265,8 @@ class DriftMonitor:
 
     # -- hot path ---------------------------------------------------------------------------------
 
+    every_exchange = False  # only the sampled requests matter (see observers.Observer)
+
     def wants_bodies(self) -> bool:
         rate = self.rate
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)

@@ -48,6 +48,10 @@ class PairRecord:
 
 
 class Observer(Protocol):
+    # False: `on_exchange` only for requests this observer wanted (or that were mirrored), so an
+    # observer that samples costs the requests it does not sample no record at all.
+    every_exchange: bool
+
     def wants_bodies(self) -> bool:
         """Called once per request head: capture this request's bodies for `on_exchange`?"""
         ...

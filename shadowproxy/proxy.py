@@ -134,6 +134,11 @@ class Proxy:
         cycle.attach(exchange)
         exchange.start()
 
+    @property
+    def observe_every(self) -> bool:
+        """Whether some observer wants a record of every exchange, sampled or not."""
+        return any(getattr(observer, "every_exchange", True) for observer in self.observers)
+
     def _sweep(self) -> None:
         if self.waiting:
             now = self.loop.time()
@@ -451,7 +456,7 @@ class Exchange:
         self.proxy.in_flight -= 1
         self.proxy.record(status, latency)
         wants = self.wants
-        if wants is not None:
+        if wants is not None and (self.proxy.observe_every or self.mirrored or True in wants):
             self._tell_observers(wants, status, latency, response_body)
 
     def _tell_observers(
@@ -471,6 +476,8 @@ class Exchange:
             response_body=response_body,
         )
         for observer, wanted in zip(self.proxy.observers, wants, strict=True):
+            if not (wanted or self.mirrored or getattr(observer, "every_exchange", True)):
+                continue
             try:
                 observer.on_exchange(record, wanted)
             except Exception:  # an observer's bug must never break the proxy

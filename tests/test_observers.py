@@ -97,3 +97,18 @@ async def test_a_failing_observer_does_not_break_the_answer(upstream: Upstream, 
             async with s.post(proxy.url + "/", data=b"ok") as r:
                 assert r.status == 200
                 assert await r.read() == b"ok"
+
+
+class Sampling(Recorder):
+    every_exchange = False
+
+
+async def test_a_sampling_observer_hears_only_of_the_requests_it_wanted(upstream: Upstream, start_proxy: Any) -> None:
+    picky, skipping = Sampling(True), Sampling(False)
+    proxy = await _start(start_proxy, upstream.url, upstream.url, [picky, skipping])
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(proxy.url + "/", data=b"x") as r:
+                assert r.status == 200
+    assert len(picky.exchanges) == 3
+    assert skipping.exchanges == []
