@@ -48,9 +48,9 @@ class PairRecord:
 
 
 class Observer(Protocol):
-    # False: `on_exchange` only for requests this observer wanted (or that were mirrored), so an
-    # observer that samples costs the requests it does not sample no record at all.
-    every_exchange: bool
+    """An optional class attribute `every_exchange = False` means `on_exchange` is called only for
+    requests this observer wanted (or that were mirrored), so an observer that samples costs the
+    requests it does not sample no record at all; without it, every exchange is reported."""
 
     def wants_bodies(self) -> bool:
         """Called once per request head: capture this request's bodies for `on_exchange`?"""
