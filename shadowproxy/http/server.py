@@ -307,7 +307,7 @@ class ClientConnection(asyncio.Protocol):
             self._data_received(data)
         finally:
             batch.depth -= 1
-            if not batch.depth and batch.dirty:
+            if batch.dirty and not batch.depth:
                 batch.flush_all()
 
     def _data_received(self, data: bytes) -> None:
