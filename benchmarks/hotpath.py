@@ -1,0 +1,119 @@
+"""Per-request Python cost of the hot path, without sockets (fake transports, one loop).
+
+The saturated benchmarks (run.py) mix the proxy's Python with syscalls, the load generator and
+the stand-in models on two shared cores; this isolates the part we can change in Python and is
+steady enough (process CPU time, min of 5 rounds) to judge a micro-optimisation in seconds:
+
+    python benchmarks/hotpath.py            # production only (sample_rate 0)
+    python benchmarks/hotpath.py --profile  # cProfile of the same loop
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shadowproxy.config import parse_config  # noqa: E402
+from shadowproxy.http.server import ClientConnection, Server, ServerLimits  # noqa: E402
+from shadowproxy.http.upstream import UpstreamConnection, UpstreamPool  # noqa: E402
+from shadowproxy.metrics import Metrics  # noqa: E402
+from shadowproxy.mirror import Mirror  # noqa: E402
+from shadowproxy.proxy import Proxy  # noqa: E402
+from shadowproxy.stats import ShadowStats  # noqa: E402
+
+REQUEST = (
+    b"POST /v1/models/m:predict HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Length: 33\r\n"
+    b"Content-Type: application/json\r\n\r\n" + b'{"instances":[[1.0,2.0,3.0,4.0]]}'
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 13:00:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 41\r\nConnection: keep-alive\r\n\r\n"
+    b'{"predictions":[1],"model_version":"v1"}\n'
+)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def main(requests: int, profile: bool) -> None:
+    config = parse_config(
+        {"production": {"url": "http://127.0.0.1:1"}, "candidate": {"url": "http://127.0.0.1:2"},
+         "mirror": {"sample_rate": 0.0}}
+    )
+    metrics, stats = Metrics(), ShadowStats()
+    pool = UpstreamPool(config.production.target, max_connections=10, idle_timeout_s=4)
+    candidate_pool = UpstreamPool(config.candidate.target, max_connections=10, idle_timeout_s=4)
+    mirror = Mirror(pool=candidate_pool, candidate=config.candidate, mirror=config.mirror,
+                    compare=config.compare, production_timeout_s=10, metrics=metrics, stats=stats)
+    proxy = Proxy(pool=pool, timeout_s=10, metrics=metrics, stats=stats, mirror=mirror)
+    server = Server(proxy.handle, ServerLimits())
+    upstream = UpstreamConnection(pool)
+    upstream_transport = FakeTransport()
+    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
+    pool._open.add(upstream)
+    upstream._complete = True
+    pool.release(upstream)
+    client = ClientConnection(server)
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(2000):
+        one()
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(requests):
+            one()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return
+    rounds, best = 5, float("inf")
+    for _ in range(rounds):
+        client_transport.out.clear()
+        started = time.process_time()
+        for _ in range(requests // rounds):
+            one()
+        best = min(best, time.process_time() - started)
+        assert len(client_transport.out) == requests // rounds  # every request was answered
+    print(f"hot path: {best / (requests // rounds) * 1e6:.2f} us of Python per request (min of {rounds})")
+    proxy.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(50_000, "--profile" in sys.argv))
