@@ -273,10 +273,37 @@ def _profile(args: argparse.Namespace) -> int:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# audit (issue 6): reads the store file directly, so it works with the proxy stopped
+
+
+def _add_audit(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="show one request from the audit store, or the model versions seen",
+        description="Read an audit store file. With REQUEST_ID: print that request's record as JSON "
+        "(exit 0 found, 1 unknown). With --versions: per target and model version, first and last "
+        "seen and requests. Exit 2 when there is no store at PATH.",
+    )
+    parser.add_argument("--store", required=True, metavar="PATH", help="the SQLite file of [store] path")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("request_id", nargs="?", metavar="REQUEST_ID", help="an X-Request-ID")
+    group.add_argument("--versions", action="store_true", help="list model versions instead")
+    parser.add_argument("--json", action="store_true", help="--versions as JSON")
+    parser.set_defaults(func=_audit)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from shadowproxy.audit import run_audit
+
+    return run_audit(args.store, args.request_id, versions=args.versions, as_json=args.json)
+
+
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_serve,
     _add_check_config,
     _add_report,
     _add_demo,
     _add_profile,
+    _add_audit,
 )

@@ -10,6 +10,8 @@ Each gate answers ``passed`` True, False, or None while it waits for data. The v
 | ``max_disagreement_rate`` | upper end of the Wilson 95% interval | ``min_samples`` predictions compared |
 | ``max_p99_latency_ratio`` | candidate p99 / production p99 on mirrored requests | ``min_samples`` sent |
 | ``max_error_rate_delta`` | candidate_error / sent - production errors / sent | ``min_samples`` sent |
+| ``min_accuracy_delta`` | ``ground_truth.accuracy_delta`` (candidate - production accuracy on the \
+labelled pairs) >= threshold | only when set, and left out until ``min_labels`` labelled pairs exist |
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
         _latency_gate(snapshot, sent, min_samples, float(gates.max_p99_latency_ratio)),
         _error_gate(snapshot, sent, min_samples, float(gates.max_error_rate_delta)),
     ]
+    accuracy = _accuracy_gate(snapshot, gates)
+    if accuracy is not None:
+        results.append(accuracy)
     outcomes = [g["passed"] for g in results]
     if any(p is False for p in outcomes):
         verdict = "fail"
@@ -132,3 +137,26 @@ def _error_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit:
     rates = f"candidate errors {_pct(cand_rate)} - production {_pct(prod_rate)}"
     reason = f"{rates} = {_pct(delta)} {op} {_pct(limit)}"
     return _gate(name, delta, limit, passed, reason)
+
+
+def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any] | None:
+    """Ground truth (issue 6): absent unless ``min_accuracy_delta`` is set and ``min_labels``
+    labelled pairs exist, so a proxy without labels is not held at insufficient_data by it."""
+    threshold = getattr(gates, "min_accuracy_delta", None)
+    if threshold is None:
+        return None
+    min_labels = int(getattr(gates, "min_labels", 100))
+    labeled = int(_get(snapshot, "ground_truth", "candidate_labeled"))
+    if labeled < min_labels:
+        return None
+    delta = float(_get(snapshot, "ground_truth", "accuracy_delta", default=0.0))
+    cand = float(_get(snapshot, "ground_truth", "candidate_accuracy", default=0.0))
+    prod = float(_get(snapshot, "ground_truth", "production_accuracy_paired",
+                      default=_get(snapshot, "ground_truth", "production_accuracy", default=0.0)))
+    passed = delta >= float(threshold)
+    op = ">=" if passed else "<"
+    reason = (
+        f"candidate accuracy {_pct(cand)} - production {_pct(prod)} = {_pct(delta)} {op} "
+        f"{_pct(float(threshold))} on {labeled} labelled predictions"
+    )
+    return _gate("min_accuracy_delta", delta, float(threshold), passed, reason)
