@@ -1,0 +1,106 @@
+"""The audit store's cost: shadowproxy with `[store]` on vs off, mirror.sample_rate 0.1.
+
+    python benchmarks/store.py [--reps 3] [--duration 6] [--quick]
+
+Rows: "store off" (no [store] table) and "store on" ([store] path in the temp dir, sample_rate 0.1,
+default flush interval 200 ms), both mirroring 10% to the candidate stand-in. Closed loop (wrk -t2
+-c32) after a 2 s warm-up; setups start afresh each repetition, the order rotates, figures are
+medians. The work is checked: records written and dropped are read from the store's own metrics
+before each stop, and the rows in the file are counted at the end. Issue 6's target: at most 10%
+fewer requests/s with the store on. Exit 0 when both setups ran, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+
+
+def _metric(text: str, name: str) -> float | None:
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="throughput with the audit store on vs off")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per measured wrk run (default 6)")
+    p.add_argument("--quick", action="store_true", help="1 repetition, 3 s runs")
+    p.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.duration = 1, 3.0
+    if not h.have("wrk"):
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    db = h.workdir() / "audit.db"
+    with h.Models(backend=args.backend) as models:
+        off = h.ShadowproxySetup("store off", models.prod_url, models.cand_url, 0.1)
+        on = h.ShadowproxySetup("store on", models.prod_url, models.cand_url, 0.1,
+                                extra={"store": {"path": str(db), "sample_rate": 0.1}})
+        setups: list[h.Setup] = [off, on]
+
+        def measure(setup: h.Setup, url: str) -> dict[str, Any]:
+            res: dict[str, Any] = dict(h.closed_loop(url, setup, duration=args.duration, models=models))
+            if setup is on and on.admin_url:
+                _, body = h.http_get(f"{on.admin_url}/metrics")
+                text = body.decode()
+                res["written"] = _metric(text, "shadowproxy_store_written_total")
+                res["dropped"] = _metric(text, "shadowproxy_store_dropped_total")
+            return res
+
+        h.log(h.machine_summary())
+        results = h.run_interleaved(setups, measure, reps=args.reps)
+        med = h.medians(results)
+
+    rows_in_file = None
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            rows_in_file = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        conn.close()
+
+    base = med["store off"].get("rps")
+    print()
+    print(f"# {h.machine_summary()}")
+    print(f"# stand-in models: {models.backend}; medians of {args.reps} interleaved repetition(s)")
+    print()
+    table = []
+    for s in setups:
+        m = med[s.name]
+        sp = h.spread(results[s.name], "rps")
+        rng = f"{sp[0] / 1e3:.1f}k–{sp[1] / 1e3:.1f}k" if sp else "n/a"
+        table.append([s.name, h.fmt(m.get("rps"), 0), h.fmt(h.ratio(m.get("rps"), base), 3), rng,
+                      h.fmt(m.get("p50_ms"), 2), h.fmt(m.get("p99_ms"), 2), h.fmt(m.get("cpu_us"), 1),
+                      h.fmt(m.get("errors"), 0), h.fmt(m.get("mirrored_share"), 3),
+                      h.fmt(m.get("written"), 0, na="—"), h.fmt(m.get("dropped"), 0, na="—")])
+    print(h.format_table(
+        ["setup", "requests/s", "÷ off", "min–max", "p50 ms", "p99 ms", "CPU µs/req", "errors",
+         "mirrored share", "records written", "dropped"],
+        table, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, mirror.sample_rate 0.1, "
+                     f"store.sample_rate 0.1"))
+    ratio = h.ratio(med["store on"].get("rps"), base)
+    if ratio is not None:
+        verdict = "within" if ratio >= 0.9 else "OVER"
+        print(f"\nstore cost: {(1 - ratio) * 100:.1f}% of requests/s ({verdict} the 10% target); "
+              f"rows in the file after all runs: {rows_in_file}")
+    failed = [n for n in med if med[n]["errors_seen"]]
+    for n in failed:
+        print(f"! {n}: {med[n]['errors_seen'][0]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
