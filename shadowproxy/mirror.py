@@ -18,7 +18,7 @@ import orjson
 
 from shadowproxy.compare import compare_predictions
 from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
-from shadowproxy.http.server import Cycle
+from shadowproxy.http.server import Cycle, render_fields
 from shadowproxy.http.upstream import BufferedResponse, ConnectFailed, UpstreamError, UpstreamPool, fetch
 from shadowproxy.metrics import Metrics
 from shadowproxy.observers import Observer, PairRecord
@@ -121,10 +121,9 @@ class Mirror:
             ticket.cancelled = True
             self.drop("backoff")
             return
-        parts = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (ticket.method, self.prefix, ticket.path, self.host_header)]
-        parts.extend([b"%s: %s\r\n" % header for header in ticket.headers])
-        parts.append(b"X-Shadow-Request: true\r\nContent-Length: %d\r\n\r\n" % len(body))
-        head = b"".join(parts)
+        head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%sX-Shadow-Request: true\r\nContent-Length: %d\r\n\r\n" % (
+            ticket.method, self.prefix, ticket.path, self.host_header, render_fields(ticket.headers), len(body)
+        )
         self._count("sent")
         self._set_in_flight(1)
         task = self.loop.create_task(self._run(ticket, head, body))

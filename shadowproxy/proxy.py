@@ -17,7 +17,7 @@ from random import getrandbits
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from shadowproxy.http.server import Cycle
+from shadowproxy.http.server import Cycle, render_fields
 from shadowproxy.http.upstream import ConnectFailed, UpstreamConnection, UpstreamPool
 from shadowproxy.metrics import Metrics
 from shadowproxy.observers import ExchangeRecord, Observer
@@ -124,8 +124,10 @@ class Proxy:
             rest = path.split(b"://", 1)[1]
             slash = rest.find(b"/")
             path = rest[slash:] if slash >= 0 else b"/"
-        parts = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header)]
-        parts.extend([b"%s: %s\r\n" % header for header in forward])
+        parts = [
+            b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header),
+            render_fields(forward),
+        ]
         if cycle.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif cycle.content_length is not None:

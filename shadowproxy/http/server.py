@@ -31,6 +31,13 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 
 
+def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """`name: value\r\n` for each field, in order (one join in C rather than a format per field)."""
+    if not headers:
+        return b""
+    return b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
+
+
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """Field names a Connection header lists besides keep-alive/close (RFC 9110 §7.6.1)."""
     lowered = value.lower()
@@ -194,8 +201,7 @@ class Cycle:
             self.keep_alive = False
         self.response_started = True
         self._no_body = not has_body or self.method == b"HEAD"
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        parts.extend([b"%s: %s\r\n" % header for header in headers])
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), render_fields(headers)]
         if has_body and content_length is None:
             if self.http_version == "1.1":
                 self._chunked_response = True
