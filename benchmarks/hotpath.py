@@ -5,11 +5,13 @@ the stand-in models on two shared cores; this isolates the part we can change in
 steady enough (process CPU time, min of 5 rounds) to judge a micro-optimisation in seconds:
 
     python benchmarks/hotpath.py            # production only (sample_rate 0)
+    python benchmarks/hotpath.py --mirror   # every request also mirrored and compared (sample_rate 1)
     python benchmarks/hotpath.py --profile  # cProfile of the same loop
 """
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import pstats
 import sys
@@ -67,10 +69,20 @@ class FakeTransport:
         return self.closed
 
 
-async def main(requests: int, profile: bool) -> None:
+def pooled(pool: UpstreamPool) -> UpstreamConnection:
+    """An idle keep-alive connection on a fake transport, ready in `pool`."""
+    conn = UpstreamConnection(pool)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    pool._open.add(conn)
+    conn._complete = True
+    pool.release(conn)
+    return conn
+
+
+async def main(requests: int, profile: bool, mirror_all: bool) -> None:
     config = parse_config(
         {"production": {"url": "http://127.0.0.1:1"}, "candidate": {"url": "http://127.0.0.1:2"},
-         "mirror": {"sample_rate": 0.0}}
+         "mirror": {"sample_rate": 1.0 if mirror_all else 0.0}}
     )
     metrics, stats = Metrics(), ShadowStats()
     pool = UpstreamPool(config.production.target, max_connections=10, idle_timeout_s=4)
@@ -79,41 +91,46 @@ async def main(requests: int, profile: bool) -> None:
                     compare=config.compare, production_timeout_s=10, metrics=metrics, stats=stats)
     proxy = Proxy(pool=pool, timeout_s=10, metrics=metrics, stats=stats, mirror=mirror)
     server = Server(proxy.handle, ServerLimits())
-    upstream = UpstreamConnection(pool)
-    upstream_transport = FakeTransport()
-    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
-    pool._open.add(upstream)
-    upstream._complete = True
-    pool.release(upstream)
+    upstream = pooled(pool)
+    candidate = pooled(candidate_pool)
     client = ClientConnection(server)
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
 
-    def one() -> None:
+    async def one() -> None:
         client.data_received(REQUEST)
+        if mirror_all:
+            while candidate.sink is None:  # the shadow exchange has been sent on the candidate connection
+                await asyncio.sleep(0)
+            candidate.data_received(RESPONSE)
         upstream.data_received(RESPONSE)
+        while mirror.busy:  # the pair is judged in a callback of its own
+            await asyncio.sleep(0)
 
     for _ in range(2000):
-        one()
+        await one()
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(requests):
-            one()
+            await one()
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         return
     rounds, best = 5, float("inf")
     for _ in range(rounds):
         client_transport.out.clear()
         started = time.process_time()
         for _ in range(requests // rounds):
-            one()
+            await one()
         best = min(best, time.process_time() - started)
         assert len(client_transport.out) == requests // rounds  # every request was answered
-    print(f"hot path: {best / (requests // rounds) * 1e6:.2f} us of Python per request (min of {rounds})")
+    compared = stats.agree + stats.disagree
+    assert not mirror_all or compared >= requests, compared  # and every shadow pair was compared
+    label = "mirrored and compared" if mirror_all else "production only"
+    print(f"hot path ({label}): {best / (requests // rounds) * 1e6:.2f} us of Python per request (min of {rounds})")
     proxy.close()
 
 
 if __name__ == "__main__":
-    uvloop.run(main(50_000, "--profile" in sys.argv))
+    uvloop.run(main(50_000, "--profile" in sys.argv, "--mirror" in sys.argv))

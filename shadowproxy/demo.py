@@ -230,7 +230,7 @@ async def _settle(proxy: ShadowProxy, timeout_s: float = _SETTLE_TIMEOUT_S) -> N
     assert mirror is not None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while mirror.tasks and loop.time() < deadline:
+    while mirror.busy and loop.time() < deadline:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0)
 

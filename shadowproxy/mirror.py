@@ -3,9 +3,11 @@
 The proxy hands a sampled exchange over through a `MirrorTicket`: body bytes as they arrive, then
 "request complete" (the candidate request starts at once, from the buffered bytes, so the candidate
 can never push back on the client connection) and finally production's status, body and latency.
-Everything after that runs in the ticket's own task: waiting for the candidate, parsing, comparing,
-recording. Nothing here can block the client's answer; what cannot be afforded is dropped and
-counted (INTERFACE.md: sampled / sent / error / dropped / skipped).
+The candidate exchange (`ShadowExchange`) runs on callbacks from its pooled connection like
+production's does, with no task per request; a sweep enforces `candidate.timeout_s`. When both
+answers are in, the pair is judged (parsed, compared, recorded) in a callback of its own, after
+the client's answer has been sent. Nothing here can block the client's answer; what cannot be
+afforded is dropped and counted (INTERFACE.md: sampled / sent / error / dropped / skipped).
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from time import perf_counter
 
 import orjson
 
 from shadowproxy.compare import compare_predictions
 from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
 from shadowproxy.http.server import Cycle, render_fields
-from shadowproxy.http.upstream import BufferedResponse, ConnectFailed, UpstreamError, UpstreamPool, fetch
+from shadowproxy.http.upstream import (
+    BufferedResponse,
+    ConnectFailed,
+    UpstreamConnection,
+    UpstreamPool,
+)
 from shadowproxy.metrics import Metrics
 from shadowproxy.observers import Observer, PairRecord
 from shadowproxy.presets import extract_predictions
@@ -52,8 +60,6 @@ class Mirror:
         self.max_in_flight = candidate.max_in_flight
         self.backoff_after = candidate.backoff_after
         self.compare = compare
-        # How long a finished candidate waits for production's answer before giving up on the pair.
-        self.production_wait_s = production_timeout_s + 60.0
         self.metrics = metrics
         self.stats = stats
         self.loop = asyncio.get_running_loop()
@@ -61,7 +67,11 @@ class Mirror:
         self.prefix = target.path_prefix.encode()
         self.host_header = target.host_header.encode()
         self.in_flight = 0
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.active: set[ShadowExchange] = set()  # candidate exchanges in flight
+        self.unjudged = 0  # dispatched tickets whose pair has not been judged yet
+        # Candidate deadlines are checked this often (a timeout fires at most this late).
+        self.sweep_interval = min(0.5, max(0.01, self.timeout_s / 20))
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         self._failures = 0
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -126,30 +136,29 @@ class Mirror:
         )
         self._count("sent")
         self._set_in_flight(1)
-        task = self.loop.create_task(self._run(ticket, head, body))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.unjudged += 1
+        exchange = ShadowExchange(self, ticket, head, body)
+        ticket.shadow = exchange
+        self.active.add(exchange)
+        exchange.start()
 
-    # -- the ticket's task ------------------------------------------------------------------------
-    async def _run(self, ticket: MirrorTicket, head: bytes, body: bytes) -> None:
-        response: BufferedResponse | None = None
-        failure = ""
-        try:
-            response = await asyncio.wait_for(
-                fetch(
-                    self.pool, head, body, head_request=ticket.method == b"HEAD",
-                    max_body_bytes=self.compare.max_response_bytes,
-                ),
-                self.timeout_s,
-            )
-        except TimeoutError:
-            failure = "timeout"
-        except ConnectFailed:
-            failure = "connect"
-        except UpstreamError as exc:
-            failure = "malformed" if "malformed" in str(exc) else "reset"
-        finally:
-            self._set_in_flight(-1)
+    @property
+    def busy(self) -> bool:
+        """True while a shadow exchange is in flight or a pair awaits its judgement."""
+        return self.unjudged > 0
+
+    def _sweep(self) -> None:
+        if self.active:
+            now = self.loop.time()
+            for exchange in list(self.active):
+                if now >= exchange.deadline:
+                    exchange.expire()
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+
+    def candidate_done(self, exchange: ShadowExchange, response: BufferedResponse | None, failure: str) -> None:
+        """A shadow exchange ended (answer, failure or timeout): account for it, maybe judge."""
+        self.active.discard(exchange)
+        self._set_in_flight(-1)
         self._note_connect_outcome(failure == "connect")
         if response is None:
             self._count("error")
@@ -158,12 +167,16 @@ class Mirror:
         else:
             self.metrics.duration_by_target["candidate"].observe(response.latency_s)
             self.stats.record_candidate(response.latency_s, error=response.status >= 500)
+        exchange.ticket.candidate_ready(response)
+
+    def judge_later(self, ticket: MirrorTicket) -> None:
+        # Not now: the caller may be writing the client's answer, which must leave first.
+        self.loop.call_soon(self._judge_safely, ticket)
+
+    def _judge_safely(self, ticket: MirrorTicket) -> None:
+        self.unjudged -= 1
         try:
-            await asyncio.wait_for(ticket.production, self.production_wait_s)
-        except TimeoutError:
-            return
-        try:
-            self._judge(ticket, response)
+            self._judge(ticket, ticket.candidate)
         except Exception:  # a comparison bug must never take the proxy down: log and count
             log.exception("comparison failed")
             self._outcome("candidate_error", 1)
@@ -187,7 +200,8 @@ class Mirror:
 
     def _judge(self, ticket: MirrorTicket, candidate: BufferedResponse | None) -> None:
         """Pair both answers, record the outcome, and tell the observers."""
-        status, prod_body, prod_latency = ticket.production.result()
+        assert ticket.production is not None
+        status, prod_body, prod_latency = ticket.production
         if prod_latency is not None and candidate is not None:
             self.stats.record_pair_latency(prod_latency, candidate.latency_s)
         if status == 0 or status >= 500:
@@ -255,12 +269,139 @@ class Mirror:
 
     async def drain(self, timeout_s: float) -> None:
         """Give shadow exchanges in flight the same drain time as client requests (including ones
-        started by client requests that are still finishing), then cancel what is left."""
+        started by client requests that are still finishing), then end what is left."""
         deadline = self.loop.time() + timeout_s
-        while self.tasks and (left := deadline - self.loop.time()) > 0:
-            await asyncio.wait(list(self.tasks), timeout=left)
-        for task in list(self.tasks):
-            task.cancel()
+        while self.busy and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for exchange in list(self.active):
+            exchange.expire()
+        self._sweeper.cancel()
+
+
+class ShadowExchange:
+    """One copy of a request sent to the candidate, its answer collected (bounded) by callbacks."""
+
+    __slots__ = (
+        "mirror", "ticket", "head", "body", "conn", "task", "deadline", "status", "headers", "chunks",
+        "size", "truncated", "t_sent", "retried", "done",
+    )
+
+    def __init__(self, mirror: Mirror, ticket: MirrorTicket, head: bytes, body: bytes) -> None:
+        self.mirror = mirror
+        self.ticket = ticket
+        self.head = head
+        self.body = body
+        self.conn: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.deadline = mirror.loop.time() + mirror.timeout_s  # the whole exchange, connect included
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+        self.t_sent = 0.0
+        self.retried = False
+        self.done = False
+
+    def start(self) -> None:
+        conn = self.mirror.pool.acquire_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.task = self.mirror.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.mirror.pool.acquire()
+        except ConnectFailed:
+            self.task = None
+            self._end(None, "connect")
+            return
+        except asyncio.CancelledError:
+            return
+        self.task = None
+        if self.done:
+            conn.close()
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.status, self.headers, self.chunks, self.size, self.truncated = 0, [], [], 0, False
+        self.t_sent = perf_counter()
+        conn.start(self, self.head, head_request=self.ticket.method == b"HEAD")
+        if self.body:
+            conn.write(self.body)
+
+    # -- ResponseSink -----------------------------------------------------------------------------
+    def on_response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes],
+        tokens: frozenset[bytes],
+        content_length: int | None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        if content_length is not None and content_length > self.mirror.compare.max_response_bytes:
+            self.truncated = True
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.truncated:
+            return
+        self.size += len(data)
+        if self.size > self.mirror.compare.max_response_bytes:
+            self.truncated = True
+            self.chunks = []
+        else:
+            self.chunks.append(data)
+
+    def on_response_complete(self) -> None:
+        latency = perf_counter() - self.t_sent
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            self.mirror.pool.release(conn)
+        body = b"".join(self.chunks) if not self.truncated else b""
+        self._end(BufferedResponse(self.status, self.headers, body, self.truncated, latency), "")
+
+    def on_response_failed(self, exc: BaseException) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.close()
+            if conn.reused and not self.retried and not conn._got_bytes and not self.done:
+                # A pooled connection the candidate had closed while idle: once more on a new one.
+                self.retried = True
+                self.task = self.mirror.loop.create_task(self._connect())
+                return
+        self._end(None, "malformed" if "malformed" in str(exc) else "reset")
+
+    def pause_request_body(self) -> None:
+        pass  # the body is already buffered: nothing to pause
+
+    def resume_request_body(self) -> None:
+        pass
+
+    # -- endings ----------------------------------------------------------------------------------
+    def expire(self) -> None:
+        """Past candidate.timeout_s (or the drain): give up, close the connection."""
+        if self.conn is not None:
+            self.conn.detach()
+            self.conn = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self._end(None, "timeout")
+
+    def _end(self, response: BufferedResponse | None, failure: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.body = b""
+        self.mirror.candidate_done(self, response, failure)
 
 
 def _loads(body: bytes) -> object:
@@ -276,7 +417,7 @@ class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
     __slots__ = ("mirror", "method", "path", "headers", "request_id", "chunks", "size", "cancelled",
-                 "production", "dispatched")
+                 "dispatched", "shadow", "production", "candidate", "candidate_in")
 
     def __init__(
         self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], request_id: str
@@ -290,7 +431,10 @@ class MirrorTicket:
         self.size = 0
         self.cancelled = False
         self.dispatched = False
-        self.production: asyncio.Future[tuple[int, bytes | None, float | None]] = mirror.loop.create_future()
+        self.shadow: ShadowExchange | None = None
+        self.production: tuple[int, bytes | None, float | None] | None = None
+        self.candidate: BufferedResponse | None = None
+        self.candidate_in = False
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -313,10 +457,18 @@ class MirrorTicket:
         self.mirror.dispatch(self, body)
 
     def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
-        if self.production.done():
+        if self.production is not None:
             return
         if not self.dispatched and not self.cancelled:
             # The client's request never completed (it went away, or production answered early).
             self.cancelled = True
             self.mirror.drop("client_gone")
-        self.production.set_result((status, body, latency_s))
+        self.production = (status, body, latency_s)
+        if self.candidate_in:
+            self.mirror.judge_later(self)
+
+    def candidate_ready(self, response: BufferedResponse | None) -> None:
+        self.candidate = response
+        self.candidate_in = True
+        if self.production is not None:
+            self.mirror.judge_later(self)

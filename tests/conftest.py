@@ -232,7 +232,7 @@ class RunningProxy:
         mirror = self.proxy.mirror
         assert mirror is not None
         deadline = asyncio.get_running_loop().time() + timeout
-        while mirror.tasks and asyncio.get_running_loop().time() < deadline:
+        while mirror.busy and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)
 

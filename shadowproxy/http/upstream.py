@@ -5,8 +5,7 @@ One piece of code serves production and the candidate. A pool hands out `Upstrea
 and reports the response to a `ResponseSink` through callbacks, so bodies stream without a task per
 chunk. A connection goes back to the pool only after a clean, complete exchange.
 
-`fetch()` is the buffered form used by the mirror: it sends a whole request and collects a bounded
-answer.
+`BufferedResponse` is what the mirror keeps of the candidate's answer.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import collections
 import contextlib
 import ssl as ssl_module
 import time
-from dataclasses import dataclass, field
-from time import perf_counter
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import httptools
@@ -430,86 +428,3 @@ class BufferedResponse:
     body: bytes
     truncated: bool = False  # the body passed max_body_bytes and was not kept
     latency_s: float = 0.0  # first byte sent to last byte received
-
-
-@dataclass(slots=True)
-class _Collector:
-    """A ResponseSink that keeps a bounded copy of the answer and resolves a future."""
-
-    future: asyncio.Future[BufferedResponse]
-    max_body_bytes: int
-    started: float
-    status: int = 0
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    truncated: bool = False
-
-    def on_response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        lnames: list[bytes],
-        tokens: frozenset[bytes],
-        content_length: int | None,
-    ) -> None:
-        self.status = status
-        self.headers = headers
-
-    def on_response_body(self, data: bytes) -> None:
-        if self.truncated:
-            return
-        self.size += len(data)
-        if self.size > self.max_body_bytes:
-            self.truncated = True
-            self.chunks = []
-        else:
-            self.chunks.append(data)
-
-    def on_response_complete(self) -> None:
-        if not self.future.done():
-            latency = perf_counter() - self.started  # loop.time() is millisecond-coarse on uvloop
-            self.future.set_result(
-                BufferedResponse(self.status, self.headers, b"".join(self.chunks), self.truncated, latency)
-            )
-
-    def on_response_failed(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-    def pause_request_body(self) -> None:
-        pass
-
-    def resume_request_body(self) -> None:
-        pass
-
-
-async def fetch(
-    pool: UpstreamPool, head: bytes, body: bytes, *, head_request: bool = False, max_body_bytes: int
-) -> BufferedResponse:
-    """Send a complete request on a pooled connection and collect the answer (bounded).
-
-    A stale pooled connection (closed by the server while idle) is retried once on a new one; the
-    caller bounds the whole exchange with its own timeout and cancellation closes the connection.
-    """
-    for attempt in (0, 1):
-        conn = await pool.acquire()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[BufferedResponse] = loop.create_future()
-        conn.start(_Collector(future, max_body_bytes, perf_counter()), head, head_request=head_request)
-        if body:
-            conn.write(body)
-        try:
-            response = await future
-        except UpstreamError:
-            conn.close()
-            if attempt == 0 and conn.reused and not conn._got_bytes:
-                continue
-            raise
-        except BaseException:
-            conn.detach()
-            raise
-        pool.release(conn)
-        return response
-    raise AssertionError("unreachable")
