@@ -85,6 +85,8 @@ class Proxy:
         # Exchanges waiting for production's answer; a sweep checks their deadlines, so no loop
         # timer is created and cancelled per request.
         self.waiting: set[Exchange] = set()
+        self._every: tuple[bool, ...] = ()
+        self._observe_every = False
         self.sweep_interval = min(0.5, max(0.01, timeout_s / 20))
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         self._by_hundred = [metrics.requests_by_class[Metrics.status_class(h * 100)] for h in range(6)]
@@ -141,10 +143,14 @@ class Proxy:
         cycle.attach(exchange)
         exchange.start()
 
-    @property
-    def observe_every(self) -> bool:
-        """Whether some observer wants a record of every exchange, sampled or not."""
-        return any(getattr(observer, "every_exchange", True) for observer in self.observers)
+    def every_exchange(self) -> tuple[bool, ...]:
+        """Per observer: does it want a record of every exchange, sampled or not? Cached, and
+        recomputed when an observer is added (the list is shared and may grow at run time)."""
+        observers = self.observers
+        if len(observers) != len(self._every):
+            self._every = tuple(getattr(o, "every_exchange", True) for o in observers)
+            self._observe_every = any(self._every)
+        return self._every
 
     def _sweep(self) -> None:
         if self.waiting:
@@ -210,6 +216,7 @@ class Exchange:
 
     def observe(self, path: bytes) -> None:
         """Ask each observer once whether it wants this request's bodies."""
+        self.proxy.every_exchange()
         self.wants = wants = [observer.wants_bodies() for observer in self.proxy.observers]
         self.started_at = time.time()
         self.path = path
@@ -466,7 +473,7 @@ class Exchange:
         self.proxy.in_flight -= 1
         self.proxy.record(status, latency)
         wants = self.wants
-        if wants is not None and (self.proxy.observe_every or self.mirrored or True in wants):
+        if wants is not None and (self.proxy._observe_every or self.mirrored or True in wants):
             self._tell_observers(wants, status, latency, response_body)
 
     def _tell_observers(
@@ -485,8 +492,8 @@ class Exchange:
             request_body=b"".join(request_capture) if request_capture is not None else None,
             response_body=response_body,
         )
-        for observer, wanted in zip(self.proxy.observers, wants, strict=True):
-            if not (wanted or self.mirrored or getattr(observer, "every_exchange", True)):
+        for observer, wanted, every in zip(self.proxy.observers, wants, self.proxy._every, strict=True):
+            if not (wanted or every or self.mirrored):
                 continue
             try:
                 observer.on_exchange(record, wanted)
