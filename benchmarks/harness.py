@@ -437,7 +437,10 @@ def _nginx_prelude(tag: str, workers: int) -> tuple[Path, str]:
             "events { worker_connections 8192; }\n")
     temp = (f"  client_body_temp_path {d}/client_body; proxy_temp_path {d}/proxy;\n"
             f"  fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n")
-    return d, head + "http { access_log off; keepalive_requests 1000000;\n" + temp
+    # Request bodies of any size (the default limit, 1 MiB, answers 413 above it), kept in memory up to
+    # 2 MiB rather than written to a temp file: the growth tables of run.py POST up to 1 MiB.
+    bodies = "  client_max_body_size 0; client_body_buffer_size 2m;\n"
+    return d, head + "http { access_log off; keepalive_requests 1000000;\n" + temp + bodies
 
 
 def _start_nginx(d: Path, conf: str, name: str, ports: Sequence[int]) -> Proc:
