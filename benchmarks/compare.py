@@ -1,17 +1,28 @@
-"""Predictions compared per second, per kind and batch size (``compare_predictions`` alone).
+"""Cost of comparing (issue 4 item 5): predictions compared per second, then the proxy's throughput.
 
-    python benchmarks/compare.py
+    python benchmarks/compare.py                 # both parts: about 2 minutes
+    python benchmarks/compare.py --quick         # 1 repetition, 3 s runs for the proxy part
+    python benchmarks/compare.py --no-proxy      # only the compare_predictions table (no network)
 
-Batches of 1 and 32+ show the per-prediction Python path and the vectorised numpy path. Each cell
-is the best of a few timed rounds; production and candidate differ slightly, so both agreeing and
-disagreeing predictions are in every batch.
+First table: predictions compared per second per kind and batch size (``compare_predictions``
+alone). Batches of 1 and 32+ show the per-prediction Python path and the vectorised numpy path. Each
+cell is the best of a few timed rounds; production and candidate differ slightly, so both agreeing
+and disagreeing predictions are in every batch.
+
+Second table: the proxy's saturated throughput with ``mirror.sample_rate`` 0, 0.1 and 1.0 (label
+comparison, kserve-v1: the defaults), the stand-in hit directly as the limit, all in one run:
+interleaved repetitions, medians, as ``run.py`` measures them (its functions, the harness's
+stand-ins). Needs wrk and nginx (or the python stand-in).
 """
 
 from __future__ import annotations
 
+import argparse
 import random
+import sys
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 
 from shadowproxy.compare import KINDS, compare_predictions
 
@@ -79,9 +90,32 @@ def compare_table(
     return results
 
 
-def main() -> None:
+def proxy_table(quick: bool = False, reps: int | None = None, backend: str = "auto") -> str:
+    """The proxy's throughput at sample_rate 0, 0.1 and 1.0 in one run (run.py's measurement)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run  # a sibling script, imported here: only this part needs the network harness
+
+    plan = run.Plan.quick() if quick else run.Plan()
+    if reps is not None:
+        plan.reps = max(1, reps)
+    table, _ = run.sample_rate_throughput((0.0, 0.1, 1.0), plan, backend=backend)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="compare_predictions speed and the proxy's throughput by sample_rate")
+    p.add_argument("--no-proxy", action="store_true", help="only the compare_predictions table")
+    p.add_argument("--quick", action="store_true", help="proxy part: 1 repetition, 3 s runs")
+    p.add_argument("--reps", type=int, default=None, help="proxy part: interleaved repetitions (default 3)")
+    p.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto",
+                   help="stand-in models for the proxy part")
+    args = p.parse_args(argv)
     compare_table()
+    if not args.no_proxy:
+        print()
+        print(proxy_table(args.quick, args.reps, args.backend))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
