@@ -278,6 +278,8 @@ class Exchange:
 
     # -- RequestSink (the client's side) ----------------------------------------------------------
     def on_request_body(self, data: bytes) -> None:
+        if self.done:
+            return  # answered (or failed) already: the rest of the body is not kept
         if self.ticket is not None:
             self.ticket.add_body(data)
         if self.request_capture is not None:

@@ -531,3 +531,31 @@ async def test_slow_upload_is_not_mistaken_for_a_slow_production(upstream: Upstr
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"abcdefgh")
+
+
+async def test_answer_before_the_body_ends_keeps_the_client_connection(raw_upstream, start_proxy) -> None:
+    """Production may answer before reading the whole body (RFC 9112 §9.3, e.g. 413 from the
+    model server); the rest of the body is read and dropped and the connection serves on."""
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = b"413 Content Too Large" if head.startswith(b"POST") else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"a" * 1000)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nno"), 5)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        writer.write(b"a" * 199000)  # the rest of the first body, then a second request
+        writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert rest.startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.close()

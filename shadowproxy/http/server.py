@@ -100,6 +100,28 @@ def simple_response(status: int, message: str, *, close: bool, extra: list[tuple
     return b"".join(lines)
 
 
+class _Discard:
+    """The sink of a request body nobody needs any more (its answer has already been sent)."""
+
+    def on_request_body(self, data: bytes) -> None:
+        pass
+
+    def on_request_complete(self) -> None:
+        pass
+
+    def on_client_lost(self) -> None:
+        pass
+
+    def pause_response(self) -> None:
+        pass
+
+    def resume_response(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
 class Cycle:
     """One request and its answer on a client connection."""
 
@@ -451,10 +473,15 @@ class ClientConnection(asyncio.Protocol):
         if cycle is not self.active:
             return
         self.active = None
-        if not cycle.keep_alive or not cycle.request_complete or self.closing:
-            # An unread request body would be taken for the next request: close instead.
+        if not cycle.keep_alive or self.closing:
             self.close()
             return
+        if not cycle.request_complete:
+            # Answered before the whole body arrived (RFC 9112 §9.3 allows it): read the rest and
+            # drop it, as nginx does, so the connection stays usable; the parser keeps the framing.
+            cycle.sink = _DISCARD
+            cycle.conn.resume_reading("upstream")
+            cycle.conn.resume_reading("buffer")
         if self.queue:
             self.resume_reading("pipeline")
             self._start(self.queue.popleft())
