@@ -17,7 +17,7 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
-from shadowproxy.http.writes import batch
+from shadowproxy.http.writes import CoalescedWrites, batch
 
 _STATUS_LINES: dict[int, bytes] = {}
 _REASONS = {
@@ -272,7 +272,7 @@ class Cycle:
         self.conn.abort()
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(CoalescedWrites, asyncio.Protocol):
     """One client connection: parses requests, answers them in order."""
 
     def __init__(self, server: Server) -> None:
@@ -492,24 +492,6 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     # -- transport helpers ------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if batch.depth:
-            out = self._out
-            if not out:
-                batch.dirty.append(self)
-            out.append(data)
-        elif self.transport is not None:
-            self.transport.write(data)
-
-    def flush(self) -> None:
-        out = self._out
-        if out:
-            self._out = []
-            if self.transport is not None and not self.closed:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-
     def pause_reading(self, reason: str) -> None:
         if not self._read_pauses and self.transport is not None and not self.closed:
             self.transport.pause_reading()

@@ -22,7 +22,7 @@ import httptools
 
 from shadowproxy.config import UpstreamURL
 from shadowproxy.http.server import connection_tokens
-from shadowproxy.http.writes import batch
+from shadowproxy.http.writes import CoalescedWrites, batch
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -63,7 +63,7 @@ class ResponseSink(Protocol):
     def resume_request_body(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
     """One keep-alive connection to an upstream, carrying one exchange at a time."""
 
     __slots__ = (
@@ -208,24 +208,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._head_request = head_request
         self.write(head)
-
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if batch.depth:
-            out = self._out
-            if not out:
-                batch.dirty.append(self)
-            out.append(data)
-        elif self.transport is not None:
-            self.transport.write(data)
-
-    def flush(self) -> None:
-        out = self._out
-        if out:
-            self._out = []
-            if self.transport is not None and not self.closed:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:

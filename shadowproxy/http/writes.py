@@ -9,6 +9,7 @@ connection and sent as one buffer when it returns.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 
@@ -35,3 +36,31 @@ class _Batch:
 # One event loop per process (DESIGN.md), so one batch; `depth` nests when callbacks of one
 # protocol write to another protocol whose own data_received is not running.
 batch = _Batch()
+
+
+class CoalescedWrites:
+    """Mixin for a protocol with `transport`, `closed` and `_out`: `write` holds data while a
+    `data_received` runs (then `flush` sends it as one buffer) and sends at once otherwise."""
+
+    __slots__ = ()
+    transport: asyncio.Transport | None
+    closed: bool
+    _out: list[bytes]
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if batch.depth:
+            out = self._out
+            if not out:
+                batch.dirty.append(self)
+            out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []  # type: ignore[misc]  # the slot is the subclass's
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
