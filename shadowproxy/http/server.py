@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -84,7 +84,9 @@ class _Reject(Exception):
         self.message = message
 
 
-def simple_response(status: int, message: str, *, close: bool, extra: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+def simple_response(
+    status: int, message: str, *, close: bool, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
     """A complete small JSON answer `{"error": message}` (our own, never production's)."""
     body = orjson.dumps({"error": message})
     lines = [
