@@ -394,3 +394,21 @@ async def test_comparisons_count_agreements_for_an_identical_candidate(
     await proxy.settle()
     comparisons = (await admin_stats(proxy))["comparisons"]
     assert (comparisons["total"], comparisons["agree"], comparisons["disagree"]) == (12, 12, 0)
+
+
+async def test_malformed_candidate_answer_is_an_error_and_production_is_untouched(
+    upstream: Upstream, raw_upstream, start_proxy
+) -> None:
+    bad = await raw_upstream(b"\x00\x01garbage that is not HTTP\r\n\r\n", close_after=True)
+    upstream.answer = lambda seen: {"predictions": [1]}
+    proxy = await start_proxy(upstream.url, bad.url, mirror={"sample_rate": 1.0})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(proxy.url + "/", data=b"{}") as r:
+                assert r.status == 200
+                assert await r.read() == b'{"predictions":[1]}'
+    await proxy.settle()
+    stats = proxy.stats()
+    assert stats["mirror"]["sent"] == 3
+    assert stats["mirror"]["error"] == 3
+    assert stats["comparisons"]["candidate_error"] == 3

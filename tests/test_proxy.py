@@ -559,3 +559,16 @@ async def test_answer_before_the_body_ends_keeps_the_client_connection(raw_upstr
         assert rest.startswith(b"HTTP/1.1 200 ")
     finally:
         server.close()
+
+
+async def test_malformed_production_answer_gives_502_and_is_counted(raw_upstream, start_proxy) -> None:
+    up = await raw_upstream(b"NOT HTTP AT ALL\r\n\r\n", close_after=True)
+    proxy = await start_proxy(up.url)
+    async with client() as s:
+        for _ in range(2):
+            async with s.post(proxy.url + "/", data=b"{}") as r:
+                assert r.status == 502
+                assert (await r.json())["error"]
+        async with s.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'shadowproxy_upstream_failures_total{kind="malformed",target="production"} 2.0' in text
