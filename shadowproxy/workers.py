@@ -90,6 +90,51 @@ class _Summed(Collector):
             yield family
 
 
+class _Forward:
+    """The component endpoints of the workers (`/shadow/requests/{id}`, `/shadow/labels`,
+    `/shadow/drift`) on the supervisor's admin port: answered by the first live worker. The
+    audit store is one file all workers write, so any worker can answer for any request."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.route("*", r"/shadow/{tail:(requests/.+|labels|drift)}", self.forward)]
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        live = [w for w in self.supervisor.workers if w.ready.is_set()]
+        if not live or self.supervisor._session is None:
+            return web.json_response({"error": "no worker is running"}, status=503)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            async with self.supervisor._session.request(
+                request.method, live[0].admin_url + request.path_qs, data=await request.read(), headers=headers
+            ) as answer:
+                body = await answer.read()
+                return web.Response(body=body, status=answer.status, content_type=answer.content_type)
+        except aiohttp.ClientError as exc:
+            return web.json_response({"error": f"worker unreachable: {exc}"}, status=502)
+
+    # An admin-only component: it observes no traffic and adds no stats.
+    def wants_bodies(self) -> bool:
+        return False
+
+    def on_exchange(self, record: Any, wanted: bool) -> None:
+        pass
+
+    def on_pair(self, record: Any) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def stats_blocks(self) -> dict[str, Any]:
+        return {}
+
+
 class Worker:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -107,6 +152,8 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(workers)]
         self.draining = False
         self.components: list[Component] = []
+        if config.store.path or config.drift is not None:
+            self.components.append(_Forward(self))
         self.readiness = Readiness(config.production)
         self._sample_rate = config.mirror.sample_rate
         self._session: aiohttp.ClientSession | None = None

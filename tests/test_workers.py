@@ -130,3 +130,63 @@ url = "{upstream.url}"
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_store_and_drift_endpoints_answer_on_the_supervisor(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    upstream.answer = lambda seen: {"predictions": [1, 0]}
+    lp, ap = free_port(), free_port()
+    config = tmp_path / "w.toml"
+    config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {lp}
+[admin]
+host = "127.0.0.1"
+port = {ap}
+[production]
+url = "{upstream.url}"
+[candidate]
+url = "{upstream.url}"
+[mirror]
+sample_rate = 0.0
+[store]
+path = "{tmp_path / 'audit.db'}"
+sample_rate = 1.0
+flush_interval_s = 0.05
+[drift]
+warmup = 10
+""")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+        admin = f"http://127.0.0.1:{ap}"
+        async with aiohttp.ClientSession() as s:
+            ids = [f"w-{i}" for i in range(20)]
+            for rid in ids:  # new connections, so both workers serve some of them
+                async with s.post(f"http://127.0.0.1:{lp}/", json={"instances": [[1.0, 2.0], [3.0, 4.0]]},
+                                  headers={"X-Request-ID": rid, "Connection": "close"}) as r:
+                    assert r.status == 200
+            await asyncio.sleep(0.5)  # the writers flush every 50 ms
+            for rid in ids:
+                async with s.get(admin + f"/shadow/requests/{rid}") as r:
+                    assert r.status == 200, rid
+                    assert (await r.json())["request_id"] == rid
+            labels = [{"request_id": rid, "index": 0, "label": 1} for rid in ids]
+            async with s.post(admin + "/shadow/labels", json=labels) as r:
+                assert r.status == 200
+                assert (await r.json())["matched"] == 20
+            async with s.get(admin + "/shadow/drift") as r:
+                assert r.status == 200
+                assert "features" in await r.json()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
