@@ -287,9 +287,10 @@ class Exchange:
                 self.request_capture = None
         retry = self.retry_body
         if retry is not None:
-            retry.append(data)
-            if sum(map(len, retry)) > _RETRY_BODY_MAX:
+            if self.cycle.body_size > _RETRY_BODY_MAX:  # the cycle counts the body received so far
                 self.retry_body = None
+            else:
+                retry.append(data)
         if self.conn is not None:
             self._send_body(data)
         else:
