@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -13,38 +15,62 @@ import aiohttp
 from tests.conftest import Upstream, free_port
 
 
+class Workers:
+    """`serve --workers 2` on a config with free ports: `listen` and `admin` are extra lines for
+    those tables, `extra` more tables appended to the TOML."""
+
+    def __init__(
+        self, tmp_path: Path, production: str, candidate: str, extra: str = "", *, listen: str = "", admin: str = ""
+    ) -> None:
+        self.listen_port, self.admin_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.listen_port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.config = tmp_path / "w.toml"
+        self.config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {self.listen_port}
+{listen}
+[admin]
+host = "127.0.0.1"
+port = {self.admin_port}
+{admin}
+[production]
+url = "{production}"
+[candidate]
+url = "{candidate}"
+{extra}""")
+        self.first_line = ""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[asyncio.subprocess.Process]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shadowproxy", "serve", "--config", str(self.config), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            self.first_line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+
 async def test_two_workers_share_the_port_and_one_admin_covers_both(
     tmp_path: Path, upstream: Upstream, candidate_upstream: Upstream
 ) -> None:
     upstream.answer = lambda seen: {"predictions": [1]}
     candidate_upstream.answer = lambda seen: {"predictions": [1]}
-    lp, ap = free_port(), free_port()
-    config = tmp_path / "w.toml"
-    config.write_text(f"""
-[listen]
-host = "127.0.0.1"
-port = {lp}
-drain_timeout_s = 5.0
-[admin]
-host = "127.0.0.1"
-port = {ap}
-token = "t0ken"
-[production]
-url = "{upstream.url}"
-[candidate]
-url = "{candidate_upstream.url}"
+    serving = Workers(tmp_path, upstream.url, candidate_upstream.url, """
 [mirror]
 sample_rate = 0.0
-""")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "2 workers" in line
-        url, admin = f"http://127.0.0.1:{lp}", f"http://127.0.0.1:{ap}"
+""", listen="drain_timeout_s = 5.0", admin='token = "t0ken"')
+    async with serving.running() as proc:
+        assert "2 workers" in serving.first_line
+        url, admin = serving.url, serving.admin
         async with aiohttp.ClientSession() as s:
 
             async def burst(n: int) -> None:
@@ -81,35 +107,12 @@ sample_rate = 0.0
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         assert proc.stderr is not None
         assert b"Traceback" not in await proc.stderr.read()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_a_dead_worker_is_restarted(tmp_path: Path, upstream: Upstream) -> None:
-    lp, ap = free_port(), free_port()
-    config = tmp_path / "w.toml"
-    config.write_text(f"""
-[listen]
-host = "127.0.0.1"
-port = {lp}
-[admin]
-host = "127.0.0.1"
-port = {ap}
-[production]
-url = "{upstream.url}"
-[candidate]
-url = "{upstream.url}"
-""")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readline(), 30)
-        admin = f"http://127.0.0.1:{ap}"
+    serving = Workers(tmp_path, upstream.url, upstream.url)
+    async with serving.running() as proc:
+        admin = serving.admin
         async with aiohttp.ClientSession() as s:
             async with s.get(admin + "/shadow/stats") as r:
                 pids = [w["pid"] for w in (await r.json())["workers"]]
@@ -122,33 +125,17 @@ url = "{upstream.url}"
                 if len(now) == 2 and victim not in now:
                     break
             assert len(now) == 2 and victim not in now
-            async with s.post(f"http://127.0.0.1:{lp}/", data=b"{}") as r:
+            async with s.post(serving.url + "/", data=b"{}") as r:
                 assert r.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_store_and_drift_endpoints_answer_on_the_supervisor(
     tmp_path: Path, upstream: Upstream
 ) -> None:
     upstream.answer = lambda seen: {"predictions": [1, 0]}
-    lp, ap = free_port(), free_port()
-    config = tmp_path / "w.toml"
-    config.write_text(f"""
-[listen]
-host = "127.0.0.1"
-port = {lp}
-[admin]
-host = "127.0.0.1"
-port = {ap}
-[production]
-url = "{upstream.url}"
-[candidate]
-url = "{upstream.url}"
+    serving = Workers(tmp_path, upstream.url, upstream.url, f"""
 [mirror]
 sample_rate = 0.0
 [store]
@@ -158,18 +145,12 @@ flush_interval_s = 0.05
 [drift]
 warmup = 10
 """)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readline(), 30)
-        admin = f"http://127.0.0.1:{ap}"
+    async with serving.running() as proc:
+        admin = serving.admin
         async with aiohttp.ClientSession() as s:
             ids = [f"w-{i}" for i in range(20)]
             for rid in ids:  # new connections, so both workers serve some of them
-                async with s.post(f"http://127.0.0.1:{lp}/", json={"instances": [[1.0, 2.0], [3.0, 4.0]]},
+                async with s.post(serving.url + "/", json={"instances": [[1.0, 2.0], [3.0, 4.0]]},
                                   headers={"X-Request-ID": rid, "Connection": "close"}) as r:
                     assert r.status == 200
             await asyncio.sleep(0.5)  # the writers flush every 50 ms
@@ -186,7 +167,3 @@ warmup = 10
                 assert "features" in await r.json()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
