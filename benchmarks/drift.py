@@ -79,15 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for s in setups:
         m = med[s.name]
-        sp = h.spread(results[s.name], "rps")
-        rng = f"{sp[0] / 1e3:.1f}k–{sp[1] / 1e3:.1f}k" if sp else "n/a"
-        rows.append([s.name, h.fmt(m.get("rps"), 0), h.fmt(h.ratio(m.get("rps"), base), 3), rng,
-                     h.fmt(m.get("p50_ms"), 2), h.fmt(m.get("p99_ms"), 2), h.fmt(m.get("cpu_us"), 1, na="—"),
-                     h.fmt(m.get("errors"), 0), h.fmt(m.get("watched"), 0, na="—"),
-                     h.fmt(m.get("drift_dropped"), 0, na="—")])
+        rows.append(h.closed_loop_cells(s.name, m, results[s.name], base) + [
+            h.fmt(m.get("errors"), 0), h.fmt(m.get("watched"), 0, na="—"),
+            h.fmt(m.get("drift_dropped"), 0, na="—")])
     print(h.format_table(
-        ["setup", "requests/s", "÷ off", "min–max", "p50 ms", "p99 ms", "CPU µs/req", "errors",
-         "instances watched", "drift dropped"],
+        h.closed_loop_headers("÷ off") + ["errors", "instances watched", "drift dropped"],
         rows, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, POST {len(payload)}-byte JSON "
                     f"({args.instances} instance(s) x {args.features} features)"))
     failed = {s.name: med[s.name]["errors_seen"] for s in setups if med[s.name]["errors_seen"]}

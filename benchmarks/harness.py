@@ -1088,6 +1088,22 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def closed_loop_headers(ratio_label: str) -> list[str]:
+    """The first columns of a closed-loop table (see `closed_loop_cells`)."""
+    return ["setup", "requests/s", ratio_label, "min–max", "p50 ms", "p99 ms", "CPU µs/req"]
+
+
+def closed_loop_cells(
+    name: str, med: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], base_rps: float | None
+) -> list[str]:
+    """One setup's closed-loop cells: median requests/s, its ratio to `base_rps`, the spread over
+    the repetitions, wrk's p50/p99 and the proxy's CPU per request."""
+    sp = spread(runs, "rps")
+    rng = f"{sp[0] / 1e3:.1f}k–{sp[1] / 1e3:.1f}k" if sp else "n/a"
+    return [name, fmt(med.get("rps"), 0), fmt(ratio(med.get("rps"), base_rps), 3), rng,
+            fmt(med.get("p50_ms"), 2), fmt(med.get("p99_ms"), 2), fmt(med.get("cpu_us"), 1, na="—")]
+
+
 def diff(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None

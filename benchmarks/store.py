@@ -76,15 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for s in setups:
         m = med[s.name]
-        sp = h.spread(results[s.name], "rps")
-        rng = f"{sp[0] / 1e3:.1f}k–{sp[1] / 1e3:.1f}k" if sp else "n/a"
-        table.append([s.name, h.fmt(m.get("rps"), 0), h.fmt(h.ratio(m.get("rps"), base), 3), rng,
-                      h.fmt(m.get("p50_ms"), 2), h.fmt(m.get("p99_ms"), 2), h.fmt(m.get("cpu_us"), 1),
-                      h.fmt(m.get("errors"), 0), h.fmt(m.get("mirrored_share"), 3),
-                      h.fmt(m.get("written"), 0, na="—"), h.fmt(m.get("dropped"), 0, na="—")])
+        table.append(h.closed_loop_cells(s.name, m, results[s.name], base) + [
+            h.fmt(m.get("errors"), 0), h.fmt(m.get("mirrored_share"), 3),
+            h.fmt(m.get("written"), 0, na="—"), h.fmt(m.get("dropped"), 0, na="—")])
     print(h.format_table(
-        ["setup", "requests/s", "÷ off", "min–max", "p50 ms", "p99 ms", "CPU µs/req", "errors",
-         "mirrored share", "records written", "dropped"],
+        h.closed_loop_headers("÷ off") + ["errors", "mirrored share", "records written", "dropped"],
         table, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, mirror.sample_rate 0.1, "
                      f"store.sample_rate 0.1"))
     ratio = h.ratio(med["store on"].get("rps"), base)
