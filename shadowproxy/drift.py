@@ -40,6 +40,7 @@ from shadowproxy.profile import (
     build_feature,
     category_key,
     extract_instances,
+    instance_rows,
     is_number,
     load_profile,
 )
@@ -82,6 +83,42 @@ def status(value: float | None) -> str:
     if value is None:
         return "no_data"
     return "alert" if value >= ALERT else "warn" if value >= WARN else "ok"
+
+
+_INSTANCES_LIST = ("kserve-v1", "tf-serving")  # presets whose requests hold an "instances" list
+
+
+def _list_columns(instances: list[object], profiles: Sequence[FeatureProfile], bools: bool) -> list[np.ndarray] | None:
+    """The watched columns of list instances (``f0, f1, ...``) as float arrays, when every instance is
+    a list of finite numbers long enough and every watched feature is numeric; else None."""
+    if bools or not profiles:
+        return None
+    columns: list[int] = []
+    for profile in profiles:
+        name = profile.name
+        if profile.kind != "numeric" or name[:1] != "f" or not name[1:].isdigit() or name != f"f{int(name[1:])}":
+            return None
+        columns.append(int(name[1:]))
+    try:
+        matrix = np.array(instances)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if matrix.ndim != 2 or matrix.dtype.kind not in "fi" or matrix.shape[1] <= max(columns):
+        return None
+    matrix = matrix.astype(np.float64, copy=False)
+    return [matrix[:, c] for c in columns]
+
+
+def _number_array(values: Sequence[object]) -> np.ndarray | None:
+    """`values` as float64 when every one is an int or a float (JSON from orjson: finite), else None.
+    The caller has ruled out booleans, which numpy would take for 0 and 1."""
+    try:
+        array = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.ndim != 1 or array.dtype.kind not in "fi":
+        return None
+    return array.astype(np.float64, copy=False)
 
 
 class Stream:
@@ -133,7 +170,8 @@ class Stream:
         self.invalid = [0] * len(profiles)
         self.learning = None
 
-    def add(self, rows: list[dict[str, object]]) -> None:
+    def add(self, rows: list[dict[str, object]], may_hold_bools: bool = True) -> None:
+        """Instances as ``{feature: value}`` rows (learned from while warming up)."""
         if self.learning is not None:
             take = min(len(rows), self.warmup - self.learned)
             self._learn(rows[:take])
@@ -144,15 +182,25 @@ class Stream:
                 self._freeze([build_feature(name, values, BINS, self.kind) for name, values in learning.items()])
             if not rows:
                 return
-        k = len(rows)
+        if len(rows) > self.window:  # only the last window's instances count (and are checked)
+            self.seen += len(rows) - self.window
+            rows = rows[-self.window :]
+        self.add_columns(len(rows), [[row.get(p.name, MISSING) for row in rows] for p in self.profiles],
+                         may_hold_bools)
+
+    def add_columns(
+        self, k: int, columns: Sequence[Sequence[object] | np.ndarray], may_hold_bools: bool = True
+    ) -> None:
+        """`k` instances given per watched feature (in profile order): a list of parsed JSON values
+        (MISSING where absent), or a float array of numbers already checked. Only when ready."""
         start = self.seen
         self.seen += k
         if k > self.window:
-            rows, start = rows[-self.window :], start + k - self.window
-            k = self.window
+            columns = [column[k - self.window :] for column in columns]
+            start, k = start + k - self.window, self.window
         positions = (start + np.arange(k)) % self.window
-        for f, profile in enumerate(self.profiles):
-            self.ring[f, positions] = self._bins(f, profile, [row.get(profile.name, MISSING) for row in rows])
+        for f, (profile, values) in enumerate(zip(self.profiles, columns, strict=True)):
+            self.ring[f, positions] = self._bins(f, profile, values, may_hold_bools)
 
     def _learn(self, rows: list[dict[str, object]]) -> None:
         learning = self.learning
@@ -168,28 +216,48 @@ class Stream:
                 values.append(row.get(name, MISSING))
             self.learned += 1
 
-    def _bins(self, f: int, profile: FeatureProfile, values: list[object]) -> np.ndarray:
+    def _bins(self, f: int, profile: FeatureProfile, values: Sequence[object] | np.ndarray,
+              may_hold_bools: bool) -> np.ndarray:
+        if profile.kind == "numeric":
+            numbers = values if isinstance(values, np.ndarray) else None if may_hold_bools else _number_array(values)
+            if numbers is not None:  # every value a finite number: binned in one call
+                return np.searchsorted(profile.edges, numbers, side="left").astype(np.int32)
         out = np.full(len(values), -1, dtype=np.int32)
         missing = invalid = 0
         if profile.kind == "numeric":
             where: list[int] = []
-            numbers: list[object] = []
+            found: list[object] = []
             for i, value in enumerate(values):
                 if is_number(value):
                     where.append(i)
-                    numbers.append(value)
+                    found.append(value)
                 elif value is MISSING or value is None:
                     missing += 1
                 else:
                     invalid += 1
-            if numbers:
-                array = np.asarray(numbers, dtype=np.float64)
+            if found:
+                array = np.asarray(found, dtype=np.float64)
                 out[where] = np.searchsorted(profile.edges, array, side="left")
         else:
             label = profile.kind == "label"
             index = profile.index
             other = len(profile.categories)
+            known: dict[object, int] = {}  # str, int and float values seen in this call -> bin
             for i, value in enumerate(values):
+                kind = type(value)
+                if kind is str or kind is int or kind is float:
+                    # (type, value) keys: 1, 1.0 and True are equal in a dict but not the same category.
+                    memo = (kind, value)
+                    bin_ = known.get(memo)
+                    if bin_ is None:
+                        key = category_key(value, label)
+                        bin_ = -2 if key is None else index.get(key, other)
+                        known[memo] = bin_
+                    if bin_ >= 0:
+                        out[i] = bin_
+                        continue
+                    invalid += 1
+                    continue
                 key = category_key(value, label)
                 if key is not None:
                     out[i] = index.get(key, other)
@@ -259,6 +327,7 @@ class DriftMonitor:
         self.unparseable = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._cache: tuple[tuple[int, ...], dict[str, Any]] | None = None
         if metrics is not None:
             metrics.drift.source = self
@@ -275,13 +344,15 @@ class DriftMonitor:
         body = record.request_body
         if not wanted or body is None:
             return
-        size = len(body) + len(record.response_body or b"")
-        if len(self.queue) >= QUEUE_RECORDS or self.queued_bytes + size > QUEUE_BYTES:
+        answer = record.response_body
+        size = len(body) + len(answer) if answer is not None else len(body)
+        queue = self.queue
+        if len(queue) >= QUEUE_RECORDS or self.queued_bytes + size > QUEUE_BYTES:
             self.dropped += 1
             return
-        self.queue.append((body, record.response_body))
+        queue.append((body, answer))
         self.queued_bytes += size
-        if len(self.queue) >= PROCESS_BATCH:
+        if len(queue) == PROCESS_BATCH:
             self._wake.set()
 
     def on_pair(self, record: PairRecord) -> None:
@@ -290,39 +361,93 @@ class DriftMonitor:
     # -- off the hot path -------------------------------------------------------------------------
 
     def process(self, limit: int | None = None) -> int:
-        """Parse, extract and bin up to `limit` queued records (all when None); return how many."""
+        """Parse, extract and bin up to `limit` queued records (all when None); return how many.
+
+        A batch at a time: instances and predictions are gathered from every body first, then each
+        watched feature is binned in one numpy call when its values are all numbers (the usual case),
+        value by value otherwise (missing, invalid, categorical)."""
         queue = self.queue
         n = len(queue) if limit is None else min(limit, len(queue))
-        rows: list[dict[str, object]] = []
-        predictions: list[dict[str, object]] = []
-        preset, compare = self.compare.preset, self.compare
-        for _ in range(n):
-            body, answer = queue.popleft()
-            self.queued_bytes -= len(body) + len(answer or b"")
+        if not n:
+            return 0
+        batch = [queue.popleft() for _ in range(n)]
+        bodies = b"\n".join([body for body, _ in batch])
+        answers = b"\n".join([answer for _, answer in batch if answer is not None])
+        self.queued_bytes -= len(bodies) + len(answers)
+        listed = self.compare.preset in _INSTANCES_LIST and not self.compare.path
+        watch_predictions = self.predictions is not None
+        instances: list[object] = []  # raw instances of the kserve-v1 shape (lists, dicts, scalars)
+        rows: list[dict[str, object]] = []  # instances of any other shape, as rows
+        values: list[object] = []
+        loads = orjson.loads
+        for body, answer in batch:
             try:
-                instances = extract_instances(orjson.loads(body), preset)
+                doc = loads(body)
+                fast = (
+                    listed and type(doc) is dict and "feature_names" not in doc and type(doc.get("instances")) is list
+                )
+                if fast and not rows:
+                    instances.extend(doc["instances"])
+                else:  # from here on everything goes as rows, to keep arrival order (the window evicts the oldest)
+                    if instances:
+                        rows.extend(instance_rows(instances, None))
+                        instances = []
+                    rows.extend(
+                        instance_rows(doc["instances"], None) if fast else extract_instances(doc, self.compare.preset)
+                    )
             except (orjson.JSONDecodeError, InstanceError):
                 self.unparseable += 1
                 continue
-            rows.extend(instances)
-            if answer is not None and self.predictions is not None:
+            if answer is not None and watch_predictions:
                 try:
-                    values = extract_predictions(orjson.loads(answer), preset, compare.path, compare.output)
-                except (orjson.JSONDecodeError, PresetError):
+                    reply = loads(answer)
+                except orjson.JSONDecodeError:
                     continue
-                predictions.extend({PREDICTION: value} for value in values)
-        if rows:
-            self.features.add(rows)
-        if predictions and self.predictions is not None:
-            self.predictions.add(predictions)
+                if listed and type(reply) is dict and type(reply.get("predictions")) is list:
+                    values.extend(reply["predictions"])
+                else:
+                    values.extend(self._predictions_of(reply))
+        bools = b"true" in bodies or b"false" in bodies  # numpy would take booleans for numbers
+        features = self.features
+        if rows or (instances and not features.ready):
+            rows.extend(instance_rows(instances, None))
+            features.add(rows, bools)
+        elif instances:
+            columns = _list_columns(instances, features.profiles, bools)
+            if columns is not None:
+                features.add_columns(len(instances), columns)
+            else:
+                features.add(instance_rows(instances, None), bools)
+        if values and self.predictions is not None:
+            answers_bools = b"true" in answers or b"false" in answers
+            if self.predictions.ready:
+                self.predictions.add_columns(len(values), [values], answers_bools)
+            else:
+                self.predictions.add([{PREDICTION: value} for value in values], answers_bools)
         return n
 
+    def _predictions_of(self, reply: object) -> list[object]:
+        compare = self.compare
+        try:
+            return extract_predictions(reply, compare.preset, compare.path, compare.output)
+        except PresetError:
+            return []
+
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PROCESS_INTERVAL_S)
+        while not self._closing:
+            timed_out = False
+            try:
+                # asyncio.timeout, not wait_for: no task per wait, and wait_for on Python 3.11 can
+                # swallow a cancellation that meets a wake-up (close() would then wait forever).
+                async with asyncio.timeout(PROCESS_INTERVAL_S):
+                    await self._wake.wait()
+            except TimeoutError:
+                timed_out = True
             self._wake.clear()
-            while self.queue:
+            # Whole batches only (the rest on the next wake or the interval): numpy's fixed cost per
+            # call, paid on batches of the few records that arrive per turn of the loop, tripled
+            # the cost per record.
+            while len(self.queue) >= PROCESS_BATCH or (timed_out and self.queue):
                 try:
                     self.process(PROCESS_BATCH)
                 except Exception:  # a bug here must not stop monitoring, nor the proxy
@@ -333,6 +458,7 @@ class DriftMonitor:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

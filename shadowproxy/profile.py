@@ -95,22 +95,22 @@ def extract_instances(doc: object, preset: str) -> list[dict[str, object]]:
                 raise InstanceError("dataframe_split has no 'data' list")
             if isinstance(columns, list) and all(isinstance(c, str) for c in columns):
                 names = columns
-            return _rows(data, names)
+            return instance_rows(data, names)
         records = doc.get("dataframe_records")
         if isinstance(records, list):
-            return _rows(records, names)
+            return instance_rows(records, names)
         inputs = doc.get("inputs")
         if isinstance(inputs, dict):  # columnar {"a": [..], "b": [..]}
             return _columns(inputs)
         if isinstance(inputs, list):
-            return _rows(inputs, names)
+            return instance_rows(inputs, names)
     instances = doc.get("instances")
     if not isinstance(instances, list):
         raise InstanceError("request has no 'instances' list")
-    return _rows(instances, names)
+    return instance_rows(instances, names)
 
 
-def _rows(instances: list[object], names: list[str] | None) -> list[dict[str, object]]:
+def instance_rows(instances: list[object], names: list[str] | None) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     cache: list[str] = list(names or ())
     for instance in instances:

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shadowproxy import drift as drift_module
 from shadowproxy.cli import main
 from shadowproxy.config import CompareConfig, DriftConfig
 from shadowproxy.drift import DriftMonitor
@@ -165,6 +166,48 @@ def test_missing_and_invalid_values_are_counted_per_feature(tmp_path: Path) -> N
     assert doc["unparseable"] == 2
     assert doc["window"] == 3
     assert f["age"]["count"] == 1
+
+
+def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kserve-v1 list instances are binned a batch at a time (numpy); dict rows value by value where
+    # anything is off. Both must give the reference figures and the same missing/invalid counts.
+    vectorised: list[bool] = []
+    real = drift_module._list_columns
+
+    def spy(*args: Any) -> Any:
+        columns = real(*args)
+        vectorised.append(columns is not None)
+        return columns
+
+    monkeypatch.setattr(drift_module, "_list_columns", spy)
+    names = ("age", "income", "score")
+    base_rows = [{f"f{k}": row[name] for k, name in enumerate(names)} for row in BASE_ROWS]
+    live = synthetic(6000, seed=9, shift=0.1)
+    as_lists = [[float(live[name][i]) for name in names] for i in range(6000)]
+    as_dicts = [{f"f{k}": v for k, v in enumerate(row)} for row in as_lists]
+    listed, named = monitor(tmp_path, base_rows, window=5000), monitor(tmp_path, base_rows, window=5000)
+    ints = [[30, 10000, 0] for _ in range(7)]  # JSON integers are numbers too
+    doc_lists = feed(listed, bodies(as_lists[:3000], 300) + bodies(ints) + bodies(as_lists[3000:], 300))
+    doc_dicts = feed(named, bodies(as_dicts[:3000], 300)
+                     + bodies([{f"f{k}": v for k, v in enumerate(r)} for r in ints]) + bodies(as_dicts[3000:], 300))
+    assert doc_lists["features"] == doc_dicts["features"]
+    assert doc_lists["window"] == 5000
+    for k, name in enumerate(names):
+        sent = np.concatenate([live[name][:3000], [float(r[k]) for r in ints], live[name][3000:]])
+        expected_psi, expected_ks = ref_psi_ks(BASE[name], sent[-5000:])
+        assert doc_lists["features"][f"f{k}"]["psi"] == pytest.approx(expected_psi, abs=1e-9)
+        assert doc_lists["features"][f"f{k}"]["ks"] == pytest.approx(expected_ks, abs=1e-9)
+    assert vectorised == [True, False]  # the lists in one numpy call; the dicts not
+    # A batch with booleans, strings, nulls and short rows falls back to value-by-value checks.
+    odd = [[True, 1.0, 0.5], ["x", None, 0.5], [31.0], [32.0, 20000.0, 0.25, "extra"], [33.0, 1e4, 0.75]]
+    doc_lists = feed(listed, [orjson.dumps({"instances": odd})])
+    doc_dicts = feed(named, [orjson.dumps({"instances": [{f"f{k}": v for k, v in enumerate(r)} for r in odd]})])
+    assert doc_lists["features"] == doc_dicts["features"]
+    f = doc_lists["features"]
+    assert (f["f0"]["invalid"], f["f1"]["missing"], f["f2"]["missing"]) == (2, 2, 1)
+    assert vectorised[2] is False
 
 
 def test_warmup_learns_the_baseline_from_the_first_instances(tmp_path: Path) -> None:
