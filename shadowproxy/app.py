@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -191,6 +192,10 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     except OSError as exc:
         print(f"shadowproxy: cannot listen: {exc}", file=sys.stderr)
         return 1
+    # Everything loaded so far lives as long as the process: out of the collector's way, so the
+    # full collections that per-request garbage triggers do not walk it again and again.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
