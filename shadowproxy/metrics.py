@@ -294,15 +294,15 @@ class StoreMetrics:
         self._versions: dict[tuple[str, str], Counter] = {}
         self._distinct = dict.fromkeys(TARGETS, 0)
 
-    def count_version(self, target: str, version: str | None) -> None:
+    def count_version(self, target: str, version: str | None, n: int = 1) -> None:
         key = (target, version if version is not None else "unknown")
         child = self._versions.get(key)
         if child is None:
             if version is not None and self._distinct[target] >= VERSION_LABELS_MAX:
                 # Not remembered under its own name: a flood of versions must not grow this dict.
-                self.version_requests.labels(target, "other").inc()
+                self.version_requests.labels(target, "other").inc(n)
                 return
             if version is not None:
                 self._distinct[target] += 1
             child = self._versions[key] = self.version_requests.labels(*key)
-        child.inc()
+        child.inc(n)

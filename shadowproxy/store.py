@@ -153,17 +153,13 @@ class StoreWriter:
                     self.totals = _copy(self.db.totals)
 
     def _drain(self) -> list[tuple[Any, ...]]:
-        batch: list[tuple[Any, ...]] = []
+        # The loop appends a record before it adds the record's bytes to `queued_bytes`, so every
+        # byte counted before this drain belongs to a record it takes (a record appended meanwhile
+        # is counted at the next drain: the bound errs on the safe side, never below the truth).
+        counted = self.queued_bytes
         records = self.records
-        size = 0
-        while True:
-            try:
-                item = records.popleft()
-            except IndexError:
-                break
-            batch.append(item)
-            size += _body_bytes(item)
-        self.drained_bytes += size
+        batch = [records.popleft() for _ in range(len(records))]
+        self.drained_bytes = counted
         return batch
 
     def _write(self, batch: list[tuple[Any, ...]]) -> None:
@@ -215,12 +211,6 @@ def _copy(totals: Totals) -> Totals:
                   totals.candidate_correct, totals.production_correct_paired)
 
 
-def _body_bytes(item: tuple[Any, ...]) -> int:
-    if item[0] == EXCHANGE:
-        return len(item[10] or b"") + len(item[11] or b"")
-    return len(item[6] or b"")
-
-
 def _target_version(item: tuple[Any, ...], config: Config) -> tuple[str, str | None]:
     from shadowproxy.storedb import header_value
 
@@ -265,23 +255,25 @@ class AuditStore:
         size = (len(response) if response else 0) + (len(request) if request else 0)
         if self._full(size):
             return
-        self.writer.queued_bytes += size
-        self.writer.records.append((
+        writer = self.writer
+        writer.records.append((
             EXCHANGE, record.request_id, record.time, record.method, record.path, record.status,
             record.response_headers, record.latency_s, record.mirrored, wanted, request, response,
         ))
+        writer.queued_bytes += size  # after the append (see StoreWriter._drain)
 
     def on_pair(self, record: PairRecord) -> None:
         body = record.candidate_body if self._keep_candidate else None
         size = len(body) if body else 0
         if self._full(size):
             return
-        self.writer.queued_bytes += size
-        self.writer.records.append((
+        writer = self.writer
+        writer.records.append((
             PAIR, record.request_id, time.time(), record.outcome, record.candidate_status,
             record.candidate_headers, body, record.candidate_latency_s, record.production_predictions,
             record.candidate_predictions,
         ))
+        writer.queued_bytes += size  # after the append (see StoreWriter._drain)
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ EXCHANGE = 0  # (EXCHANGE, request_id, time, method, path, status, headers, late
 PAIR = 1  # (PAIR, request_id, time, outcome, candidate_status, headers, candidate_body,
 #            latency_s, production_predictions, candidate_predictions)
 
+_Tally = dict[tuple[str, str | None], list[float]]  # (target, version) -> [first seen, last seen, answers]
+
 MAX_LABEL_ERRORS = 1000  # per POST /shadow/labels answer; the counts stay exact beyond it
 MAX_VERSION_CHARS = 200
 
@@ -151,8 +153,10 @@ ON CONFLICT (target, version) DO UPDATE SET
 """
 _UPSERT_EXCHANGE_ROWS = _from_json_rows(_UPSERT_EXCHANGE)
 _UPSERT_PAIR_ROWS = _from_json_rows(_UPSERT_PAIR)
-_EXCHANGE_JSON = frozenset((8,))  # production_predictions in an exchange row (see _exchange_row)
-_PAIR_JSON = frozenset((5, 6))  # both predictions in a pair row (see _pair_row)
+_EXCHANGE_JSON = (8,)  # production_predictions in an exchange row (see _exchange_row)
+_EXCHANGE_BODIES = (9, 10)  # request_body, response_body
+_PAIR_JSON = (5, 6)  # both predictions in a pair row (see _pair_row)
+_PAIR_BODIES = (7,)  # candidate_body
 _UPSERT_LABEL = """
 INSERT INTO labels (request_id, idx, label, time, production_correct, candidate_correct)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -221,18 +225,26 @@ def _loads(body: bytes | None) -> object:
 
 
 def _upsert(
-    conn: sqlite3.Connection, one: str, rows_sql: str, rows: list[tuple[Any, ...]], json_columns: frozenset[int]
+    conn: sqlite3.Connection, one: str, rows_sql: str, rows: list[tuple[Any, ...]],
+    json_columns: tuple[int, ...], body_columns: tuple[int, ...],
 ) -> None:
     """Rows of text and numbers in one statement (see `_from_json_rows`); rows with bodies
     (bytes that JSON cannot carry) one by one. `json_columns` hold JSON bytes (predictions),
-    which travel as their text."""
-    plain: list[list[Any]] = []
+    which travel as their text; `body_columns` hold bodies (None unless `store_bodies`)."""
+    plain: list[Any] = []
     with_bodies: list[tuple[Any, ...]] = []
     for row in rows:
-        if any(isinstance(v, bytes) and k not in json_columns for k, v in enumerate(row)):
-            with_bodies.append(row)
+        for k in body_columns:
+            if row[k] is not None:
+                with_bodies.append(row)
+                break
         else:
-            plain.append([v.decode() if isinstance(v, bytes) else v for v in row])
+            for k in json_columns:
+                if row[k] is not None:
+                    plain.append([v.decode() if isinstance(v, bytes) else v for v in row])
+                    break
+            else:
+                plain.append(row)
     if plain:
         conn.execute(rows_sql, (orjson.dumps(plain),))
     if with_bodies:
@@ -250,8 +262,9 @@ def _dumps(value: object) -> bytes | None:
 
 def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of header `name` (lower-case bytes), decoded, or None."""
+    size = len(name)
     for key, value in headers:
-        if key.lower() == name:
+        if len(key) == size and key.lower() == name:
             return value.decode("latin-1").strip()[:MAX_VERSION_CHARS] or None
     return None
 
@@ -361,7 +374,7 @@ class Database:
         conn: sqlite3.Connection,
         store: StoreConfig,
         compare: CompareConfig,
-        count_version: Callable[[str, str | None], None] = lambda target, version: None,
+        count_version: Callable[[str, str | None, int], None] = lambda target, version, n: None,
     ) -> None:
         self.conn = conn
         self.store = store
@@ -384,24 +397,25 @@ class Database:
         """One transaction for a batch of queued records; raises sqlite3.Error (rolled back)."""
         exchanges: list[tuple[Any, ...]] = []
         pairs: list[tuple[Any, ...]] = []
-        versions: dict[tuple[str, str], list[float]] = {}
+        versions: _Tally = {}
         for item in items:
             if item[0] == EXCHANGE:
                 exchanges.append(self._exchange_row(item, versions))
             else:
                 pairs.append(self._pair_row(item, versions))
+        for (target, version), (_, _, n) in versions.items():  # once per version and batch, not per row
+            self.count_version(target, version, int(n))
         conn = self.conn
         delta = Totals()
         conn.execute("BEGIN")
         try:
             if exchanges:
-                _upsert(conn, _UPSERT_EXCHANGE, _UPSERT_EXCHANGE_ROWS, exchanges, _EXCHANGE_JSON)
+                _upsert(conn, _UPSERT_EXCHANGE, _UPSERT_EXCHANGE_ROWS, exchanges, _EXCHANGE_JSON, _EXCHANGE_BODIES)
             if pairs:
-                _upsert(conn, _UPSERT_PAIR, _UPSERT_PAIR_ROWS, pairs, _PAIR_JSON)
-            if versions:
-                conn.executemany(
-                    _UPSERT_VERSION, [(t, v, first, last, int(n)) for (t, v), (first, last, n) in versions.items()]
-                )
+                _upsert(conn, _UPSERT_PAIR, _UPSERT_PAIR_ROWS, pairs, _PAIR_JSON, _PAIR_BODIES)
+            named = [(t, v, first, last, int(n)) for (t, v), (first, last, n) in versions.items() if v is not None]
+            if named:
+                conn.executemany(_UPSERT_VERSION, named)
             self._rejudge([row[0] for row in exchanges] + [row[0] for row in pairs], delta)
             conn.execute("COMMIT")
         except BaseException:
@@ -410,24 +424,26 @@ class Database:
         self.totals.merge(delta)
 
     def _version(self, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes | None,
-                 doc: object, when: float, versions: dict[tuple[str, str], list[float]]) -> tuple[str | None, object]:
+                 doc: object, when: float, versions: _Tally,
+                 ) -> tuple[str | None, object]:
+        """The answer's model version, tallied in `versions` (None: the answer names none)."""
         version = header_value(headers, self.header) if self.header else None
         if version is None and self.version_tokens is not None and body is not None:
             if doc is None:
                 doc = _loads(body)
             version = _pointer_version(doc, self.version_tokens)
-        self.count_version(target, version)
-        if version is not None:
-            seen = versions.get((target, version))
-            if seen is None:
-                versions[(target, version)] = [when, when, 1.0]
-            else:
-                seen[0] = min(seen[0], when)
-                seen[1] = max(seen[1], when)
-                seen[2] += 1
+        seen = versions.get((target, version))
+        if seen is None:
+            versions[(target, version)] = [when, when, 1.0]
+        else:
+            if when < seen[0]:
+                seen[0] = when
+            if when > seen[1]:
+                seen[1] = when
+            seen[2] += 1
         return version, doc
 
-    def _exchange_row(self, item: tuple[Any, ...], versions: dict[tuple[str, str], list[float]]) -> tuple[Any, ...]:
+    def _exchange_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
         _, rid, when, method, path, status, headers, latency_s, mirrored, wanted, req_body, resp_body = item
         version, doc = self._version("production", headers, resp_body, None, when, versions)
         predictions = None
@@ -442,7 +458,7 @@ class Database:
         latency_ms = latency_s * 1000.0 if latency_s is not None else None
         return (rid, when, method, path, status, version, latency_ms, int(mirrored), predictions, req_body, resp_body)
 
-    def _pair_row(self, item: tuple[Any, ...], versions: dict[tuple[str, str], list[float]]) -> tuple[Any, ...]:
+    def _pair_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
         _, rid, when, outcome, status, headers, body, latency_s, prod_preds, cand_preds = item
         version = None
         if status:
