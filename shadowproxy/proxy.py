@@ -223,10 +223,12 @@ class Exchange:
         proxy = self.proxy
         if len(proxy.observers) != len(proxy._every):
             proxy.every_exchange()
-        self.wants = wants = [wants_bodies() for wants_bodies in proxy._wants]
+        asks = proxy._wants
+        # One observer is the usual case: no list comprehension (a frame of its own on 3.11).
+        self.wants = wants = [asks[0]()] if len(asks) == 1 else [wants_bodies() for wants_bodies in asks]
         self.started_at = time.time()
         self.path = path
-        if self.ticket is not None or any(wants):
+        if self.ticket is not None or True in wants:
             self.request_capture = []
 
     def start(self) -> None:
