@@ -326,18 +326,33 @@ def _remove(node: object, tokens: tuple[str, ...]) -> None:
 # The writer's connection
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open (creating) the store for writing: WAL, synchronous=NORMAL, schema migrated."""
+def connect(path: str, attempts: int = 50) -> sqlite3.Connection:
+    """Open (creating) the store for writing: WAL, synchronous=NORMAL, schema migrated.
+
+    Workers of `serve --workers N` open one new file at the same moment; some of the steps (the
+    switch to WAL) answer "database is locked" without waiting for the busy timeout, so a locked
+    open is tried again, every 0.1 s up to `attempts` times (this runs on the writer thread)."""
+    for _ in range(attempts - 1):
+        try:
+            return _connect(path)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.1)
+    return _connect(path)
+
+
+def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         # WAL: readers (the audit command) never block the writer. synchronous=NORMAL in WAL mode
         # keeps the file consistent after a crash and loses at most the last commits on power loss
         # (https://www.sqlite.org/pragma.html#pragma_synchronous).
+        conn.execute("PRAGMA busy_timeout=5000")  # several workers may share one file (first: WAL needs a lock)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")  # several workers may share one file
         migrate(conn)
     except BaseException:
         conn.close()
@@ -346,23 +361,27 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version; returns it. Refuses a store from a newer release."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    current = int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
-    if current > len(MIGRATIONS):
-        raise sqlite3.DatabaseError(
-            f"store schema version {current} is newer than this shadowproxy knows ({len(MIGRATIONS)})"
-        )
-    for version in range(current + 1, len(MIGRATIONS) + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    """Bring the schema to the newest version; returns it. Refuses a store from a newer release.
+
+    One IMMEDIATE transaction from reading the version to the last migration: workers of
+    `serve --workers N` open the same new file at once, and the second must wait and then find
+    the schema in place (reading the version outside the lock let both create the tables)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+        if current > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"store schema version {current} is newer than this shadowproxy knows ({len(MIGRATIONS)})"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     return len(MIGRATIONS)
 
 
