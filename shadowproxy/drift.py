@@ -36,6 +36,7 @@ from shadowproxy.profile import (
     MISSING,
     FeatureProfile,
     InstanceError,
+    Profile,
     ProfileError,
     build_feature,
     category_key,
@@ -497,11 +498,81 @@ class DriftMonitor:
         self._cache = (key, doc)
         return doc
 
+    def window_counts(self) -> dict[str, Any]:
+        """The live windows' bin counts per watched feature (and of the predictions): what
+        `merge_snapshots` adds up across workers. Empty while warming up."""
+        self.process()
+        features = self.features
+        counts: dict[str, Any] = {"features": {}, "predictions": None}
+        if features.ready:
+            counts["features"] = {p.name: features.counts(f).tolist() for f, p in enumerate(features.profiles)}
+        predictions = self.predictions
+        if predictions is not None and predictions.ready and predictions.profiles:
+            counts["predictions"] = predictions.counts(0).tolist()
+        return counts
+
     def routes(self) -> list[web.RouteDef]:
         async def drift(request: web.Request) -> web.Response:
-            return json_response(self.snapshot())
+            doc = self.snapshot()
+            if request.query.get("full") == "1":  # for the supervisor of `--workers` (merge_snapshots)
+                doc = {**doc, "state": self.window_counts()}
+            return json_response(doc)
 
         return [web.get("/shadow/drift", drift)]
 
     def stats_blocks(self) -> dict[str, Any]:
         return {}
+
+
+def _figures(counts: np.ndarray, profile: FeatureProfile, missing: int, invalid: int) -> dict[str, Any]:
+    n = int(counts.sum())
+    value = psi(counts, profile.shares) if n else None
+    return {
+        "psi": value,
+        "ks": ks(counts, profile.shares) if n and profile.kind == "numeric" else None,
+        "status": status(value),
+        "missing": missing,
+        "invalid": invalid,
+        "kind": profile.kind,
+        "count": n,
+    }
+
+
+def merge_snapshots(docs: Sequence[Mapping[str, Any]], baseline: Profile) -> dict[str, Any]:
+    """One `/shadow/drift` over the workers of `serve --workers N` (their `?full=1` documents),
+    all watching against the same baseline file: window bin counts add up and PSI and KS are
+    computed again from the sums, as one monitor seeing every worker's traffic would; counters
+    add up. Predictions learned by each worker (no predictions in the baseline) cannot be added
+    up: the first worker's figures stand for them."""
+    first = docs[0]
+    features: dict[str, Any] = {}
+    for name, figures in first["features"].items():
+        profile = baseline.features.get(name)
+        states = [doc.get("state", {}).get("features", {}).get(name) for doc in docs]
+        if profile is None or any(state is None for state in states):
+            features[name] = figures  # not watched alike by every worker (still warming up)
+            continue
+        counts = np.sum([np.asarray(state, dtype=np.int64) for state in states], axis=0)
+        missing = sum(int(doc["features"].get(name, {}).get("missing", 0)) for doc in docs)
+        invalid = sum(int(doc["features"].get(name, {}).get("invalid", 0)) for doc in docs)
+        features[name] = _figures(counts, profile, missing, invalid)
+    predictions = first["predictions"]
+    states = [doc.get("state", {}).get("predictions") for doc in docs]
+    if baseline.predictions is not None and predictions is not None and all(state is not None for state in states):
+        counts = np.sum([np.asarray(state, dtype=np.int64) for state in states], axis=0)
+        windows = sum(int((doc["predictions"] or {}).get("window", 0)) for doc in docs)
+        predictions = {**_figures(counts, baseline.predictions, 0, 0), "window": windows}
+        for key in ("missing", "invalid"):
+            predictions[key] = sum(int((doc["predictions"] or {}).get(key, 0)) for doc in docs)
+    return {
+        "window": sum(int(doc["window"]) for doc in docs),
+        "features": features,
+        "predictions": predictions,
+        "baseline": first["baseline"],
+        "warming_up": any(doc["warming_up"] for doc in docs),
+        "warmup": first["warmup"],
+        "watched": sum(int(doc["watched"]) for doc in docs),
+        "dropped": sum(int(doc["dropped"]) for doc in docs),
+        "unparseable": sum(int(doc["unparseable"]) for doc in docs),
+        "workers": len(docs),
+    }

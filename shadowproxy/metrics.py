@@ -8,7 +8,7 @@ What the hot path updates per request is a plain number read at scrape time (hot
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,7 +18,6 @@ from shadowproxy.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
 from shadowproxy.verdict import GatesLike, evaluate
 
 if TYPE_CHECKING:
-    from shadowproxy.drift import DriftMonitor
     from shadowproxy.stats import ShadowStats
 
 # Model latencies run from about a millisecond (a small tree model) to tens of seconds (an LLM).
@@ -173,6 +172,10 @@ class ShadowCollector(Collector):
         yield figures
 
 
+class DriftSource(Protocol):
+    def snapshot(self) -> dict[str, Any] | None: ...
+
+
 class DriftCollector(Collector):
     """Drift figures (issue 7) from the drift monitor's `/shadow/drift` document, at scrape time.
 
@@ -182,9 +185,14 @@ class DriftCollector(Collector):
 
     STATUSES = ("ok", "warn", "alert")
     PROBLEMS = ("missing", "invalid")
+    FAMILIES = frozenset((
+        "shadowproxy_drift_features", "shadowproxy_drift_window_instances", "shadowproxy_feature_drift_psi",
+        "shadowproxy_feature_drift_ks", "shadowproxy_drift_values", "shadowproxy_prediction_drift_psi",
+        "shadowproxy_drift_dropped", "shadowproxy_drift_unparseable",
+    ))
 
     def __init__(self) -> None:
-        self.source: DriftMonitor | None = None
+        self.source: DriftSource | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []

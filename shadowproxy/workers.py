@@ -12,12 +12,13 @@ keep their own in-process registries, and the parent reads them only when it is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import signal
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -29,10 +30,13 @@ from prometheus_client.registry import Collector
 
 from shadowproxy.admin import make_admin_app
 from shadowproxy.config import Config
-from shadowproxy.metrics import ShadowCollector
+from shadowproxy.metrics import DriftCollector, ShadowCollector
 from shadowproxy.observers import Component
 from shadowproxy.readiness import Readiness
 from shadowproxy.stats import ShadowStats
+
+if TYPE_CHECKING:
+    from shadowproxy.profile import Profile
 
 log = logging.getLogger("shadowproxy.workers")
 
@@ -59,15 +63,16 @@ def die_with_parent() -> None:
 class _Summed(Collector):
     """Re-exposes metric families parsed from the workers, samples with equal labels added up."""
 
-    def __init__(self, expositions: list[str]) -> None:
+    def __init__(self, expositions: list[str], skip: frozenset[str] = frozenset()) -> None:
         self.expositions = expositions
+        self.skip = _DERIVED | skip
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         for text in self.expositions:
             for family in text_string_to_metric_families(text):
-                if family.name in _DERIVED:
+                if family.name in self.skip:
                     continue
                 if family.name not in families:
                     families[family.name] = Metric(family.name, family.documentation, family.type)
@@ -90,15 +95,37 @@ class _Summed(Collector):
             yield family
 
 
+class _Fixed:
+    """A drift document already computed, for a DriftCollector."""
+
+    def __init__(self, doc: dict[str, Any] | None) -> None:
+        self.doc = doc
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return self.doc
+
+
 class _Forward:
-    """The component endpoints of the workers (`/shadow/requests/{id}`, `/shadow/labels`,
-    `/shadow/drift`) on the supervisor's admin port: answered by the first live worker. The
-    audit store is one file all workers write, so any worker can answer for any request."""
+    """The component endpoints of the workers on the supervisor's admin port. `/shadow/requests/{id}`
+    and `/shadow/labels` are answered by the first live worker: the audit store is one file all
+    workers write, so any worker can answer for any request. `/shadow/drift` is merged from every
+    worker when they share a baseline file, else answered by the first."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
     def routes(self) -> list[web.RouteDef]:
+        if self.supervisor.drift_baseline is not None:  # merged from every worker (see drift_snapshot)
+            async def drift(request: web.Request) -> web.StreamResponse:
+                doc = await self.supervisor.drift_snapshot()
+                if doc is None:
+                    return web.json_response({"error": "no worker is running"}, status=503)
+                return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+            return [
+                web.route("*", r"/shadow/{tail:(requests/.+|labels)}", self.forward),
+                web.get("/shadow/drift", drift),
+            ]
         return [web.route("*", r"/shadow/{tail:(requests/.+|labels|drift)}", self.forward)]
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -152,6 +179,14 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(workers)]
         self.draining = False
         self.components: list[Component] = []
+        # With a baseline file every worker bins against the same edges, so their drift windows
+        # add up; baselines learned in warm-up differ per worker, and the first worker speaks.
+        self.drift_baseline: Profile | None = None
+        if config.drift is not None and config.drift.baseline:
+            from shadowproxy.profile import ProfileError, load_profile  # numpy: only with [drift]
+
+            with contextlib.suppress(ProfileError):  # the workers report it (and exit 2) as they start
+                self.drift_baseline = load_profile(config.drift.baseline)
         if config.store.path or config.drift is not None:
             self.components.append(_Forward(self))
         self.readiness = Readiness(config.production)
@@ -274,11 +309,25 @@ class Supervisor:
         snapshot.update(extras)
         return snapshot
 
+    async def drift_snapshot(self) -> dict[str, Any] | None:
+        """`/shadow/drift` over every worker (with a baseline file; see `drift.merge_snapshots`)."""
+        from shadowproxy.drift import merge_snapshots
+
+        assert self.drift_baseline is not None
+        docs = [orjson.loads(body) for body in await self._from_all("/shadow/drift?full=1")]
+        return merge_snapshots(docs, self.drift_baseline) if docs else None
+
     async def metrics_exposition(self) -> bytes:
         expositions = [body.decode() for body in await self._from_all("/metrics")]
         merged, _ = await self._merged()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Summed(expositions))
+        skip: frozenset[str] = frozenset()
+        if self.drift_baseline is not None:
+            drift = DriftCollector()
+            drift.source = _Fixed(await self.drift_snapshot())
+            registry.register(drift)
+            skip = DriftCollector.FAMILIES
+        registry.register(_Summed(expositions, skip))
         registry.register(ShadowCollector(merged, self.config.gates))
         return generate_latest(registry)
 

@@ -210,6 +210,40 @@ def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_
     assert vectorised[2] is False
 
 
+def test_workers_drift_documents_merge_into_what_one_monitor_sees(tmp_path: Path) -> None:
+    # `serve --workers N` with a baseline file: each worker watches its share of the traffic; the
+    # supervisor adds up their window counts. Merged == one monitor fed everything == the reference.
+    profile_path = tmp_path / "baseline.json"
+    base_doc = build_profile(BASE_ROWS, predictions=[int(x) for x in np.random.default_rng(3).random(2000) < 0.3])
+    profile_path.write_bytes(orjson.dumps(base_doc.to_json()))
+    live = synthetic(6000, seed=10, shift=0.3)
+    rows = rows_of(live)
+    rows[5]["age"] = None  # a missing value, counted where it arrived
+    payloads = bodies(rows, per_request=200)
+    answers = [orjson.dumps({"predictions": [i % 2] * 200}) for i in range(len(payloads))]
+    one, first, second = (monitor(tmp_path, None, baseline=str(profile_path)) for _ in range(3))
+    feed(one, payloads, answers)
+    feed(first, payloads[::2], answers[::2])
+    feed(second, payloads[1::2], answers[1::2])
+    docs = [{**m.snapshot(), "state": m.window_counts()} for m in (first, second)]
+    merged = drift_module.merge_snapshots(docs, load_profile(profile_path))
+    alone = one.snapshot()
+    assert merged["workers"] == 2 and merged["window"] == alone["window"] == 6000
+    for name, figures in alone["features"].items():
+        for key in ("status", "missing", "invalid", "count", "kind"):
+            assert merged["features"][name][key] == figures[key], (name, key)
+        assert merged["features"][name]["psi"] == pytest.approx(figures["psi"], abs=1e-12), name
+        if figures["ks"] is not None:
+            assert merged["features"][name]["ks"] == pytest.approx(figures["ks"], abs=1e-12), name
+    expected_psi, expected_ks = ref_psi_ks(BASE["score"], live["score"])
+    assert merged["features"]["score"]["psi"] == pytest.approx(expected_psi, abs=1e-9)
+    assert merged["features"]["score"]["ks"] == pytest.approx(expected_ks, abs=1e-9)
+    assert merged["features"]["age"]["missing"] == 1
+    assert merged["predictions"]["psi"] == pytest.approx(alone["predictions"]["psi"], abs=1e-12)
+    assert merged["predictions"]["window"] == alone["predictions"]["window"] == 6000
+    assert merged["watched"] == alone["watched"]
+
+
 def test_warmup_learns_the_baseline_from_the_first_instances(tmp_path: Path) -> None:
     m = monitor(tmp_path, None, warmup=5000, window=5000)
     doc = feed(m, bodies(BASE_ROWS[:4000]))

@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import numpy as np
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from shadowproxy.profile import build_profile
 from tests.conftest import Upstream, free_port
 
 
@@ -167,3 +172,50 @@ warmup = 10
                 assert "features" in await r.json()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_drift_with_a_baseline_file_merges_every_workers_window(tmp_path: Path, upstream: Upstream) -> None:
+    rng = np.random.default_rng(11)
+    xs, ys = rng.normal(0, 1, 5000), rng.uniform(0, 1, 5000)
+    base = [{"x": float(v), "y": float(w)} for v, w in zip(xs, ys, strict=True)]
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes(orjson.dumps(build_profile(base).to_json()))
+    upstream.answer = lambda seen: {"predictions": [1] * 20}
+    serving = Workers(tmp_path, upstream.url, upstream.url, f"""
+[mirror]
+sample_rate = 0.0
+[drift]
+baseline = "{baseline}"
+window = 5000
+""")
+    live_x, live_y = rng.normal(0.5, 1, 1200), rng.uniform(0, 1, 1200)
+    async with serving.running() as proc:
+        async with aiohttp.ClientSession() as s:
+            for i in range(60):  # new connections, so both workers watch some of them
+                rows = [{"x": float(live_x[k]), "y": float(live_y[k])} for k in range(20 * i, 20 * i + 20)]
+                async with s.post(serving.url + "/", json={"instances": rows}, headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+            async with s.get(serving.admin + "/shadow/stats") as r:
+                assert all(w["requests"] > 0 for w in (await r.json())["workers"])  # both served traffic
+            async with s.get(serving.admin + "/shadow/drift") as r:
+                assert r.status == 200
+                doc = await r.json()
+            async with s.get(serving.admin + "/metrics") as r:
+                exposition = await r.text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert doc["workers"] == 2 and doc["window"] == 1200 and "state" not in doc
+    # The reference: every instance sent, binned against the baseline's own deciles (INTERFACE.md).
+    edges = np.quantile(xs, [k / 10 for k in range(1, 10)])
+    shares = np.bincount(np.searchsorted(edges, xs), minlength=10) / len(xs)
+    live = np.bincount(np.searchsorted(edges, live_x), minlength=10) / len(live_x)
+    shares, live = np.maximum(shares, 1e-4), np.maximum(live, 1e-4)
+    expected = float(np.sum((live - shares) * np.log(live / shares)))
+    assert doc["features"]["x"]["psi"] == pytest.approx(expected, abs=1e-9)
+    assert doc["features"]["x"]["status"] in ("warn", "alert")
+    samples = {
+        (s.name, tuple(s.labels.items())): s.value
+        for family in text_string_to_metric_families(exposition) for s in family.samples
+    }
+    assert samples[("shadowproxy_feature_drift_psi", (("feature", "x"),))] == pytest.approx(expected)
+    assert samples[("shadowproxy_drift_window_instances", ())] == 1200
