@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -113,6 +114,9 @@ async def test_sigterm_lets_slow_request_finish_then_exits_0(
         while not upstream.requests:
             await asyncio.sleep(0.01)
         serving.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(ConnectionRefusedError):  # draining: no longer accepting
+            await asyncio.open_connection("127.0.0.1", lp)
         response = await asyncio.wait_for(slow, 10)
         assert response.status == 200
         assert response.headers.get("Connection", "").lower() == "close"
@@ -151,6 +155,66 @@ async def test_sigint_also_drains_and_exits_0(tmp_path: Path, upstream: Upstream
     assert await asyncio.wait_for(serving.proc.wait(), 10) == 0
     assert serving.proc.stderr is not None
     assert b"Traceback" not in await serving.proc.stderr.read()
+
+
+async def _request(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    answer = await reader.read()
+    writer.close()
+    return answer.split(b"\r\n", 1)[0]
+
+
+async def test_a_burst_of_new_connections_is_accepted_and_answered(
+    tmp_path: Path, upstream: Upstream, processes: list
+) -> None:
+    lp, ap = free_port(), free_port()
+    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
+    processes.append(serving.proc)
+    lines = await asyncio.wait_for(asyncio.gather(*(_request(lp) for _ in range(300))), 20)
+    assert lines == [b"HTTP/1.1 200 OK"] * 300
+
+
+async def test_out_of_file_descriptors_is_counted_and_serving_resumes(
+    tmp_path: Path, upstream: Upstream, processes: list
+) -> None:
+    # The kernel completes handshakes the proxy cannot accept (no descriptor left): it counts them,
+    # backs off instead of spinning, and accepts again once descriptors are free.
+    lp, ap = free_port(), free_port()
+    config = write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=few_descriptors,
+    )
+    processes.append(proc)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 15)
+    held = [(await asyncio.open_connection("127.0.0.1", lp))[1] for _ in range(200)]
+    await asyncio.sleep(0.5)
+    for writer in held:
+        writer.close()
+    for _ in range(50):  # the proxy closes what it accepted, then accepts the rest and serves
+        await asyncio.sleep(0.1)
+        try:
+            if await asyncio.wait_for(_request(lp), 2) == b"HTTP/1.1 200 OK":
+                break
+        except (OSError, TimeoutError):
+            continue
+    else:
+        raise AssertionError("the proxy did not serve again after descriptors were freed")
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ap}/metrics") as r:
+        text = await r.text()
+    counter = 'shadowproxy_client_errors_total{reason="accept"}'
+    accept_errors = [line for line in text.splitlines() if line.startswith(counter)]
+    assert accept_errors and float(accept_errors[0].split()[-1]) >= 1, accept_errors
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert proc.stderr is not None
+    assert b"Traceback" not in await proc.stderr.read()
 
 
 # -- admin endpoints, in process --------------------------------------------------------------
