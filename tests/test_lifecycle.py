@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from shadowproxy.http.server import Server, ServerLimits
 from tests.conftest import RunningProxy, Upstream, closed_port_url, free_port
 
 
@@ -255,3 +256,13 @@ async def test_metrics_count_answers_by_status_class(upstream: Upstream, start_p
     assert 'shadowproxy_requests_total{status_class="5xx"} 1.0' in text
     assert 'shadowproxy_upstream_request_duration_seconds_count{target="production"} 4.0' in text
     assert 'shadowproxy_upstream_request_duration_seconds_bucket{le="30.0",target="production"} 4.0' in text
+
+
+async def test_listening_on_every_address_uses_one_port_for_all() -> None:
+    server = Server(lambda cycle: cycle.respond(200, "ok"), ServerLimits())
+    host, port = await server.listen("", 0)
+    try:
+        assert {sock.getsockname()[1] for sock in server._listener.sockets} == {port}  # type: ignore[union-attr]
+        assert (await _request(port)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.stop_accepting()

@@ -653,6 +653,8 @@ async def _listening_sockets(
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and len(infos) > 1:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin is bound too
+            if port == 0 and sockets[0] is not sock:  # one port for every address, like a fixed one
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
             sock.listen(4096)
             sock.setblocking(False)
