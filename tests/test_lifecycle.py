@@ -215,7 +215,10 @@ async def test_out_of_file_descriptors_is_counted_and_serving_resumes(
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 15) == 0
     assert proc.stderr is not None
-    assert b"Traceback" not in await proc.stderr.read()
+    log = await proc.stderr.read()
+    assert b"Traceback" not in log
+    assert 1 <= log.count(b"cannot accept connections") <= 5  # once per outage, not per retry (0.1 s)
+    assert b"accepting connections again" in log
 
 
 # -- admin endpoints, in process --------------------------------------------------------------

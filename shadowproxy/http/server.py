@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import httptools
 import orjson
 
 from shadowproxy.http.writes import CoalescedWrites, batch
+
+log = logging.getLogger("shadowproxy.http")
 
 _STATUS_LINES: dict[int, bytes] = {}
 _REASONS = {
@@ -631,6 +634,12 @@ class Server:
 
 ACCEPT_BATCH = 512  # connections accepted per readiness of a listening socket, so requests still run
 _ACCEPT_RETRY_S = 0.1  # after running out of file descriptors, try again this much later
+# accept(2), Linux: errors already pending on the new connection, "treated like EAGAIN by retrying"
+_ACCEPT_PASS = frozenset(
+    getattr(errno, name) for name in (
+        "ENETDOWN", "EPROTO", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    ) if hasattr(errno, name)
+)
 
 
 async def _listening_sockets(
@@ -679,6 +688,8 @@ class _Listener:
         self.loop = server.loop
         self.sockets = sockets
         self.closed = False
+        self.starved = False  # accept() failed for want of descriptors or memory; logged once
+        self._adopting: set[asyncio.Task[None]] = set()
         for sock in sockets:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -691,17 +702,26 @@ class _Listener:
                 return
             except ConnectionAbortedError:
                 continue
-            except OSError as exc:  # out of file descriptors or memory: let some close first
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PASS:  # accept(2): network errors pending on that connection
+                    continue
                 self.server.count_client_error("accept")
+                if not self.starved:  # once per outage, not once per retry
+                    self.starved = True
+                    log.warning("cannot accept connections (%s): trying again every %.1f s", exc, _ACCEPT_RETRY_S)
+                # Out of file descriptors or memory (or worse): let some close before trying again.
                 loop.remove_reader(listening.fileno())
                 loop.call_later(_ACCEPT_RETRY_S, self._resume, listening)
                 return
+            if self.starved:
+                self.starved = False
+                log.warning("accepting connections again")
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop.create_task(self._adopt(sock))
+            task = loop.create_task(self._adopt(sock))
+            self._adopting.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._adopting.discard)
 
     async def _adopt(self, sock: socket.socket) -> None:
         if self.closed:
