@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from shadowproxy.admin import make_admin_app
+from shadowproxy.admin import json_response, make_admin_app
 from shadowproxy.config import Config
 from shadowproxy.metrics import DriftCollector, ShadowCollector
 from shadowproxy.observers import Component
@@ -119,8 +119,8 @@ class _Forward:
             async def drift(request: web.Request) -> web.StreamResponse:
                 doc = await self.supervisor.drift_snapshot()
                 if doc is None:
-                    return web.json_response({"error": "no worker is running"}, status=503)
-                return web.Response(body=orjson.dumps(doc), content_type="application/json")
+                    return json_response({"error": "no worker is running"}, 503)
+                return json_response(doc)
 
             return [
                 web.route("*", r"/shadow/{tail:(requests/.+|labels)}", self.forward),
