@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +418,20 @@ async def test_without_a_drift_table_there_is_no_monitor(upstream: Upstream, sta
 def test_drift_config_defaults_match_the_interface() -> None:
     config = DriftConfig()
     assert dataclasses.astuple(config) == ("", 5000, 1.0, 10000, (), 100)
+
+
+async def test_close_returns_even_when_it_meets_a_wake_up(tmp_path: Path) -> None:
+    # The background task waits for a wake-up or its interval; a close() that arrives as a full
+    # batch wakes it must still end it (asyncio.wait_for on 3.11 could swallow that cancellation).
+    payload = orjson.dumps({"instances": BASE_ROWS[:1]})
+    for _ in range(20):
+        m = monitor(tmp_path, BASE_ROWS)
+        await m.start()
+        await asyncio.sleep(0)
+        for _ in range(drift_module.PROCESS_BATCH):  # the 256th record wakes the task
+            m.on_exchange(record(payload), wanted=True)
+        started = time.perf_counter()
+        await asyncio.wait_for(m.close(), 2)
+        # At once: not after the task has processed the batch and waited out part of its interval.
+        assert time.perf_counter() - started < 0.1
+        assert m._task is None
