@@ -660,8 +660,8 @@ async def _listening_sockets(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and len(infos) > 1:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin is bound too
+            if family == socket.AF_INET6:  # as asyncio's create_server (and nginx) do: IPv6 only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and sockets[0] is not sock:  # one port for every address, like a fixed one
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
