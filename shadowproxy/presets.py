@@ -23,6 +23,7 @@ __all__ = [
     "PRESETS",
     "PresetError",
     "extract_predictions",
+    "flatten",
     "parse_pointer",
     "resolve_pointer",
 ]
@@ -163,7 +164,7 @@ def _oip_output(out: object) -> list[object]:
     dims: list[int] = shape
     if data and isinstance(data[0], list):
         # The spec allows row-major nested data as well as flat; flatten it once.
-        data = _flatten(data)
+        data = flatten(data)
     if len(data) != math.prod(dims):
         raise PresetError(
             f"output {name!r}: data has {len(data)} elements, shape {dims} needs {math.prod(dims)}"
@@ -171,11 +172,12 @@ def _oip_output(out: object) -> list[object]:
     return _reshape(data, dims)
 
 
-def _flatten(values: list[object]) -> list[object]:
+def flatten(values: list[object]) -> list[object]:
+    """Nested lists as one flat list, in row-major order (a tensor's `data` in OIP v2)."""
     flat: list[object] = []
     for item in values:
         if isinstance(item, list):
-            flat.extend(_flatten(item))
+            flat.extend(flatten(item))
         else:
             flat.append(item)
     return flat

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from shadowproxy.presets import PRESETS, PresetError, extract_predictions
+from shadowproxy.presets import PRESETS, PresetError, extract_predictions, flatten
 
 __all__ = [
     "MISSING",
@@ -144,7 +144,7 @@ def _oip_v2_instances(doc: Mapping[str, object]) -> list[dict[str, object]]:
             raise InstanceError("an input lacks name, shape or data")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InstanceError(f"input {name!r}: bad shape {shape}")
-        flat = _flatten(data) if data and isinstance(data[0], list) else data
+        flat = flatten(data) if data and isinstance(data[0], list) else data
         n, width = shape[0], math.prod(shape[1:])
         if len(flat) != n * width:
             raise InstanceError(f"input {name!r}: {len(flat)} elements, shape {shape} needs {n * width}")
@@ -154,16 +154,6 @@ def _oip_v2_instances(doc: Mapping[str, object]) -> list[dict[str, object]]:
         for i in range(n):
             rows[i].update(zip(keys, flat[i * width : (i + 1) * width], strict=True))
     return rows
-
-
-def _flatten(values: list[object]) -> list[object]:
-    flat: list[object] = []
-    for item in values:
-        if isinstance(item, list):
-            flat.extend(_flatten(item))
-        else:
-            flat.append(item)
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------------
