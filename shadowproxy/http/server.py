@@ -20,7 +20,7 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
-from shadowproxy.http.writes import CoalescedWrites, batch
+from shadowproxy.http.writes import CoalescedWrites
 
 log = logging.getLogger("shadowproxy.http")
 
@@ -334,18 +334,9 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
                 cycle.sink.on_client_lost()
         self.server.connection_closed()
 
-    def data_received(self, data: bytes) -> None:
+    def _data_received(self, data: bytes) -> None:  # under CoalescedWrites.data_received
         if self.closing:
             return
-        batch.depth += 1
-        try:
-            self._data_received(data)
-        finally:
-            batch.depth -= 1
-            if batch.dirty and not batch.depth:
-                batch.flush_all()
-
-    def _data_received(self, data: bytes) -> None:
         if self._in_head or self.parsing is None:
             self._head_bytes += len(data)
         try:

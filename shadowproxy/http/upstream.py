@@ -22,7 +22,7 @@ import httptools
 
 from shadowproxy.config import UpstreamURL
 from shadowproxy.http.server import connection_tokens
-from shadowproxy.http.writes import CoalescedWrites, batch
+from shadowproxy.http.writes import CoalescedWrites
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -119,16 +119,7 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         failure = UpstreamError(f"upstream closed the connection: {exc}" if exc else "upstream closed the connection")
         sink.on_response_failed(failure)
 
-    def data_received(self, data: bytes) -> None:
-        batch.depth += 1
-        try:
-            self._data_received(data)
-        finally:
-            batch.depth -= 1
-            if batch.dirty and not batch.depth:
-                batch.flush_all()
-
-    def _data_received(self, data: bytes) -> None:
+    def _data_received(self, data: bytes) -> None:  # under CoalescedWrites.data_received
         self._got_bytes = True
         if self.sink is None:
             # Bytes nobody asked for (an idle connection): the stream is out of step, drop it.

@@ -39,13 +39,27 @@ batch = _Batch()
 
 
 class CoalescedWrites:
-    """Mixin for a protocol with `transport`, `closed` and `_out`: `write` holds data while a
-    `data_received` runs (then `flush` sends it as one buffer) and sends at once otherwise."""
+    """Mixin for a protocol with `transport`, `closed`, `_out` and `_data_received`: its
+    `data_received` runs `_data_received` with writes held (`write` keeps data while any
+    `data_received` runs, then every connection written to is flushed as one buffer each); a
+    write outside one is sent at once."""
 
     __slots__ = ()
     transport: asyncio.Transport | None
     closed: bool
     _out: list[bytes]
+
+    def _data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> None:
+        batch.depth += 1
+        try:
+            self._data_received(data)
+        finally:
+            batch.depth -= 1
+            if batch.dirty and not batch.depth:
+                batch.flush_all()
 
     def write(self, data: bytes) -> None:
         if self.closed:
