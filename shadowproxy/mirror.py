@@ -24,7 +24,6 @@ from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
 from shadowproxy.http.server import Cycle, render_fields
 from shadowproxy.http.upstream import (
     BufferedResponse,
-    ConnectFailed,
     UpstreamConnection,
     UpstreamPool,
 )
@@ -306,26 +305,14 @@ class ShadowExchange:
     def start(self) -> None:
         conn = self.mirror.pool.acquire_idle()
         if conn is not None:
-            self._send(conn)
+            self.attach(conn)
         else:
-            self.task = self.mirror.loop.create_task(self._connect())
+            self.task = self.mirror.pool.connect_for(self)
 
-    async def _connect(self) -> None:
-        try:
-            conn = await self.mirror.pool.acquire()
-        except ConnectFailed:
-            self.task = None
-            self._end(None, "connect")
-            return
-        except asyncio.CancelledError:
-            return
-        self.task = None
-        if self.done:
-            conn.close()
-            return
-        self._send(conn)
+    def acquire_failed(self) -> None:
+        self._end(None, "connect")
 
-    def _send(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.status, self.headers, self.chunks, self.size, self.truncated = 0, [], [], 0, False
         self.t_sent = perf_counter()
@@ -375,7 +362,7 @@ class ShadowExchange:
             if conn.reused and not self.retried and not conn._got_bytes and not self.done:
                 # A pooled connection the candidate had closed while idle: once more on a new one.
                 self.retried = True
-                self.task = self.mirror.loop.create_task(self._connect())
+                self.task = self.mirror.pool.connect_for(self)
                 return
         self._end(None, "malformed" if "malformed" in str(exc) else "reset")
 

@@ -18,7 +18,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from shadowproxy.http.server import Cycle, render_fields
-from shadowproxy.http.upstream import ConnectFailed, UpstreamConnection, UpstreamPool
+from shadowproxy.http.upstream import UpstreamConnection, UpstreamPool
 from shadowproxy.metrics import Metrics
 from shadowproxy.observers import ExchangeRecord, Observer
 
@@ -238,27 +238,15 @@ class Exchange:
         proxy.waiting.add(self)
         conn = proxy.pool.acquire_idle()
         if conn is not None:
-            self._attach(conn)
+            self.attach(conn)
         else:
-            self.task = proxy.loop.create_task(self._connect())
+            self.task = proxy.pool.connect_for(self)
 
-    async def _connect(self) -> None:
-        try:
-            conn = await self.proxy.pool.acquire()
-        except ConnectFailed:
-            self.task = None
-            self.proxy.metrics.upstream_failures.labels("production", "connect").inc()
-            self._fail(502, "production unreachable")
-            return
-        except asyncio.CancelledError:
-            return
-        self.task = None
-        if self.done:
-            conn.close()
-            return
-        self._attach(conn)
+    def acquire_failed(self) -> None:
+        self.proxy.metrics.upstream_failures.labels("production", "connect").inc()
+        self._fail(502, "production unreachable")
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.t_sent = perf_counter()  # not loop.time(): uvloop's has millisecond resolution
         conn.start(self, self.head, head_request=self.cycle.method == b"HEAD")
@@ -426,7 +414,7 @@ class Exchange:
             self.retried = True
             self.pending = list(self.retry_body)
             self.request_sent = False
-            self.task = self.proxy.loop.create_task(self._connect())
+            self.task = self.proxy.pool.connect_for(self)
             return
         kind = "malformed" if "malformed" in str(exc) else "reset"
         self.proxy.metrics.upstream_failures.labels("production", kind).inc()

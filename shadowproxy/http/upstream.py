@@ -63,6 +63,17 @@ class ResponseSink(Protocol):
     def resume_request_body(self) -> None: ...
 
 
+class Acquirer(Protocol):
+    """An exchange waiting for a connection (`UpstreamPool.connect_for`)."""
+
+    done: bool  # finished meanwhile (answered, timed out, client gone): it takes no connection
+    task: asyncio.Task[None] | None  # the waiting task; None once it has ended
+
+    def attach(self, conn: UpstreamConnection) -> None: ...
+
+    def acquire_failed(self) -> None: ...
+
+
 class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
     """One keep-alive connection to an upstream, carrying one exchange at a time."""
 
@@ -308,6 +319,27 @@ class UpstreamPool:
                     waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+
+    def connect_for(self, exchange: Acquirer) -> asyncio.Task[None]:
+        """A task that waits for a connection (opening one when the pool allows) and attaches it to
+        `exchange`, or tells it `acquire_failed` when none could be opened. An exchange that is done
+        by then gets none: the connection is closed, not pooled (its state is unknown)."""
+        return asyncio.get_running_loop().create_task(self._connect_for(exchange))
+
+    async def _connect_for(self, exchange: Acquirer) -> None:
+        try:
+            conn = await self.acquire()
+        except ConnectFailed:
+            exchange.task = None
+            exchange.acquire_failed()
+            return
+        except asyncio.CancelledError:
+            return
+        exchange.task = None
+        if exchange.done:
+            conn.close()
+            return
+        exchange.attach(conn)
 
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
