@@ -36,6 +36,7 @@ __all__ = [
     "ListenConfig",
     "MirrorConfig",
     "ProductionConfig",
+    "UpstreamConfig",
     "StoreConfig",
     "UpstreamURL",
     "load_config",
@@ -316,13 +317,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ProductionConfig:
-    """[production]: the model whose answers clients get."""
+class UpstreamConfig:
+    """What [production] and [candidate] share: where the model is, how long it may take, and
+    the trust for an https URL (`ca_file`, `tls_verify` are not in INTERFACE.md's [candidate]
+    table: an https candidate needs them as much as production)."""
 
     url: str = field(metadata={"check": _string(_url)})
     timeout_s: float = _key(10.0, _POSITIVE)
-    max_connections: int = _key(1024, _COUNT)
-    pool_idle_timeout_s: float = _key(4.0, _POSITIVE)
     ca_file: str = _key("", _string())
     tls_verify: bool = _key(True, _boolean)
 
@@ -332,20 +333,19 @@ class ProductionConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class CandidateConfig:
+class ProductionConfig(UpstreamConfig):
+    """[production]: the model whose answers clients get."""
+
+    max_connections: int = _key(1024, _COUNT)
+    pool_idle_timeout_s: float = _key(4.0, _POSITIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateConfig(UpstreamConfig):
     """[candidate]: the model under test; its answers never reach clients."""
 
-    url: str = field(metadata={"check": _string(_url)})
-    timeout_s: float = _key(10.0, _POSITIVE)
     max_in_flight: int = _key(256, _COUNT)
     backoff_after: int = _key(5, _COUNT)
-    # Not in INTERFACE.md's [candidate] table: an https candidate needs them as much as production.
-    ca_file: str = _key("", _string())
-    tls_verify: bool = _key(True, _boolean)
-
-    @property
-    def target(self) -> UpstreamURL:
-        return parse_upstream_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)
