@@ -86,15 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         h.closed_loop_headers("÷ off") + ["errors", "instances watched", "drift dropped"],
         rows, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, POST {len(payload)}-byte JSON "
                     f"({args.instances} instance(s) x {args.features} features)"))
-    failed = {s.name: med[s.name]["errors_seen"] for s in setups if med[s.name]["errors_seen"]}
-    for n, errs in failed.items():
-        print(f"! {n}: {len(errs)} failed repetition(s): {errs[0]}")
+    failed = h.failures(med)
+    for line in h.failure_notes(failed):
+        print(f"! {line}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    h.run_main(main)

@@ -42,7 +42,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -1065,6 +1065,25 @@ def medians(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dic
         med["errors_seen"] = [r["error"] for r in runs if "error" in r]
         out[name] = med
     return out
+
+
+def failures(med: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The setups with failed repetitions (from `medians`), each with its failure messages."""
+    return {name: list(m["errors_seen"]) for name, m in med.items() if m.get("errors_seen")}
+
+
+def failure_notes(failed: Mapping[str, Sequence[str]]) -> list[str]:
+    """One line per setup of `failures`: how many repetitions failed, and the first reason."""
+    return [f"{name}: {len(errs)} failed repetition(s): {errs[0]}" for name, errs in failed.items()]
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A benchmark's `__main__`: exit with main()'s code, or 130 on Ctrl-C (processes are reaped)."""
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 # --------------------------------------------------------------------------------------------------

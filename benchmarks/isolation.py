@@ -287,17 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     for text, ok in targets:
         print(f"  {'met    ' if ok else 'NOT MET' if ok is False else 'unknown'}  {text}")
 
-    errors = {s.name: med[s.name]["errors_seen"] for s in setups if med[s.name]["errors_seen"]}
-    for name, errs in errors.items():
-        print(f"! {name}: {len(errs)} failed repetition(s): {errs[0]}")
+    errors = h.failures(med)
+    for line in h.failure_notes(errors):
+        print(f"! {line}")
     if errors or "error" in mem:
         return 1
     return 0 if all(ok for _, ok in targets) else 4
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    h.run_main(main)

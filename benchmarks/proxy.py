@@ -110,13 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             rows, title=f"Open loop: hey -n {args.open_requests} -c {conc} -q {per_worker} "
                         f"({conc * per_worker} requests/s; hey rounds to 0.1 ms)"))
 
-    failed = {n: med[n]["errors_seen"] for n in names if med[n]["errors_seen"]}
+    failed = h.failures(med)
     spx = med.get("shadowproxy")
     notes = []
     if spx and spx.get("mirrored"):
         notes.append(f"shadowproxy at sample_rate 0.0 sent {spx['mirrored']:.0f} requests to the candidate")
-    for n, errs in failed.items():
-        notes.append(f"{n}: {len(errs)} failed repetition(s): {errs[0]}")
+    notes += h.failure_notes(failed)
     if notes:
         print()
         for line in notes:
@@ -125,8 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    h.run_main(main)

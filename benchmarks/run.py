@@ -469,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
 
     notes = checks(med)
-    failed = {n: med[n]["errors_seen"] for n in names if med[n]["errors_seen"]}
-    notes += [f"{n}: {len(e)} failed repetition(s): {e[0]}" for n, e in failed.items()]
+    failed = h.failures(med)
+    notes += h.failure_notes(failed)
     if notes:
         print()
         for line in notes:
@@ -484,8 +484,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    h.run_main(main)

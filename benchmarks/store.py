@@ -88,15 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "within" if ratio >= 0.9 else "OVER"
         print(f"\nstore cost: {(1 - ratio) * 100:.1f}% of requests/s ({verdict} the 10% target); "
               f"rows in the file after all runs: {rows_in_file}")
-    failed = [n for n in med if med[n]["errors_seen"]]
-    for n in failed:
-        print(f"! {n}: {med[n]['errors_seen'][0]}")
+    failed = h.failures(med)
+    for line in h.failure_notes(failed):
+        print(f"! {line}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    h.run_main(main)
