@@ -323,17 +323,12 @@ def wait_for_port(port: int, host: str = HOST, timeout: float = 15.0, proc: Proc
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """(status, body); status 0 when the connection fails."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (OSError, urllib.error.URLError):
-        return 0, b""
+    return http_request(url, timeout=timeout)
 
 
 def http_request(url: str, method: str = "GET", body: bytes | None = None,
                  headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of any request; status 0 when the connection fails."""
     req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
