@@ -328,7 +328,6 @@ class DriftMonitor:
         self.unparseable = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._cache: tuple[tuple[int, ...], dict[str, Any]] | None = None
         if metrics is not None:
             metrics.drift.source = self
@@ -435,7 +434,7 @@ class DriftMonitor:
             return []
 
     async def _run(self) -> None:
-        while not self._closing:
+        while True:
             timed_out = False
             try:
                 # asyncio.timeout, not wait_for: no task per wait, and wait_for on Python 3.11 can
@@ -459,7 +458,6 @@ class DriftMonitor:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
