@@ -26,7 +26,10 @@ from shadowproxy.config import Config, parse_config
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    # The proxy runs on uvloop in production; test it there.
+    # The proxy runs on uvloop in production; test it there. Tests marked `both_loops` also run
+    # on asyncio's own loop, which calls protocol methods uvloop may not (`eof_received`).
+    if item.get_closest_marker("both_loops") is not None:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 

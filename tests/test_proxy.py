@@ -242,6 +242,34 @@ async def test_malformed_request_line_is_rejected(upstream: Upstream, start_prox
     assert b"connection: close" in raw.lower()
 
 
+@pytest.mark.both_loops
+async def test_client_half_close_is_a_disconnect_without_errors(upstream: Upstream, start_proxy) -> None:
+    # A client that shuts its sending side down (EOF) is treated as gone, as nginx does without
+    # proxy_ignore_client_abort: the upstream exchange is cancelled, nothing is raised in the loop.
+    proxy = await start_proxy(upstream.url)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET /delay/5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        writer.close()
+        pool = proxy.proxy.production_pool
+        assert pool is not None
+        for _ in range(100):
+            if pool.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.open_connections == 0
+        async with client() as s, s.get(proxy.url + "/after") as r:
+            assert r.status == 200
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
 async def test_pipelined_requests_are_answered_in_order(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url)
     request = (b"GET /delay/0.2 HTTP/1.1\r\nHost: x\r\n\r\n"

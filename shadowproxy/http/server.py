@@ -20,7 +20,7 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
-from shadowproxy.http.writes import CoalescedWrites
+from shadowproxy.http.writes import CoalescedWrites, as_protocol
 
 log = logging.getLogger("shadowproxy.http")
 
@@ -279,7 +279,7 @@ class Cycle:
         self.conn.abort()
 
 
-class ClientConnection(CoalescedWrites, asyncio.Protocol):
+class ClientConnection(CoalescedWrites):
     """One client connection: parses requests, answers them in order."""
 
     def __init__(self, server: Server) -> None:
@@ -719,7 +719,7 @@ class _Listener:
             sock.close()
             return
         try:
-            await self.loop.connect_accepted_socket(lambda: ClientConnection(self.server), sock)
+            await self.loop.connect_accepted_socket(lambda: as_protocol(ClientConnection(self.server)), sock)
         except OSError:  # the client left before its transport was made
             sock.close()
 

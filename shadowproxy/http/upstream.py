@@ -22,7 +22,7 @@ import httptools
 
 from shadowproxy.config import UpstreamURL
 from shadowproxy.http.server import connection_tokens
-from shadowproxy.http.writes import CoalescedWrites
+from shadowproxy.http.writes import CoalescedWrites, as_protocol
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -74,7 +74,7 @@ class Acquirer(Protocol):
     def acquire_failed(self) -> None: ...
 
 
-class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
+class UpstreamConnection(CoalescedWrites):
     """One keep-alive connection to an upstream, carrying one exchange at a time."""
 
     __slots__ = (
@@ -349,7 +349,7 @@ class UpstreamPool:
         try:
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: conn,
+                    lambda: as_protocol(conn),
                     target.host,
                     target.port,
                     ssl=self.ssl,

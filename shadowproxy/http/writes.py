@@ -10,7 +10,7 @@ connection and sent as one buffer when it returns.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Protocol, cast
 
 
 class Flushable(Protocol):
@@ -39,10 +39,14 @@ batch = _Batch()
 
 
 class CoalescedWrites:
-    """Mixin for a protocol with `transport`, `closed`, `_out` and `_data_received`: its
-    `data_received` runs `_data_received` with writes held (`write` keeps data while any
-    `data_received` runs, then every connection written to is flushed as one buffer each); a
-    write outside one is sent at once."""
+    """Base of our two protocols (client and upstream connection), which set `transport`,
+    `closed` and `_out` and implement `_data_received`: `data_received` runs `_data_received`
+    with writes held (`write` keeps data while any `data_received` runs, then every connection
+    written to is flushed as one buffer each); a write outside one is sent at once.
+
+    Not a subclass of `asyncio.Protocol`: the loop only calls the protocol's methods, and a class
+    with a Python base could not be compiled to a native class (see `build.py`). `as_protocol`
+    tells the type checker what the loop is given."""
 
     __slots__ = ()
     transport: asyncio.Transport | None
@@ -51,6 +55,10 @@ class CoalescedWrites:
 
     def _data_received(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its side: None lets the transport close (asyncio.Protocol's default)."""
+        return None
 
     def data_received(self, data: bytes) -> None:
         batch.depth += 1
@@ -78,3 +86,8 @@ class CoalescedWrites:
             self._out = []  # type: ignore[misc]  # the slot is the subclass's
             if self.transport is not None and not self.closed:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+def as_protocol(conn: CoalescedWrites) -> asyncio.Protocol:
+    """`conn` for `loop.create_connection` and friends, which call protocols by their methods."""
+    return cast(asyncio.Protocol, conn)
