@@ -1,7 +1,9 @@
 # shadowproxy: slim runtime image, non-root, config mounted at /etc/shadowproxy/shadowproxy.toml.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# A C compiler for the hot path's mypyc build (setup.py); it stays in this stage.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY shadowproxy ./shadowproxy
 RUN pip install --no-cache-dir --prefix=/install .
 

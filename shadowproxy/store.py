@@ -77,12 +77,12 @@ class StoreWriter:
         self._failing: set[str] = set()
         self._next_open = 0.0
         self._next_prune = 0.0
-        self._thread = threading.Thread(target=self._run, name="shadowproxy-store", daemon=True)
+        self._writer_thread = threading.Thread(target=self._run, name="shadowproxy-store", daemon=True)
 
     # -- loop side -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._writer_thread.start()
 
     def wait_opened(self, timeout: float) -> bool:
         return self._opened.wait(timeout)
@@ -98,8 +98,8 @@ class StoreWriter:
         """Write what is queued, close the file; False when the thread did not finish in time."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._writer_thread.join(timeout)
+        return not self._writer_thread.is_alive()
 
     # -- thread side ---------------------------------------------------------------------------
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -40,3 +44,49 @@ def test_healthcheck_command_is_valid_python_probing_healthz() -> None:
     code = match.group(1)
     assert "/healthz" in code
     compile(code, "<healthcheck>", "exec")
+
+
+# -- the compiled hot path (setup.py) ----------------------------------------------------------
+
+PROBE = "import shadowproxy, sys; sys.stdout.write(str(shadowproxy.compiled()))"
+
+
+def test_setup_compiles_exactly_the_modules_the_package_lists() -> None:
+    import shadowproxy
+
+    listed = re.search(r"^COMPILED = \[(.*?)\]", (ROOT / "setup.py").read_text(), re.MULTILINE | re.DOTALL)
+    assert listed
+    paths = re.findall(r'"(shadowproxy/[\w/]+)\.py"', listed.group(1))
+    assert [p.replace("/", ".") for p in paths] == list(shadowproxy.COMPILED_MODULES)
+
+
+def _built() -> bool:
+    import shadowproxy
+
+    return all(shadowproxy._built(name) is not None for name in shadowproxy.COMPILED_MODULES)
+
+
+def _probe(pythonpath: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "SHADOWPROXY_PURE_PYTHON"}
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                          cwd=pythonpath, env={**environ, "PYTHONPATH": str(pythonpath), **env})
+
+
+@pytest.mark.skipif(not _built(), reason="hot path not compiled in this checkout (no C compiler, or pure install)")
+def test_built_modules_run_compiled_unless_asked_or_stale(tmp_path: Path) -> None:
+    # A copy of the checkout (package, its builds, the shared library, pyproject.toml): editing a
+    # source there must not touch the tree the other tests import.
+    shutil.copytree(ROOT / "shadowproxy", tmp_path / "shadowproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for lib in ROOT.glob("shadowproxy__mypyc*"):
+        shutil.copy(lib, tmp_path)
+    fresh = _probe(tmp_path)
+    assert (fresh.stdout, fresh.stderr) == ("True", "")
+    asked = _probe(tmp_path, SHADOWPROXY_PURE_PYTHON="1")
+    assert (asked.stdout, asked.stderr) == ("False", "")
+    source = tmp_path / "shadowproxy" / "proxy.py"
+    later = max(lib.stat().st_mtime for lib in source.parent.glob("proxy.*.so")) + 10
+    os.utime(source, (later, later))
+    stale = _probe(tmp_path)
+    assert stale.stdout == "False"
+    assert "shadowproxy/proxy.py changed since it was compiled" in stale.stderr
