@@ -90,3 +90,12 @@ def test_built_modules_run_compiled_unless_asked_or_stale(tmp_path: Path) -> Non
     stale = _probe(tmp_path)
     assert stale.stdout == "False"
     assert "shadowproxy/proxy.py changed since it was compiled" in stale.stderr
+
+
+def test_the_build_sees_the_runtime_dependencies_mypyc_type_checks_against() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = pyproject["build-system"]["requires"]
+    assert any(req.startswith("mypy") for req in build)
+    assert set(pyproject["project"]["dependencies"]) <= set(build)
