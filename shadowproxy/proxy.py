@@ -15,7 +15,7 @@ import time
 from bisect import bisect_left
 from random import getrandbits
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from shadowproxy.http.server import Cycle, render_fields
 from shadowproxy.http.upstream import UpstreamConnection, UpstreamPool
@@ -32,19 +32,19 @@ log = logging.getLogger("shadowproxy.proxy")
 
 # RFC 9110 §7.6.1 (plus the RFC 2616 names still seen in the wild): meaningful for one connection
 # only, never forwarded. Fields named in `Connection` join them per message.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
 # Rewritten by us on the way up: framing is ours, Expect was answered by us, Host is the upstream's.
-_REWRITTEN = frozenset(
+_REWRITTEN: Final = frozenset(
     (b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
      b"x-request-id")
 )
 # RFC 9110 §9.2.2: only these may be sent twice when a pooled connection turns out to be stale.
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 # Bodies up to this size are kept until the answer starts, so a stale connection can be retried.
-_RETRY_BODY_MAX = 64 * 1024
-_PENDING_HIGH = 256 * 1024
+_RETRY_BODY_MAX: Final = 64 * 1024
+_PENDING_HIGH: Final = 256 * 1024
 
 
 def new_request_id() -> bytes:
@@ -101,7 +101,7 @@ class Proxy:
         request_id = b""
         forwarded_for = b""
         client_host = b""
-        for (name, value), lname in zip(headers, cycle.lnames, strict=True):
+        for (name, value), lname in zip(headers, cycle.lnames):  # noqa: B905  plain zip compiles to a loop; equal lengths, built together
             if lname in drop:
                 continue
             if lname in _REWRITTEN:
@@ -343,7 +343,7 @@ class Exchange:
         drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
         out: list[tuple[bytes, bytes]] = []
         has_request_id = False
-        for header, lname in zip(headers, lnames, strict=True):
+        for header, lname in zip(headers, lnames):  # noqa: B905  plain zip compiles to a loop; equal lengths, built together
             if lname in drop:
                 continue
             if lname == b"x-request-id":
@@ -492,7 +492,7 @@ class Exchange:
             b"".join(request_capture) if request_capture is not None else None,
             response_body,
         )
-        for (observer, on_exchange, every), wanted in zip(self.proxy._tell, wants, strict=True):
+        for (observer, on_exchange, every), wanted in zip(self.proxy._tell, wants):  # noqa: B905  plain zip compiles to a loop; both per observer
             if not (wanted or every or mirrored):
                 continue
             try:

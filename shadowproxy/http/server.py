@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 import orjson
@@ -30,8 +30,8 @@ _REASONS = {
     431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection"))
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection"))
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # Connection values that name no other field (by far the most common ones).
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 
@@ -52,7 +52,7 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 
 # Above this much request body held for a handler that is not yet connected, stop reading.
-_BODY_BUFFER_HIGH = 256 * 1024
+_BODY_BUFFER_HIGH: Final = 256 * 1024
 
 
 class RequestSink(Protocol):
@@ -126,7 +126,7 @@ class _Discard:
         pass
 
 
-_DISCARD = _Discard()
+_DISCARD: Final = _Discard()
 
 
 class Cycle:

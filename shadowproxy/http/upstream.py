@@ -16,7 +16,7 @@ import contextlib
 import ssl as ssl_module
 import time
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -25,9 +25,9 @@ from shadowproxy.http.server import connection_tokens
 from shadowproxy.http.writes import CoalescedWrites, as_protocol
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
-_NO_BODY_STATUSES = frozenset((204, 304))
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_BODY_STATUSES: Final = frozenset((204, 304))
+_FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 class UpstreamError(Exception):

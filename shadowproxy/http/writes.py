@@ -10,7 +10,7 @@ connection and sent as one buffer when it returns.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 
 class Flushable(Protocol):
@@ -35,7 +35,7 @@ class _Batch:
 
 # One event loop per process (DESIGN.md), so one batch; `depth` nests when callbacks of one
 # protocol write to another protocol whose own data_received is not running.
-batch = _Batch()
+batch: Final = _Batch()
 
 
 class CoalescedWrites:
