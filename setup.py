@@ -21,9 +21,10 @@ from typing import Any
 
 from setuptools import setup
 
-# The modules every proxied or mirrored request runs through. Kept out: compare.py and drift.py
-# (mypyc checks `float` annotations strictly, and JSON integers reach them), models.py and the
-# control plane (startup, admin, config), where speed does not matter.
+# The modules every proxied, mirrored or observed request runs through. The control plane
+# (startup, config, admin, report) and the demo models stay Python: speed does not matter there.
+# compare.py annotates JSON numbers as `int | float`, not `float`: compiled code checks a `float`
+# annotation strictly and would raise on a JSON integer.
 COMPILED = [
     "shadowproxy/http/writes.py",
     "shadowproxy/http/server.py",
@@ -36,6 +37,9 @@ COMPILED = [
     "shadowproxy/observers.py",
     "shadowproxy/store.py",
     "shadowproxy/audit.py",
+    "shadowproxy/compare.py",
+    "shadowproxy/presets.py",
+    "shadowproxy/drift.py",
 ]
 
 

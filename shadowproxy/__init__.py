@@ -25,6 +25,9 @@ COMPILED_MODULES = (
     "shadowproxy.observers",
     "shadowproxy.store",
     "shadowproxy.audit",
+    "shadowproxy.compare",
+    "shadowproxy.presets",
+    "shadowproxy.drift",
 )
 
 _HERE = Path(__file__).resolve().parent

@@ -44,6 +44,9 @@ _SIMILARITY_MAX_CHARS = 4096
 _NUMBER_TYPES = frozenset((int, float))
 _NUMBER_TYPES_SET: set[type] = {int, float}
 
+# A JSON number: int or float. Spelled out (not `float`, which type checkers let ints pass as)
+# because compiled code checks a `float` annotation strictly at run time.
+Number = int | float
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
 Preds = Sequence[object]
@@ -163,7 +166,7 @@ def _compare_labels(prod: Preds, cand: Preds, out: Comparison) -> None:
 # ---------------------------------------------------------------- numeric
 
 
-def _close(p: float, c: float, abs_tol: float, rel_tol: float) -> tuple[bool, float]:
+def _close(p: Number, c: Number, abs_tol: float, rel_tol: float) -> tuple[bool, float]:
     """Agreement and |c - p| for two numbers; never raises (huge ints overflow floats)."""
     try:
         fp = float(p)
@@ -263,14 +266,14 @@ def _shape(v: object) -> tuple[int, ...] | None:
     return () if _is_number(v) else None
 
 
-def _flat(v: object) -> list[float]:
+def _flat(v: object) -> list[Number]:
     if isinstance(v, list):
         return [x for item in v for x in _flat(item)]
     assert isinstance(v, (int, float))
     return [v]
 
 
-def _cosine(a: list[float], b: list[float]) -> float | None:
+def _cosine(a: list[Number], b: list[Number]) -> float | None:
     try:
         dot = math.fsum(x * y for x, y in zip(a, b, strict=True))
         na = math.sqrt(math.fsum(x * x for x in a))

@@ -326,6 +326,9 @@ class DriftMonitor:
         self.queued_bytes = 0
         self.dropped = 0
         self.unparseable = 0
+        # Batches of list instances binned in one numpy call per feature, or value by value.
+        self.list_batches_vectorised = 0
+        self.list_batches_by_value = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cache: tuple[tuple[int, ...], dict[str, Any]] | None = None
@@ -415,8 +418,10 @@ class DriftMonitor:
         elif instances:
             columns = _list_columns(instances, features.profiles, bools)
             if columns is not None:
+                self.list_batches_vectorised += 1
                 features.add_columns(len(instances), columns)
             else:
+                self.list_batches_by_value += 1
                 features.add(instance_rows(instances, None), bools)
         if values and self.predictions is not None:
             answers_bools = b"true" in answers or b"false" in answers

@@ -169,20 +169,9 @@ def test_missing_and_invalid_values_are_counted_per_feature(tmp_path: Path) -> N
     assert f["age"]["count"] == 1
 
 
-def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_rows(tmp_path: Path) -> None:
     # kserve-v1 list instances are binned a batch at a time (numpy); dict rows value by value where
     # anything is off. Both must give the reference figures and the same missing/invalid counts.
-    vectorised: list[bool] = []
-    real = drift_module._list_columns
-
-    def spy(*args: Any) -> Any:
-        columns = real(*args)
-        vectorised.append(columns is not None)
-        return columns
-
-    monkeypatch.setattr(drift_module, "_list_columns", spy)
     names = ("age", "income", "score")
     base_rows = [{f"f{k}": row[name] for k, name in enumerate(names)} for row in BASE_ROWS]
     live = synthetic(6000, seed=9, shift=0.1)
@@ -200,7 +189,9 @@ def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_
         expected_psi, expected_ks = ref_psi_ks(BASE[name], sent[-5000:])
         assert doc_lists["features"][f"f{k}"]["psi"] == pytest.approx(expected_psi, abs=1e-9)
         assert doc_lists["features"][f"f{k}"]["ks"] == pytest.approx(expected_ks, abs=1e-9)
-    assert vectorised == [True, False]  # the lists in one numpy call; the dicts not
+    # the lists in one numpy call; the dicts not
+    assert (listed.list_batches_vectorised, listed.list_batches_by_value) == (1, 0)
+    assert (named.list_batches_vectorised, named.list_batches_by_value) == (0, 1)
     # A batch with booleans, strings, nulls and short rows falls back to value-by-value checks.
     odd = [[True, 1.0, 0.5], ["x", None, 0.5], [31.0], [32.0, 20000.0, 0.25, "extra"], [33.0, 1e4, 0.75]]
     doc_lists = feed(listed, [orjson.dumps({"instances": odd})])
@@ -208,7 +199,7 @@ def test_list_instances_take_the_vectorised_path_with_the_same_figures_as_named_
     assert doc_lists["features"] == doc_dicts["features"]
     f = doc_lists["features"]
     assert (f["f0"]["invalid"], f["f1"]["missing"], f["f2"]["missing"]) == (2, 2, 1)
-    assert vectorised[2] is False
+    assert (listed.list_batches_vectorised, listed.list_batches_by_value) == (1, 1)
 
 
 def test_workers_drift_documents_merge_into_what_one_monitor_sees(tmp_path: Path) -> None:
