@@ -40,6 +40,7 @@ COMPILED = [
     "shadowproxy/compare.py",
     "shadowproxy/presets.py",
     "shadowproxy/drift.py",
+    "shadowproxy/storedb.py",
 ]
 
 

@@ -12,6 +12,11 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
+# numpy's OpenBLAS starts a thread per core that spins after use; the proxy does no linear
+# algebra (drift bins with searchsorted/bincount), and on a 2-core box that thread took CPU from
+# the event loop. Set before anything imports numpy; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # The modules setup.py compiles with mypyc (keep the two lists equal; a test checks).
 COMPILED_MODULES = (
     "shadowproxy.http.writes",
@@ -28,6 +33,7 @@ COMPILED_MODULES = (
     "shadowproxy.compare",
     "shadowproxy.presets",
     "shadowproxy.drift",
+    "shadowproxy.storedb",
 )
 
 _HERE = Path(__file__).resolve().parent

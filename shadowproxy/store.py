@@ -33,7 +33,7 @@ from shadowproxy.config import Config
 from shadowproxy.metrics import Metrics, StoreMetrics
 from shadowproxy.observers import ExchangeRecord, PairRecord
 from shadowproxy.stats import wilson_interval
-from shadowproxy.storedb import EXCHANGE, PAIR, Database, Totals, connect
+from shadowproxy.storedb import EXCHANGE, PAIR, Database, Totals, connect, header_value
 
 __all__ = ["AuditStore", "StoreUnavailable", "StoreWriter"]
 
@@ -171,7 +171,7 @@ class StoreWriter:
         if self.db is None:
             self.metrics.lost.inc(len(batch))
             for item in batch:  # the version counts do not depend on the disk
-                self.metrics.count_version(*_target_version(item, self.config))
+                self.metrics.count_version(*_target_version(item))
             return
         try:
             self.db.write(batch)
@@ -216,13 +216,11 @@ def _copy(totals: Totals) -> Totals:
                   totals.candidate_correct, totals.production_correct_paired)
 
 
-def _target_version(item: tuple[Any, ...], config: Config) -> tuple[str, str | None]:
-    from shadowproxy.storedb import header_value
-
-    name = config.store.version_header.lower().encode("latin-1")
+def _target_version(item: tuple[Any, ...]) -> tuple[str, str | None]:
+    """A queued record's target and the version its answer's header named (see storedb.EXCHANGE)."""
     if item[0] == EXCHANGE:
-        return "production", header_value(item[6], name) if name else None
-    return "candidate", header_value(item[5], name) if name else None
+        return "production", item[6]
+    return "candidate", item[5]
 
 
 class AuditStore:
@@ -237,6 +235,7 @@ class AuditStore:
         self._random = random.random
         self._keep_response = store.store_bodies or bool(store.version_path)
         self._keep_request = store.store_bodies
+        self._version_header = store.version_header.lower().encode("latin-1")
         self._keep_candidate = store.store_bodies or bool(store.version_path)
 
     # -- observer (event loop; must stay cheap) ------------------------------------------------------
@@ -260,10 +259,14 @@ class AuditStore:
         size = (len(response) if response else 0) + (len(request) if request else 0)
         if self._full(size):
             return
+        # The version header is read here, not on the writer thread: a queued record of plain
+        # values is cheap for the garbage collector to walk, one holding the header list is not.
+        header = self._version_header
         writer = self.writer
         writer.records.append((
             EXCHANGE, record.request_id, record.time, record.method, record.path, record.status,
-            record.response_headers, record.latency_s, record.mirrored, wanted, request, response,
+            header_value(record.response_headers, header) if header else None, record.latency_s,
+            record.mirrored, wanted, request, response,
         ))
         writer.queued_bytes += size  # after the append (see StoreWriter._drain)
 
@@ -272,11 +275,12 @@ class AuditStore:
         size = len(body) if body else 0
         if self._full(size):
             return
+        header = self._version_header
         writer = self.writer
         writer.records.append((
             PAIR, record.request_id, time.time(), record.outcome, record.candidate_status,
-            record.candidate_headers, body, record.candidate_latency_s, record.production_predictions,
-            record.candidate_predictions,
+            header_value(record.candidate_headers, header) if header else None, body,
+            record.candidate_latency_s, record.production_predictions, record.candidate_predictions,
         ))
         writer.queued_bytes += size  # after the append (see StoreWriter._drain)
 

@@ -13,6 +13,7 @@ never runs an aggregate query.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sqlite3
@@ -41,9 +42,11 @@ __all__ = [
 
 log = logging.getLogger("shadowproxy.store")
 
-EXCHANGE = 0  # (EXCHANGE, request_id, time, method, path, status, headers, latency_s, mirrored,
+# Queued records. `version` is what the answer's version header said (None: no such header, or
+# none configured); the JSON pointer, when configured, is read here from the body.
+EXCHANGE = 0  # (EXCHANGE, request_id, time, method, path, status, version, latency_s, mirrored,
 #                wanted, request_body, response_body)
-PAIR = 1  # (PAIR, request_id, time, outcome, candidate_status, headers, candidate_body,
+PAIR = 1  # (PAIR, request_id, time, outcome, candidate_status, version, candidate_body,
 #            latency_s, production_predictions, candidate_predictions)
 
 _Tally = dict[tuple[str, str | None], list[float]]  # (target, version) -> [first seen, last seen, answers]
@@ -127,22 +130,23 @@ ON CONFLICT (request_id) DO UPDATE SET
 """
 
 
-def _from_json_rows(upsert: str) -> str:
-    """The same upsert over a JSON array of rows (`json_each`): one statement, one sqlite3_step,
-    for a whole batch. The sqlite3 module releases the GIL around every step, so executemany's
-    step per row made the writer thread and the event loop hand the GIL back and forth thousands
-    of times per flush (the store benchmark's 80 ms p99); rows without bodies go this way. The
-    k-th `?` of the VALUES list becomes the k-th element of each row."""
+# Rows per statement: a batch goes out in chunks of these sizes (largest first), so a handful of
+# statements cover every batch size and stay in the connection's statement cache.
+_CHUNKS = (256, 64, 16, 4, 1)
+
+
+@functools.cache
+def _values_sql(upsert: str, rows: int) -> str:
+    """The same upsert for `rows` rows in one statement (a multi-row VALUES list). The sqlite3
+    module releases the GIL around every step, so executemany's step per row made the writer
+    thread and the event loop hand the GIL back and forth thousands of times per flush (the store
+    benchmark's 80 ms p99); one statement per chunk is one step. It also costs half of what the
+    previous one-statement form did (a JSON array of rows read through `json_each`, 5.2 against
+    2.7 µs per row including the binding), and bodies bind as they are."""
     head, _, tail = upsert.partition("VALUES (")
     values, _, conflict = tail.partition(")\nON CONFLICT")
-    picks, k = [], 0
-    for item in (v.strip() for v in values.split(",")):
-        if item == "?":
-            picks.append(f"value ->> {k}")
-            k += 1
-        else:
-            picks.append(item)
-    return f"{head}SELECT {', '.join(picks)} FROM json_each(?) WHERE true\nON CONFLICT{conflict}"
+    one = f"({values})"
+    return f"{head}VALUES {', '.join([one] * rows)}\nON CONFLICT{conflict}"
 
 
 _UPSERT_VERSION = """
@@ -151,12 +155,6 @@ ON CONFLICT (target, version) DO UPDATE SET
     first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen),
     requests = requests + excluded.requests
 """
-_UPSERT_EXCHANGE_ROWS = _from_json_rows(_UPSERT_EXCHANGE)
-_UPSERT_PAIR_ROWS = _from_json_rows(_UPSERT_PAIR)
-_EXCHANGE_JSON = (8,)  # production_predictions in an exchange row (see _exchange_row)
-_EXCHANGE_BODIES = (9, 10)  # request_body, response_body
-_PAIR_JSON = (5, 6)  # both predictions in a pair row (see _pair_row)
-_PAIR_BODIES = (7,)  # candidate_body
 _UPSERT_LABEL = """
 INSERT INTO labels (request_id, idx, label, time, production_correct, candidate_correct)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -224,31 +222,15 @@ def _loads(body: bytes | None) -> object:
         return _NOT_JSON
 
 
-def _upsert(
-    conn: sqlite3.Connection, one: str, rows_sql: str, rows: list[tuple[Any, ...]],
-    json_columns: tuple[int, ...], body_columns: tuple[int, ...],
-) -> None:
-    """Rows of text and numbers in one statement (see `_from_json_rows`); rows with bodies
-    (bytes that JSON cannot carry) one by one. `json_columns` hold JSON bytes (predictions),
-    which travel as their text; `body_columns` hold bodies (None unless `store_bodies`)."""
-    plain: list[Any] = []
-    with_bodies: list[tuple[Any, ...]] = []
-    for row in rows:
-        for k in body_columns:
-            if row[k] is not None:
-                with_bodies.append(row)
-                break
-        else:
-            for k in json_columns:
-                if row[k] is not None:
-                    plain.append([v.decode() if isinstance(v, bytes) else v for v in row])
-                    break
-            else:
-                plain.append(row)
-    if plain:
-        conn.execute(rows_sql, (orjson.dumps(plain),))
-    if with_bodies:
-        conn.executemany(one, with_bodies)
+def _upsert(conn: sqlite3.Connection, upsert: str, rows: list[tuple[Any, ...]]) -> None:
+    """All `rows` in a few statements (see `_values_sql`)."""
+    start, n = 0, len(rows)
+    for size in _CHUNKS:
+        if n - start >= size:
+            sql = _values_sql(upsert, size)
+            while n - start >= size:
+                conn.execute(sql, [v for row in rows[start:start + size] for v in row])
+                start += size
 
 
 def _dumps(value: object) -> bytes | None:
@@ -399,7 +381,6 @@ class Database:
         self.store = store
         self.compare = compare
         self.count_version = count_version
-        self.header = store.version_header.lower().encode("latin-1")
         self.version_tokens = parse_pointer(store.version_path) if store.version_path else None
         self.redactions = [parse_pointer(p) for p in store.redact]
         self.totals = _totals(conn.execute(_TOTALS).fetchone())
@@ -429,9 +410,9 @@ class Database:
         conn.execute("BEGIN")
         try:
             if exchanges:
-                _upsert(conn, _UPSERT_EXCHANGE, _UPSERT_EXCHANGE_ROWS, exchanges, _EXCHANGE_JSON, _EXCHANGE_BODIES)
+                _upsert(conn, _UPSERT_EXCHANGE, exchanges)
             if pairs:
-                _upsert(conn, _UPSERT_PAIR, _UPSERT_PAIR_ROWS, pairs, _PAIR_JSON, _PAIR_BODIES)
+                _upsert(conn, _UPSERT_PAIR, pairs)
             named = [(t, v, first, last, int(n)) for (t, v), (first, last, n) in versions.items() if v is not None]
             if named:
                 conn.executemany(_UPSERT_VERSION, named)
@@ -442,11 +423,11 @@ class Database:
             raise
         self.totals.merge(delta)
 
-    def _version(self, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes | None,
+    def _version(self, target: str, version: str | None, body: bytes | None,
                  doc: object, when: float, versions: _Tally,
                  ) -> tuple[str | None, object]:
-        """The answer's model version, tallied in `versions` (None: the answer names none)."""
-        version = header_value(headers, self.header) if self.header else None
+        """The answer's model version (its header's, else the JSON pointer's), tallied in
+        `versions` (None: the answer names none)."""
         if version is None and self.version_tokens is not None and body is not None:
             if doc is None:
                 doc = _loads(body)
@@ -463,8 +444,8 @@ class Database:
         return version, doc
 
     def _exchange_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
-        _, rid, when, method, path, status, headers, latency_s, mirrored, wanted, req_body, resp_body = item
-        version, doc = self._version("production", headers, resp_body, None, when, versions)
+        _, rid, when, method, path, status, version, latency_s, mirrored, wanted, req_body, resp_body = item
+        version, doc = self._version("production", version, resp_body, None, when, versions)
         predictions = None
         if wanted and not mirrored and resp_body is not None and 200 <= status < 300:
             # Mirrored requests get production's predictions from their pair (parsed once, there).
@@ -478,10 +459,11 @@ class Database:
         return (rid, when, method, path, status, version, latency_ms, int(mirrored), predictions, req_body, resp_body)
 
     def _pair_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
-        _, rid, when, outcome, status, headers, body, latency_s, prod_preds, cand_preds = item
-        version = None
+        _, rid, when, outcome, status, version, body, latency_s, prod_preds, cand_preds = item
         if status:
-            version, _ = self._version("candidate", headers, body, None, when, versions)
+            version, _ = self._version("candidate", version, body, None, when, versions)
+        else:
+            version = None
         body = redact(body, self.redactions) if self.store.store_bodies else None
         latency_ms = latency_s * 1000.0 if latency_s is not None else None
         return (rid, outcome, status, version, latency_ms, _dumps(prod_preds), _dumps(cand_preds), body)

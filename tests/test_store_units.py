@@ -25,12 +25,12 @@ CONFIG = parse_config({"production": {"url": "http://127.0.0.1:1"}, "candidate":
 
 def exchange(rid: str, when: float, predictions: list[Any] | None = None) -> tuple[Any, ...]:
     body = orjson.dumps({"predictions": predictions}) if predictions is not None else None
-    return (EXCHANGE, rid, when, "POST", "/p", 200, [(b"X-Model-Version", b"p1")], 0.001, False,
+    return (EXCHANGE, rid, when, "POST", "/p", 200, "p1", 0.001, False,
             predictions is not None, None, body)
 
 
 def pair(rid: str, prod: list[Any], cand: list[Any]) -> tuple[Any, ...]:
-    return (PAIR, rid, time.time(), "disagree", 200, [(b"x-model-version", b"c1")], None, 0.002, prod, cand)
+    return (PAIR, rid, time.time(), "disagree", 200, "c1", None, 0.002, prod, cand)
 
 
 def database(tmp_path: Path, **store: Any) -> Database:
@@ -69,7 +69,7 @@ def test_retention_by_age_prunes_old_rows_and_their_labels(tmp_path: Path) -> No
 
 def test_a_label_is_judged_again_when_the_candidate_answer_arrives(tmp_path: Path) -> None:
     db = database(tmp_path)
-    db.write([(EXCHANGE, "r", time.time(), "POST", "/p", 200, [], 0.001, True, False, None, None)])
+    db.write([(EXCHANGE, "r", time.time(), "POST", "/p", 200, None, 0.001, True, False, None, None)])
     db.write([pair("r", [0, 1], [0, 2])])
     status, answer = db.post_labels(orjson.dumps([{"request_id": "r", "index": 1, "label": 2}]))
     assert (status, answer["matched"]) == (200, 1)
