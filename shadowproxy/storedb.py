@@ -130,9 +130,10 @@ ON CONFLICT (request_id) DO UPDATE SET
 """
 
 
-# Rows per statement: a batch goes out in chunks of these sizes (largest first), so a handful of
-# statements cover every batch size and stay in the connection's statement cache.
-_CHUNKS = (256, 64, 16, 4, 1)
+# Rows per statement (11 parameters each stays far below SQLite's 32766). A batch's statements
+# have its exact sizes; the connection caches up to STATEMENT_CACHE prepared statements.
+_MAX_ROWS = 1024
+STATEMENT_CACHE = 512
 
 
 @functools.cache
@@ -222,15 +223,13 @@ def _loads(body: bytes | None) -> object:
         return _NOT_JSON
 
 
-def _upsert(conn: sqlite3.Connection, upsert: str, rows: list[tuple[Any, ...]]) -> None:
-    """All `rows` in a few statements (see `_values_sql`)."""
-    start, n = 0, len(rows)
-    for size in _CHUNKS:
-        if n - start >= size:
-            sql = _values_sql(upsert, size)
-            while n - start >= size:
-                conn.execute(sql, [v for row in rows[start:start + size] for v in row])
-                start += size
+def _upsert(conn: sqlite3.Connection, upsert: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """All `rows` in as few statements as the row limit allows (see `_values_sql`). Every
+    statement is a GIL release and re-acquisition for the writer thread, and re-acquiring
+    while the event loop runs is what costs (see store.WRITE_CHUNK)."""
+    for start in range(0, len(rows), _MAX_ROWS):
+        chunk = rows[start:start + _MAX_ROWS]
+        conn.execute(_values_sql(upsert, len(chunk)), [v for row in chunk for v in row])
 
 
 def _dumps(value: object) -> bytes | None:
@@ -325,7 +324,7 @@ def connect(path: str, attempts: int = 50) -> sqlite3.Connection:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
     try:
         # WAL: readers (the audit command) never block the writer. synchronous=NORMAL in WAL mode
         # keeps the file consistent after a crash and loses at most the last commits on power loss
@@ -384,6 +383,10 @@ class Database:
         self.version_tokens = parse_pointer(store.version_path) if store.version_path else None
         self.redactions = [parse_pointer(p) for p in store.redact]
         self.totals = _totals(conn.execute(_TOTALS).fetchone())
+        # Whether any label was ever stored: until one is, a written batch has nothing to re-judge
+        # and skips the query (one statement less per batch; labels are never all deleted but by
+        # retention, after which the query just finds none).
+        self.has_labels = conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
 
     def close(self) -> None:
         try:
@@ -415,7 +418,7 @@ class Database:
                 _upsert(conn, _UPSERT_PAIR, pairs)
             named = [(t, v, first, last, int(n)) for (t, v), (first, last, n) in versions.items() if v is not None]
             if named:
-                conn.executemany(_UPSERT_VERSION, named)
+                _upsert(conn, _UPSERT_VERSION, named)
             self._rejudge([row[0] for row in exchanges] + [row[0] for row in pairs], delta)
             conn.execute("COMMIT")
         except BaseException:
@@ -512,7 +515,7 @@ class Database:
 
     def _rejudge(self, request_ids: list[str], delta: Totals) -> None:
         """Labels that arrived before (part of) their request's predictions: judge them again."""
-        if not request_ids or self.conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is None:
+        if not request_ids or not self.has_labels:
             return
         rows = self.conn.execute(
             "SELECT request_id, idx, label, production_correct, candidate_correct FROM labels "
@@ -575,6 +578,7 @@ class Database:
                 if old is not None:
                     delta.add(old[0], old[1], -1)  # a label sent again: the latest one counts
                 conn.execute(_UPSERT_LABEL, (rid, index, orjson.dumps(label), now, pc, cc))
+                self.has_labels = True
                 delta.add(pc, cc)
                 matched += 1
             conn.execute("COMMIT")
