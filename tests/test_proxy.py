@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import ssl
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -167,6 +168,15 @@ async def test_slow_production_gives_504(upstream: Upstream, start_proxy) -> Non
     assert loop.time() - started < 2.0
 
 
+async def eventually(condition: Callable[[], bool], timeout: float = 1.0) -> bool:
+    """Whether `condition` holds within `timeout` seconds (checked every 10 ms)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
 async def test_client_disconnect_cancels_upstream_exchange(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url)
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
@@ -174,17 +184,9 @@ async def test_client_disconnect_cancels_upstream_exchange(upstream: Upstream, s
     await writer.drain()
     pool = proxy.proxy.production_pool
     assert pool is not None
-    for _ in range(100):
-        if pool.open_connections == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert pool.open_connections == 1
+    assert await eventually(lambda: pool.open_connections == 1)
     writer.close()
-    for _ in range(100):
-        if pool.open_connections == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert pool.open_connections == 0
+    assert await eventually(lambda: pool.open_connections == 0)
     assert proxy.proxy.proxy is not None and proxy.proxy.proxy.in_flight == 0
 
 
@@ -258,11 +260,7 @@ async def test_client_half_close_is_a_disconnect_without_errors(upstream: Upstre
         writer.close()
         pool = proxy.proxy.production_pool
         assert pool is not None
-        for _ in range(100):
-            if pool.open_connections == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert pool.open_connections == 0
+        assert await eventually(lambda: pool.open_connections == 0)
         async with client() as s, s.get(proxy.url + "/after") as r:
             assert r.status == 200
     finally:
