@@ -36,12 +36,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _Version(argparse.Action):
+    """`--version`: the release and how the hot path runs here (compiled by mypyc at install, or
+    as Python: see setup.py). Worked out only when asked, since it imports the hot path."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from shadowproxy import compiled
+
+        mode = "compiled" if compiled() else "pure Python"
+        print(f"shadowproxy {__version__} (hot path: {mode})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadowproxy",
         description="Shadow-mode reverse proxy for ML model endpoints.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="show the version and whether the hot path is compiled"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(subparsers)

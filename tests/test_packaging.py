@@ -99,3 +99,14 @@ def test_the_build_sees_the_runtime_dependencies_mypyc_type_checks_against() -> 
     build = pyproject["build-system"]["requires"]
     assert any(req.startswith("mypy") for req in build)
     assert set(pyproject["project"]["dependencies"]) <= set(build)
+
+
+def test_version_says_how_the_hot_path_runs() -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "SHADOWPROXY_PURE_PYTHON"}
+    run = [sys.executable, "-m", "shadowproxy", "--version"]
+    plain = subprocess.run(run, capture_output=True, text=True, check=True, env=environ)
+    mode = "compiled" if _built() else "pure Python"
+    assert plain.stdout == f"shadowproxy 0.1.0 (hot path: {mode})\n"
+    asked = subprocess.run(run, capture_output=True, text=True, check=True,
+                           env={**environ, "SHADOWPROXY_PURE_PYTHON": "1"})
+    assert asked.stdout == "shadowproxy 0.1.0 (hot path: pure Python)\n"
