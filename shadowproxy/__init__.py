@@ -63,28 +63,25 @@ class _FromSource(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, _source(fullname))
 
 
-def _pure_python_reason() -> str | None:
-    """Why this process runs the compiled modules as Python even though they were built (None:
-    it does not). All or none: the compiled modules call each other natively, so a module from
-    source among built ones would not be the class the others expect."""
-    if os.environ.get("SHADOWPROXY_PURE_PYTHON", "") not in ("", "0"):
-        return "SHADOWPROXY_PURE_PYTHON is set"
+def _stale_build() -> str | None:
+    """In a source checkout installed with `pip install -e .`, the first compiled module whose
+    source changed since the build (an edit would otherwise be ignored in favour of the build)."""
     if not (_HERE.parent / "pyproject.toml").exists():
         return None  # an installed package: its files are as built, whatever their times say
-    # A source checkout installed with `pip install -e .`: a module edited since the build would
-    # otherwise be ignored in favour of the stale build.
     for name in COMPILED_MODULES:
         built = _built(name)
         if built is not None and _source(name).stat().st_mtime > built.stat().st_mtime:
-            return f"{_source(name).relative_to(_HERE.parent)} changed since it was compiled"
+            return str(_source(name).relative_to(_HERE.parent))
     return None
 
 
-_reason = _pure_python_reason()
-if _reason is not None:
-    if any(_built(name) is not None for name in COMPILED_MODULES) and "SHADOWPROXY_PURE_PYTHON" not in _reason:
-        print(f"shadowproxy: running the hot path as Python: {_reason} (`pip install -e .` compiles it "
-              "again)", file=sys.stderr)
+# All or none run from source: the compiled modules call each other natively, so a module from
+# source among built ones would not be the class the others expect.
+if os.environ.get("SHADOWPROXY_PURE_PYTHON", "") not in ("", "0"):
+    sys.meta_path.insert(0, _FromSource())
+elif (_stale := _stale_build()) is not None:
+    print(f"shadowproxy: running the hot path as Python: {_stale} changed since it was compiled "
+          "(`pip install -e .` compiles it again)", file=sys.stderr)
     sys.meta_path.insert(0, _FromSource())
 
 

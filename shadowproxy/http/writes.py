@@ -45,7 +45,7 @@ class CoalescedWrites:
     written to is flushed as one buffer each); a write outside one is sent at once.
 
     Not a subclass of `asyncio.Protocol`: the loop only calls the protocol's methods, and a class
-    with a Python base could not be compiled to a native class (see `build.py`). `as_protocol`
+    with a Python base could not be compiled to a native class (see `setup.py`). `as_protocol`
     tells the type checker what the loop is given."""
 
     __slots__ = ()
