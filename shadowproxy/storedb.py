@@ -130,10 +130,13 @@ ON CONFLICT (request_id) DO UPDATE SET
 """
 
 
-# Rows per statement (11 parameters each stays far below SQLite's 32766). A batch's statements
-# have its exact sizes; the connection caches up to STATEMENT_CACHE prepared statements.
+# Rows per statement: powers of two up to 1024 (11 parameters a row stays far below SQLite's
+# 32766). A batch goes out as full 1024-row statements, then one statement per bit of what is
+# left (at most 10, about 5 on average), so there are only 11 sizes per upsert. The sizes have to
+# be few: a prepared 1000-row statement takes ~1 MB, and preparing one costs as much as running
+# it (2.1 against 4.3 ms for 1024 rows), so they are kept, all of them, in the statement cache.
 _MAX_ROWS = 1024
-STATEMENT_CACHE = 512
+STATEMENT_CACHE = 64  # 3 upserts x 11 sizes, and the handful of fixed statements
 
 
 @functools.cache
@@ -224,12 +227,17 @@ def _loads(body: bytes | None) -> object:
 
 
 def _upsert(conn: sqlite3.Connection, upsert: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """All `rows` in as few statements as the row limit allows (see `_values_sql`). Every
-    statement is a GIL release and re-acquisition for the writer thread, and re-acquiring
+    """All `rows` in a few statements of the sizes `_MAX_ROWS` allows (see `_values_sql`).
+    Every statement is a GIL release and re-acquisition for the writer thread, and re-acquiring
     while the event loop runs is what costs (see store.WRITE_CHUNK)."""
-    for start in range(0, len(rows), _MAX_ROWS):
-        chunk = rows[start:start + _MAX_ROWS]
-        conn.execute(_values_sql(upsert, len(chunk)), [v for row in chunk for v in row])
+    start, n = 0, len(rows)
+    size = _MAX_ROWS
+    while start < n:
+        if n - start >= size:
+            conn.execute(_values_sql(upsert, size), [v for row in rows[start:start + size] for v in row])
+            start += size
+        else:
+            size //= 2
 
 
 def _dumps(value: object) -> bytes | None:

@@ -176,3 +176,15 @@ def test_accuracy_gate_passes_at_or_above_the_threshold_and_fails_below() -> Non
     assert failed["passed"] is False
     assert "-5%" in failed["reason"]
     assert evaluate(_snapshot(100, -0.05), gates)["verdict"] == "fail"
+
+
+def test_a_batch_of_any_size_is_written_whole(tmp_path: Path) -> None:
+    # Rows go out in statements of power-of-two sizes (1024 down to 1): 2061 = 2x1024 + 8 + 4 + 1,
+    # 37 = 32 + 4 + 1. Every row must arrive once, and the version tallies must add up.
+    db = database(tmp_path)
+    now = time.time()
+    db.write([exchange(f"r{k}", now) for k in range(2061)] + [pair(f"r{k}", [1], [0]) for k in range(0, 370, 10)])
+    assert db.conn.execute("SELECT count(*), sum(mirrored) FROM requests").fetchone() == (2061, 37)
+    versions = dict(db.conn.execute("SELECT version, requests FROM versions").fetchall())
+    assert versions == {"p1": 2061, "c1": 37}
+    assert db.conn.execute("SELECT outcome FROM requests WHERE request_id = 'r360'").fetchone() == ("disagree",)
