@@ -44,6 +44,7 @@ url = "{closed_port_url()}"
 class ServeProcess:
     def __init__(self, proc: asyncio.subprocess.Process, listen_port: int, admin_port: int) -> None:
         self.proc = proc
+        self.listen_port, self.admin_port = listen_port, admin_port
         self.url = f"http://127.0.0.1:{listen_port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
         self.first_line = ""
@@ -68,6 +69,16 @@ async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def serve_example(
+    tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process]
+) -> ServeProcess:
+    """`serve` on free ports in front of `upstream`, killed at the end of the test if still running."""
+    lp, ap = free_port(), free_port()
+    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
+    processes.append(serving.proc)
+    return serving
 
 
 async def test_serve_exits_2_on_missing_config(tmp_path: Path) -> None:
@@ -97,19 +108,15 @@ async def test_serve_exits_2_on_bad_config_naming_each_key(tmp_path: Path) -> No
 
 
 async def test_startup_line_names_both_addresses(tmp_path: Path, upstream: Upstream, processes: list) -> None:
-    lp, ap = free_port(), free_port()
-    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
-    processes.append(serving.proc)
-    assert f"127.0.0.1:{lp}" in serving.first_line
-    assert f"127.0.0.1:{ap}" in serving.first_line
+    serving = await serve_example(tmp_path, upstream, processes)
+    assert f"127.0.0.1:{serving.listen_port}" in serving.first_line
+    assert f"127.0.0.1:{serving.admin_port}" in serving.first_line
 
 
 async def test_sigterm_lets_slow_request_finish_then_exits_0(
     tmp_path: Path, upstream: Upstream, processes: list
 ) -> None:
-    lp, ap = free_port(), free_port()
-    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
-    processes.append(serving.proc)
+    serving = await serve_example(tmp_path, upstream, processes)
     async with aiohttp.ClientSession() as s:
         slow = asyncio.create_task(s.get(serving.url + "/delay/1.0"))
         while not upstream.requests:
@@ -117,7 +124,7 @@ async def test_sigterm_lets_slow_request_finish_then_exits_0(
         serving.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         with pytest.raises(ConnectionRefusedError):  # draining: no longer accepting
-            await asyncio.open_connection("127.0.0.1", lp)
+            await asyncio.open_connection("127.0.0.1", serving.listen_port)
         response = await asyncio.wait_for(slow, 10)
         assert response.status == 200
         assert response.headers.get("Connection", "").lower() == "close"
@@ -149,9 +156,7 @@ async def test_sigterm_turns_readyz_503_while_still_serving(
 
 
 async def test_sigint_also_drains_and_exits_0(tmp_path: Path, upstream: Upstream, processes: list) -> None:
-    lp, ap = free_port(), free_port()
-    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
-    processes.append(serving.proc)
+    serving = await serve_example(tmp_path, upstream, processes)
     os.kill(serving.proc.pid, signal.SIGINT)
     assert await asyncio.wait_for(serving.proc.wait(), 10) == 0
     assert serving.proc.stderr is not None
@@ -169,10 +174,8 @@ async def _request(port: int) -> bytes:
 async def test_a_burst_of_new_connections_is_accepted_and_answered(
     tmp_path: Path, upstream: Upstream, processes: list
 ) -> None:
-    lp, ap = free_port(), free_port()
-    serving = await start_serve(write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap), lp, ap)
-    processes.append(serving.proc)
-    lines = await asyncio.wait_for(asyncio.gather(*(_request(lp) for _ in range(300))), 20)
+    serving = await serve_example(tmp_path, upstream, processes)
+    lines = await asyncio.wait_for(asyncio.gather(*(_request(serving.listen_port) for _ in range(300))), 20)
     assert lines == [b"HTTP/1.1 200 OK"] * 300
 
 
