@@ -137,7 +137,6 @@ class Mirror:
         self._set_in_flight(1)
         self.unjudged += 1
         exchange = ShadowExchange(self, ticket, head, body)
-        ticket.shadow = exchange
         self.active.add(exchange)
         exchange.start()
 
@@ -404,7 +403,7 @@ class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
     __slots__ = ("mirror", "method", "path", "headers", "request_id", "chunks", "size", "cancelled",
-                 "dispatched", "shadow", "production", "candidate", "candidate_in")
+                 "dispatched", "production", "candidate", "candidate_in")
 
     def __init__(
         self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], request_id: str
@@ -418,7 +417,6 @@ class MirrorTicket:
         self.size = 0
         self.cancelled = False
         self.dispatched = False
-        self.shadow: ShadowExchange | None = None
         self.production: tuple[int, bytes | None, float | None] | None = None
         self.candidate: BufferedResponse | None = None
         self.candidate_in = False

@@ -476,6 +476,11 @@ class ClientConnection(CoalescedWrites):
         if cycle is not self.active:
             return
         self.active = None
+        if cycle.request_complete:
+            # The handler (sink) and the cycle point at each other: break the loop here, so both
+            # go by reference counting when the handler lets go, not by the garbage collector
+            # (whose collections, paid per ~100 requests, cost 0.6 us a request on their own).
+            cycle.sink = None
         if not cycle.keep_alive or self.closing:
             self.close()
             return
