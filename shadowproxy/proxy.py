@@ -209,8 +209,10 @@ class Exchange:
         self.capture_size = 0
         self.t_body_done = 0.0
         self.body_seen = 0
-        # Observers (audit store, drift): None unless observers are configured.
-        self.wants: list[bool] | None = None
+        # Observers (audit store, drift): -1 unless observers are configured, else a bit mask of
+        # the observers that want this request's bodies (bit i = observer i); an int, not a list,
+        # so asking costs no allocation.
+        self.wants = -1
         self.request_capture: list[bytes] | None = None
         self.request_capture_size = 0
         self.started_at = 0.0
@@ -224,11 +226,17 @@ class Exchange:
         if len(proxy.observers) != len(proxy._every):
             proxy.every_exchange()
         asks = proxy._wants
-        # One observer is the usual case: no list comprehension (a frame of its own on 3.11).
-        self.wants = wants = [asks[0]()] if len(asks) == 1 else [wants_bodies() for wants_bodies in asks]
+        if len(asks) == 1:  # the usual case
+            wants = 1 if asks[0]() else 0
+        else:
+            wants = 0
+            for i, wants_bodies in enumerate(asks):
+                if wants_bodies():
+                    wants |= 1 << i
+        self.wants = wants
         self.started_at = time.time()
         self.path = path
-        if self.ticket is not None or True in wants:
+        if self.ticket is not None or wants:
             self.request_capture = []
 
     def start(self) -> None:
@@ -358,7 +366,7 @@ class Exchange:
             and (content_length is None or content_length <= self.proxy.capture_limit)
         ):
             self.capture = []
-        if self.wants is not None:
+        if self.wants >= 0:
             self.response_headers = headers
         self.cycle.start_response(status, reason, out, content_length, has_body)
 
@@ -472,11 +480,11 @@ class Exchange:
         self.proxy.in_flight -= 1
         self.proxy.record(status, latency)
         wants = self.wants
-        if wants is not None and (self.proxy._observe_every or self.mirrored or True in wants):
+        if wants >= 0 and (self.proxy._observe_every or self.mirrored or wants):
             self._tell_observers(wants, status, latency, response_body)
 
     def _tell_observers(
-        self, wants: list[bool], status: int, latency: float | None, response_body: bytes | None
+        self, wants: int, status: int, latency: float | None, response_body: bytes | None
     ) -> None:
         request_capture = self.request_capture
         mirrored = self.mirrored
@@ -492,7 +500,9 @@ class Exchange:
             b"".join(request_capture) if request_capture is not None else None,
             response_body,
         )
-        for (observer, on_exchange, every), wanted in zip(self.proxy._tell, wants):  # noqa: B905  plain zip compiles to a loop; both per observer
+        for observer, on_exchange, every in self.proxy._tell:
+            wanted = bool(wants & 1)
+            wants >>= 1
             if not (wanted or every or mirrored):
                 continue
             try:
