@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -322,7 +321,10 @@ class DriftMonitor:
             self.predictions = Stream(config.window, {PREDICTION: baseline_predictions}, 0, 1)
         elif kind is not None:
             self.predictions = Stream(config.window, None, config.warmup, 1, kind=kind)
-        self.queue: deque[tuple[bytes, bytes | None]] = deque()
+        # Two parallel lists, not a deque of (body, answer) tuples: no tuple per record for the
+        # garbage collector to allocate and traverse.
+        self.queue: list[bytes] = []  # request bodies
+        self.answers: list[bytes | None] = []  # production's answers, in step
         self.queued_bytes = 0
         self.dropped = 0
         self.unparseable = 0
@@ -353,7 +355,8 @@ class DriftMonitor:
         if len(queue) >= QUEUE_RECORDS or self.queued_bytes + size > QUEUE_BYTES:
             self.dropped += 1
             return
-        queue.append((body, answer))
+        queue.append(body)
+        self.answers.append(answer)
         self.queued_bytes += size
         if len(queue) == PROCESS_BATCH:
             self._wake.set()
@@ -373,17 +376,22 @@ class DriftMonitor:
         n = len(queue) if limit is None else min(limit, len(queue))
         if not n:
             return 0
-        batch = [queue.popleft() for _ in range(n)]
-        bodies = b"\n".join([body for body, _ in batch])
-        answers = b"\n".join([answer for _, answer in batch if answer is not None])
-        self.queued_bytes -= len(bodies) + len(answers)
+        batch = queue[:n]
+        batch_answers = self.answers[:n]
+        del queue[:n]
+        del self.answers[:n]
+        bodies = b"\n".join(batch)
+        present = [answer for answer in batch_answers if answer is not None]
+        answers = b"\n".join(present)
+        # What on_exchange added: the joins' separators are not part of it.
+        self.queued_bytes -= len(bodies) - (n - 1) + (len(answers) - (len(present) - 1) if present else 0)
         listed = self.compare.preset in _INSTANCES_LIST and not self.compare.path
         watch_predictions = self.predictions is not None
         instances: list[object] = []  # raw instances of the kserve-v1 shape (lists, dicts, scalars)
         rows: list[dict[str, object]] = []  # instances of any other shape, as rows
         values: list[object] = []
         loads = orjson.loads
-        for body, answer in batch:
+        for body, answer in zip(batch, batch_answers):  # noqa: B905  plain zip compiles to a loop; in step
             try:
                 doc = loads(body)
                 fast = (

@@ -282,6 +282,19 @@ def test_only_wanted_records_count_and_a_full_queue_drops(tmp_path: Path, monkey
     assert not any(never.wants_bodies() for _ in range(100))
 
 
+def test_queued_bytes_return_to_zero_so_the_byte_cap_keeps_holding(tmp_path: Path) -> None:
+    m = monitor(tmp_path, BASE_ROWS)
+    body = orjson.dumps({"instances": BASE_ROWS[:3]})
+    answers = [b'{"predictions":[1,0,1]}', None, b'{"predictions":[0,0,0]}']
+    for round_ in range(5):
+        for i in range(30):
+            m.on_exchange(record(body, answers[i % 3]), wanted=True)
+        assert m.queued_bytes == 30 * len(body) + 10 * (len(answers[0]) + len(answers[2]))  # type: ignore[arg-type]
+        assert m.process(7 + round_) == 7 + round_  # a part of the queue, then the rest
+        m.process()
+        assert m.queued_bytes == 0
+
+
 def test_a_bad_baseline_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{"format": "something else"}')
