@@ -213,6 +213,14 @@ async def serve(config: Config, *, worker: bool = False) -> int:
         )
     await stop.wait()
     await proxy.shutdown()
+    if worker:
+        # A stop of the whole process group (systemd's KillMode=control-group, a terminal's Ctrl-C)
+        # signals a worker twice: directly and through the supervisor. One arriving after the
+        # drain, once the loop has let go of its handler, would end a clean exit as death by
+        # signal, and the supervisor exit 1.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -52,6 +52,7 @@ url = "{candidate}"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "shadowproxy", "serve", "--config", str(self.config), "--workers", "2",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a group of its own, as under systemd or a terminal
         )
         try:
             assert proc.stdout is not None
@@ -112,6 +113,21 @@ sample_rate = 0.0
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         assert proc.stderr is not None
         assert b"Traceback" not in await proc.stderr.read()
+
+
+async def test_sigterm_to_the_whole_process_group_still_exits_0(tmp_path: Path, upstream: Upstream) -> None:
+    # systemd (KillMode=control-group) and a terminal's Ctrl-C signal every process of the group:
+    # each worker gets SIGTERM from there and again from the supervisor. It exited 1: a worker
+    # that had drained died of the second one once its loop's handler was gone.
+    serving = Workers(tmp_path, upstream.url, upstream.url)
+    for _ in range(2):  # the race is between the two signals: more than one try
+        async with serving.running() as proc:
+            async with aiohttp.ClientSession() as s, s.post(serving.url + "/", data=b"{}") as r:
+                assert r.status == 200
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            assert proc.stderr is not None
+            assert b"Traceback" not in await proc.stderr.read()
 
 
 async def test_a_dead_worker_is_restarted(tmp_path: Path, upstream: Upstream) -> None:
