@@ -33,7 +33,7 @@ _REASONS = {
 _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection"))
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # Connection values that name no other field (by far the most common ones).
-_PLAIN_CONNECTION: Final = frozenset((b"keep-alive", b"close", b"upgrade"))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 
 
 def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -46,22 +46,6 @@ def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
         parts.append(value)
         parts.append(b"\r\n")
     return b"".join(parts)
-
-
-# Header names as they arrive -> lower-cased: one dict lookup instead of a `lower()` call and a new
-# bytes object per header (most names repeat on every request). Learned as names arrive, up to a
-# bound, so names that vary (or a client inventing them) cannot grow it.
-_LOWERED: Final[dict[bytes, bytes]] = {}
-_LOWERED_MAX: Final = 512
-
-
-def lower_name(name: bytes) -> bytes:
-    lname = _LOWERED.get(name)
-    if lname is None:
-        lname = name.lower()
-        if len(_LOWERED) < _LOWERED_MAX:
-            _LOWERED[name] = lname
-    return lname
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -414,7 +398,7 @@ class ClientConnection(CoalescedWrites):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Each name is lower-cased once, here; framing fields are judged as they arrive.
-        lname = lower_name(name)
+        lname = name.lower()
         self._headers.append((name, value))
         self._lnames.append(lname)
         self._head_size += len(name) + len(value) + 4

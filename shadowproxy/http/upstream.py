@@ -21,7 +21,7 @@ from typing import Final, Protocol, cast
 import httptools
 
 from shadowproxy.config import UpstreamURL
-from shadowproxy.http.server import connection_tokens, lower_name
+from shadowproxy.http.server import connection_tokens
 from shadowproxy.http.writes import CoalescedWrites, as_protocol
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.
@@ -160,7 +160,7 @@ class UpstreamConnection(CoalescedWrites):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = lower_name(name)
+        lname = name.lower()
         self._headers.append((name, value))
         self._lnames.append(lname)
         if lname in _FRAMING:
