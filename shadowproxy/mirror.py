@@ -21,7 +21,7 @@ import orjson
 
 from shadowproxy.compare import compare_predictions
 from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
-from shadowproxy.http.server import Cycle, render_fields
+from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import (
     BufferedResponse,
     UpstreamConnection,
@@ -106,10 +106,9 @@ class Mirror:
         self.metrics.mirror_in_flight.set(self.in_flight)
 
     # -- the proxy's side -------------------------------------------------------------------------
-    def begin(
-        self, cycle: Cycle, path: bytes, headers: list[tuple[bytes, bytes]], request_id: bytes
-    ) -> MirrorTicket | None:
-        """Called for every request head; a ticket when this request is to be mirrored."""
+    def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> MirrorTicket | None:
+        """Called for every request head; a ticket when this request is to be mirrored (the caller
+        sets its `fields`: the header block production gets, rendered)."""
         sampler = self.sampler
         if not sampler.sampled(cycle.headers):
             return None
@@ -118,7 +117,7 @@ class Mirror:
         if reason is not None:
             self.skip(reason)
             return None
-        return MirrorTicket(self, cycle.method, path, headers, request_id.decode("latin-1"))
+        return MirrorTicket(self, cycle.method, path, request_id.decode("latin-1"))
 
     def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
         """The request body is complete: send the candidate its copy now, or drop it."""
@@ -131,7 +130,7 @@ class Mirror:
             self.drop("backoff")
             return
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%sX-Shadow-Request: true\r\nContent-Length: %d\r\n\r\n" % (
-            ticket.method, self.prefix, ticket.path, self.host_header, render_fields(ticket.headers), len(body)
+            ticket.method, self.prefix, ticket.path, self.host_header, ticket.fields, len(body)
         )
         self._count("sent")
         self._set_in_flight(1)
@@ -402,17 +401,15 @@ def _loads(body: bytes) -> object:
 class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
-    __slots__ = ("mirror", "method", "path", "headers", "request_id", "chunks", "size", "cancelled",
+    __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in")
 
-    def __init__(
-        self, mirror: Mirror, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], request_id: str
-    ) -> None:
+    def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
         self.request_id = request_id
         self.method = method
         self.path = path
-        self.headers = headers
+        self.fields = b""  # the request's header fields as production got them, rendered
         self.chunks: list[bytes] = []
         self.size = 0
         self.cancelled = False

@@ -17,7 +17,7 @@ from random import getrandbits
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
-from shadowproxy.http.server import Cycle, render_fields
+from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import UpstreamConnection, UpstreamPool
 from shadowproxy.metrics import Metrics
 from shadowproxy.observers import ExchangeRecord, Observer
@@ -97,7 +97,9 @@ class Proxy:
     def handle(self, cycle: Cycle) -> None:
         headers = cycle.headers
         drop = HOP_BY_HOP | cycle.connection_tokens if cycle.connection_tokens else HOP_BY_HOP
-        forward: list[tuple[bytes, bytes]] = []
+        # The head as pieces for one join: slot 0 takes the request line, then `name: value\r\n`
+        # for each field kept, then the framing. No list of kept fields, no tuple per added one.
+        parts: list[bytes] = [b""]
         request_id = b""
         forwarded_for = b""
         client_host = b""
@@ -112,15 +114,19 @@ class Proxy:
                 elif lname == b"host":
                     client_host = value
                 continue
-            forward.append((name, value))
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if not request_id:
             request_id = new_request_id()
         client_ip = cycle.client_ip
-        forward.append((b"X-Forwarded-For", forwarded_for + b", " + client_ip if forwarded_for else client_ip))
-        forward.append((b"X-Forwarded-Proto", b"http"))
+        parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % (
+            forwarded_for + b", " + client_ip if forwarded_for else client_ip))
         if client_host:
-            forward.append((b"X-Forwarded-Host", client_host))
-        forward.append((b"X-Request-ID", request_id))
+            parts.append(b"X-Forwarded-Host: %s\r\n" % client_host)
+        parts.append(b"X-Request-ID: %s\r\n" % request_id)
+        fields_end = len(parts)
 
         path = cycle.target
         if not path.startswith(b"/") and b"://" in path:
@@ -128,17 +134,16 @@ class Proxy:
             rest = path.split(b"://", 1)[1]
             slash = rest.find(b"/")
             path = rest[slash:] if slash >= 0 else b"/"
-        parts = [
-            b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header),
-            render_fields(forward),
-        ]
+        parts[0] = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (cycle.method, self.prefix, path, self.host_header)
         if cycle.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif cycle.content_length is not None:
             parts.append(b"Content-Length: %d\r\n\r\n" % cycle.content_length)
         else:
             parts.append(b"\r\n")
-        ticket = self.mirror.begin(cycle, path, forward, request_id) if self.mirror is not None else None
+        ticket = self.mirror.begin(cycle, path, request_id) if self.mirror is not None else None
+        if ticket is not None:
+            ticket.fields = b"".join(parts[1:fields_end])  # the same fields go to the candidate
         exchange = Exchange(self, cycle, b"".join(parts), request_id, ticket)
         if self.observers:
             exchange.observe(path)
@@ -349,16 +354,20 @@ class Exchange:
             self.proxy.waiting.discard(self)
         self.retry_body = None
         drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-        out: list[tuple[bytes, bytes]] = []
+        # The answer's head as pieces for one join (slot 0: the status line, see start_response).
+        parts: list[bytes] = [b""]
         has_request_id = False
-        for header, lname in zip(headers, lnames):  # noqa: B905  plain zip compiles to a loop; equal lengths, built together
+        for (name, value), lname in zip(headers, lnames):  # noqa: B905  plain zip compiles to a loop; equal lengths, built together
             if lname in drop:
                 continue
             if lname == b"x-request-id":
                 has_request_id = True
-            out.append(header)
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if not has_request_id:
-            out.append((b"X-Request-ID", self.request_id))
+            parts.append(b"X-Request-ID: %s\r\n" % self.request_id)
         has_body = status not in (204, 304) and not (100 <= status < 200)
         if (
             (self.ticket is not None or self.request_capture is not None)
@@ -368,7 +377,7 @@ class Exchange:
             self.capture = []
         if self.wants >= 0:
             self.response_headers = headers
-        self.cycle.start_response(status, reason, out, content_length, has_body)
+        self.cycle.start_response(status, reason, parts, content_length, has_body)
 
     def on_response_body(self, data: bytes) -> None:
         if self.done:

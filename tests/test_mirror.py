@@ -153,6 +153,10 @@ async def test_candidate_sees_the_same_request_as_production_plus_shadow_header(
     assert prod["headers"]["Host"] == upstream.url.removeprefix("http://")
     for name in ("X-Custom", "Content-Type", "X-Forwarded-For", "X-Forwarded-Proto"):
         assert cand["headers"][name] == prod["headers"][name], name
+    # Every other field too, each once (the candidate's copy is the rendered block production got).
+    skip = {"host", "x-shadow-request"}
+    assert sorted((k.lower(), v) for k, v in cand["headers"].items() if k.lower() not in skip) == sorted(
+        (k.lower(), v) for k, v in prod["headers"].items() if k.lower() not in skip)
 
 
 async def test_generated_request_id_is_the_same_for_both_models_and_the_client(

@@ -36,18 +36,6 @@ _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 
 
-def render_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """`name: value\r\n` for each field, in order: one join over the pieces. Compiled, this loop
-    takes 377 ns for six fields against 511 for `map(b": ".join, ...)`, the fastest form as Python."""
-    parts: list[bytes] = []
-    for name, value in headers:
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
-    return b"".join(parts)
-
-
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """Field names a Connection header lists besides keep-alive/close (RFC 9110 §7.6.1)."""
     lowered = value.lower()
@@ -221,13 +209,15 @@ class Cycle:
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        parts: list[bytes],
         content_length: int | None,
         has_body: bool,
     ) -> None:
-        """Send the status line and `headers` (already free of hop-by-hop fields).
+        """Send the status line and the header fields (already free of hop-by-hop ones).
 
-        Framing: with `content_length` the body passes as is; otherwise it is chunked for an
+        `parts` holds the fields as pieces of `name: value\r\n` after a first slot that this
+        fills with the status line; the framing lines are appended and the head is sent as one
+        join. Framing: with `content_length` the body passes as is; otherwise it is chunked for an
         HTTP/1.1 client, or delimited by closing the connection for an HTTP/1.0 one.
         """
         conn = self.conn
@@ -235,7 +225,7 @@ class Cycle:
             self.keep_alive = False
         self.response_started = True
         self._no_body = not has_body or self.method == b"HEAD"
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), render_fields(headers)]
+        parts[0] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         if has_body and content_length is None:
             if self.http_version == "1.1":
                 self._chunked_response = True
