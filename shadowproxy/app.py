@@ -29,13 +29,14 @@ from shadowproxy.tls import client_context
 log = logging.getLogger("shadowproxy")
 
 
-def build_components(config: Config, metrics: Metrics) -> list[Component]:
-    """The optional capabilities the config turns on, each behind the observer seam."""
+def build_components(config: Config, metrics: Metrics, shared: bool = False) -> list[Component]:
+    """The optional capabilities the config turns on, each behind the observer seam. `shared`:
+    this process is one of several workers (their audit store is one file)."""
     components: list[Component] = []
     if config.store.path:
         from shadowproxy.store import AuditStore
 
-        components.append(AuditStore(config, metrics))
+        components.append(AuditStore(config, metrics, shared))
     if config.drift is not None:
         from shadowproxy.drift import DriftMonitor  # numpy and the profile code load only with [drift]
 
@@ -60,7 +61,7 @@ class ShadowProxy:
         self.mirror: Mirror | None = None
         # Later capabilities (audit store, drift monitor) see traffic through this list only.
         self.observers: list[Observer] = []
-        self.components: list[Component] = build_components(config, self.metrics)
+        self.components: list[Component] = build_components(config, self.metrics, reuse_port)
         self.observers.extend(self.components)
         self.proxy: Proxy | None = None
         self.server: Server | None = None

@@ -54,6 +54,7 @@ QUEUE_BYTES = 64 * 1024 * 1024  # bodies waiting for the writer (they dominate a
 WRITE_CHUNK = 1024
 REOPEN_INTERVAL_S = 10.0
 CLOSE_TIMEOUT_S = 30.0
+RECOUNT_INTERVAL_S = 10.0  # shared files only (serve --workers): see StoreWriter.shared
 
 _T = TypeVar("_T")
 _Reply = Callable[[Any, "BaseException | None"], None]
@@ -67,9 +68,12 @@ class StoreWriter:
     """The thread that owns the SQLite connection. The loop side only appends to `records` and
     `commands`; everything else here runs on the thread."""
 
-    def __init__(self, config: Config, metrics: StoreMetrics) -> None:
+    def __init__(self, config: Config, metrics: StoreMetrics, shared: bool = False) -> None:
         self.config = config
         self.metrics = metrics
+        # One file for several writers (`serve --workers`): the totals are counted afresh from it
+        # every RECOUNT_INTERVAL_S, since the other writers' re-judgements and pruning change them.
+        self.shared = shared
         self.records: collections.deque[tuple[Any, ...]] = collections.deque()
         self.commands: collections.deque[tuple[Callable[[Database], Any], _Reply]] = collections.deque()
         self.queued_bytes = 0  # written by the loop only
@@ -83,6 +87,7 @@ class StoreWriter:
         self._failing: set[str] = set()
         self._next_open = 0.0
         self._next_prune = 0.0
+        self._next_recount = 0.0
         self._writer_thread = threading.Thread(target=self._run, name="shadowproxy-store", daemon=True)
 
     # -- loop side -----------------------------------------------------------------------------
@@ -162,6 +167,14 @@ class StoreWriter:
                 self._recovered("prune", "pruning works again")
                 if deleted:
                     self.totals = _copy(self.db.totals)
+        if self.shared and self.db is not None and now >= self._next_recount:
+            self._next_recount = now + RECOUNT_INTERVAL_S
+            try:
+                self.db.recount()
+            except sqlite3.Error as exc:
+                self._failed("read", f"counting the labels failed: {exc}")
+            else:
+                self.totals = _copy(self.db.totals)
 
     def _drain(self) -> list[tuple[Any, ...]]:
         # The loop appends a record before it adds the record's bytes to `queued_bytes`, so every
@@ -232,11 +245,11 @@ def _target_version(item: tuple[Any, ...]) -> tuple[str, str | None]:
 class AuditStore:
     """The `[store]` component: an `Observer` with a lifecycle, admin routes and a stats block."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, shared: bool = False) -> None:
         self.config = config
         store = config.store
         self.metrics = StoreMetrics(metrics.registry)
-        self.writer = StoreWriter(config, self.metrics)
+        self.writer = StoreWriter(config, self.metrics, shared)
         self.sample_rate = store.sample_rate
         self._random = random.random
         self._keep_response = store.store_bodies or bool(store.version_path)

@@ -393,8 +393,18 @@ class Database:
         self.totals = _totals(conn.execute(_TOTALS).fetchone())
         # Whether any label was ever stored: until one is, a written batch has nothing to re-judge
         # and skips the query (one statement less per batch; labels are never all deleted but by
-        # retention, after which the query just finds none).
-        self.has_labels = conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
+        # retention, after which the query just finds none). Asked of the file again while it is
+        # False: under `serve --workers`, labels arrive through another worker's writer.
+        self.has_labels = self._any_label()
+
+    def _any_label(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
+
+    def recount(self) -> None:
+        """The ground-truth totals counted afresh from the file. Under `serve --workers` every
+        worker writes it, and one worker's running totals miss the others' re-judgements and
+        pruning (a scan of the labels table: run now and then, not per batch)."""
+        self.totals = _totals(self.conn.execute(_TOTALS).fetchone())
 
     def close(self) -> None:
         try:
@@ -523,8 +533,12 @@ class Database:
 
     def _rejudge(self, request_ids: list[str], delta: Totals) -> None:
         """Labels that arrived before (part of) their request's predictions: judge them again."""
-        if not request_ids or not self.has_labels:
+        if not request_ids:
             return
+        if not self.has_labels:
+            self.has_labels = self._any_label()
+            if not self.has_labels:
+                return
         rows = self.conn.execute(
             "SELECT request_id, idx, label, production_correct, candidate_correct FROM labels "
             "WHERE request_id IN (SELECT value FROM json_each(?))",

@@ -80,6 +80,49 @@ def test_a_label_is_judged_again_when_the_candidate_answer_arrives(tmp_path: Pat
     db.close()
 
 
+def test_two_workers_on_one_file_judge_a_label_again_and_agree_on_the_totals(tmp_path: Path) -> None:
+    # `serve --workers 2`: one file, a writer per worker. The request (and later its candidate
+    # answer) is written by worker B; the label is posted through worker A, whose totals the
+    # supervisor shows.
+    a, b = database(tmp_path), database(tmp_path)
+    b.write([exchange("r", time.time(), [0, 1])])
+    status, answer = a.post_labels(orjson.dumps([{"request_id": "r", "index": 1, "label": 2}]))
+    assert (status, answer["matched"]) == (200, 1)
+    assert (a.totals.labeled, a.totals.production_correct, a.totals.candidate_labeled) == (1, 0, 0)
+    # The candidate's answer arrives through B, which stored no label itself: it must still find
+    # the label in the file and judge it again.
+    b.write([pair("r", [0, 1], [0, 2])])
+    row = a.conn.execute("SELECT production_correct, candidate_correct FROM labels").fetchone()
+    assert row == (0, 1)
+    # A's running totals missed B's re-judgement; a recount from the file has it.
+    a.recount()
+    assert (a.totals.labeled, a.totals.candidate_labeled, a.totals.candidate_correct) == (1, 1, 1)
+    a.close()
+    b.close()
+
+
+def test_a_shared_store_counts_its_totals_afresh_from_the_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    config = parse_config({"production": {"url": "http://127.0.0.1:1"}, "candidate": {"url": "http://127.0.0.1:2"},
+                           "store": {"path": path}})
+    writers = {shared: store_module.StoreWriter(config, StoreMetrics(CollectorRegistry()), shared=shared)
+               for shared in (True, False)}
+    for writer in writers.values():
+        writer._open()  # the writer thread's steps, run here: no thread started
+    other = Database(connect(path), config.store, config.compare)  # another worker's writer
+    other.write([exchange("r", time.time(), [1, 0])])
+    other.post_labels(orjson.dumps([{"request_id": "r", "index": i, "label": 1} for i in range(2)]))
+    for writer in writers.values():
+        writer._cycle()
+    shared, alone = writers[True].totals, writers[False].totals
+    assert (shared.labeled, shared.production_correct) == (2, 1)
+    assert (alone.labeled, alone.production_correct) == (0, 0)  # a single process keeps its own count
+    for writer in writers.values():
+        assert writer.db is not None
+        writer.db.close()
+    other.close()
+
+
 def test_labels_accept_numbers_and_strings_alike_for_label_kind(tmp_path: Path) -> None:
     db = database(tmp_path)
     db.write([exchange("r", time.time(), [1, "cat"])])
