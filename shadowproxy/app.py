@@ -61,7 +61,8 @@ class ShadowProxy:
         self.mirror: Mirror | None = None
         # Later capabilities (audit store, drift monitor) see traffic through this list only.
         self.observers: list[Observer] = []
-        self.components: list[Component] = build_components(config, self.metrics, reuse_port)
+        # A process sharing its port is one of several workers, and then shares the store's file.
+        self.components: list[Component] = build_components(config, self.metrics, shared=reuse_port)
         self.observers.extend(self.components)
         self.proxy: Proxy | None = None
         self.server: Server | None = None

@@ -383,8 +383,11 @@ class DriftMonitor:
         bodies = b"\n".join(batch)
         present = [answer for answer in batch_answers if answer is not None]
         answers = b"\n".join(present)
-        # What on_exchange added: the joins' separators are not part of it.
-        self.queued_bytes -= len(bodies) - (n - 1) + (len(answers) - (len(present) - 1) if present else 0)
+        # What on_exchange counted: the bytes without the joins' separators.
+        size = len(bodies) - (n - 1)
+        if present:
+            size += len(answers) - (len(present) - 1)
+        self.queued_bytes -= size
         listed = self.compare.preset in _INSTANCES_LIST and not self.compare.path
         watch_predictions = self.predictions is not None
         instances: list[object] = []  # raw instances of the kserve-v1 shape (lists, dicts, scalars)

@@ -391,10 +391,11 @@ class Database:
         self.version_tokens = parse_pointer(store.version_path) if store.version_path else None
         self.redactions = [parse_pointer(p) for p in store.redact]
         self.totals = _totals(conn.execute(_TOTALS).fetchone())
-        # Whether any label was ever stored: until one is, a written batch has nothing to re-judge
-        # and skips the query (one statement less per batch; labels are never all deleted but by
-        # retention, after which the query just finds none). Asked of the file again while it is
-        # False: under `serve --workers`, labels arrive through another worker's writer.
+        # Whether any label was ever stored: until one is, a written batch has nothing to re-judge,
+        # and a one-row probe of the labels table stands in for the re-judging query (which sends
+        # every request id of the batch). The probe runs for each batch while the answer is no:
+        # under `serve --workers`, labels arrive through another worker's writer. Labels are never
+        # all deleted but by retention, after which the re-judging query just finds none.
         self.has_labels = self._any_label()
 
     def _any_label(self) -> bool:
