@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_in_file = None
     if db.exists():
         with sqlite3.connect(db) as conn:
-            rows_in_file = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+            rows_in_file = conn.execute(
+                "SELECT (SELECT count(*) FROM requests) + (SELECT coalesce(sum(records), 0) FROM batches)"
+            ).fetchone()[0]
         conn.close()
 
     base = med["store off"].get("rps")

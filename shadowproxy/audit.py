@@ -15,7 +15,10 @@ from urllib.parse import quote
 
 import orjson
 
-__all__ = ["StoreNotFound", "open_readonly", "read_request", "read_versions", "run_audit"]
+__all__ = [
+    "Entries", "StoreNotFound", "fold", "lookup_key", "open_readonly", "read_request",
+    "read_versions", "request_columns", "run_audit",
+]
 
 EXIT_FOUND = 0
 EXIT_UNKNOWN = 1
@@ -54,6 +57,33 @@ _REQUEST_COLUMNS = (
     "candidate_predictions", "candidate_status", "request_body", "response_body", "candidate_body",
 )
 
+# Requests are stored in batches (schema version 2): a `batches` row per written batch of records,
+# its `entries` a JSON list with one list per record, fields by position. The layouts are the
+# store's queued records (storedb.EXCHANGE, storedb.PAIR) with the bodies left out and the
+# predictions in, so a record of a request that was not sampled is written as it was queued:
+KIND_EXCHANGE = 0  # [0, request_id, time, method, path, status, production_version, production_latency_s,
+#                     mirrored, sampled, null, production_predictions]: production's answer
+KIND_PAIR = 1  # [1, request_id, time, outcome, candidate_status, candidate_version, null,
+#                 candidate_latency_s, production_predictions, candidate_predictions]: the candidate's
+#                 side of a mirrored request whose exchange went to another batch
+KIND_BOTH = 2  # the exchange's 12 fields, then outcome, candidate_status, candidate_version,
+#                candidate_latency_s, candidate_predictions: a mirrored request whose exchange and
+#                pair met in one batch (nearly all of them)
+E_KIND, E_ID, E_TIME, E_MIRRORED, E_PREDICTIONS = 0, 1, 2, 8, 11
+# An entry is found by its lookup key in `batch_keys` (key, batch). Ids the proxy makes are 32 hex
+# digits that start with the time in milliseconds (proxy.new_request_id): their first 11 digits
+# (a 16 ms slot) are the key, so a batch adds a handful of keys, not one per request. Any other id
+# (a client's own X-Request-ID) is its own key, unless it too is 32 characters long and starts
+# with 11 hex digits (then those are its key: found all the same, sharing the slot).
+SLOT_DIGITS = 11
+_HEX = "0123456789abcdef"
+
+
+def lookup_key(request_id: str) -> str:
+    if len(request_id) == 32 and not request_id[:SLOT_DIGITS].strip(_HEX):
+        return request_id[:SLOT_DIGITS]
+    return request_id
+
 
 def _body(value: bytes | None) -> object:
     if value is None:
@@ -64,14 +94,116 @@ def _body(value: bytes | None) -> object:
         return value.decode("utf-8", "replace")
 
 
-def read_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
-    """The `GET /shadow/requests/{id}` record, or None."""
+class Entries:
+    """Finds a request's batch entries; decoded batches are kept for the reader's lifetime (one
+    label post, one write's re-judging), since the ids a caller asks about cluster in time."""
+
+    MAX_BATCHES = 64
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.has_batches = _has_table(conn, "batch_keys")
+        self._decoded: dict[int, dict[str, list[list[Any]]]] = {}
+
+    def find(self, request_id: str) -> list[list[Any]]:
+        """Every entry for `request_id`, oldest first (batch order, then position)."""
+        if not self.has_batches:
+            return []
+        batches = [b for (b,) in self.conn.execute(
+            "SELECT batch FROM batch_keys WHERE key = ? ORDER BY batch", (lookup_key(request_id),))]
+        found: list[list[Any]] = []
+        for batch in batches:
+            by_id = self._decoded.get(batch)
+            if by_id is None:
+                row = self.conn.execute("SELECT entries FROM batches WHERE id = ?", (batch,)).fetchone()
+                if row is None:
+                    continue
+                by_id = {}
+                for entry in orjson.loads(row[0]):
+                    by_id.setdefault(entry[E_ID], []).append(entry)
+                if len(self._decoded) >= self.MAX_BATCHES:
+                    self._decoded.pop(next(iter(self._decoded)))
+                self._decoded[batch] = by_id
+            found.extend(by_id.get(request_id, ()))
+        return found
+
+    def forget(self) -> None:
+        self._decoded.clear()
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+_CANDIDATE_SIDE = ("outcome", "candidate_status", "candidate_version", "candidate_latency_ms")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return seconds * 1000.0 if seconds is not None else None
+
+
+def fold(entries: list[list[Any]]) -> dict[str, Any] | None:
+    """One request's columns from its entries, applied in order as the row upserts of schema 1
+    apply records: a later exchange replaces production's side and clears the candidate's (unless
+    the row so far holds only a pair), a pair sets the candidate's side. Predictions are values."""
+    if not entries:
+        return None
+    r: dict[str, Any] = dict.fromkeys(_REQUEST_COLUMNS)
+    r["request_id"] = entries[0][E_ID]
+    r["mirrored"] = 0
+    for e in entries:
+        kind = e[E_KIND]
+        if kind == KIND_PAIR:
+            r["mirrored"] = 1
+            r["outcome"], r["candidate_status"], r["candidate_version"] = e[3:6]
+            r["candidate_latency_ms"] = _ms(e[7])
+            r["candidate_predictions"] = e[9]
+            if e[8] is not None:
+                r["production_predictions"] = e[8]
+            continue
+        had_exchange = r["time"] is not None
+        r["time"], r["method"], r["path"], r["status"], r["production_version"] = e[2:7]
+        r["production_latency_ms"] = _ms(e[7])
+        r["mirrored"] = int(bool(e[E_MIRRORED]))
+        predictions = e[E_PREDICTIONS]
+        if had_exchange:
+            r["production_predictions"] = predictions
+            for name in (*_CANDIDATE_SIDE, "candidate_predictions"):
+                r[name] = None
+        elif r["production_predictions"] is None:
+            r["production_predictions"] = predictions
+        if kind == KIND_BOTH:
+            r["outcome"], r["candidate_status"], r["candidate_version"] = e[12:15]
+            r["candidate_latency_ms"] = _ms(e[15])
+            r["candidate_predictions"] = e[16]
+            if predictions is not None:
+                r["production_predictions"] = predictions
+    return r
+
+
+def request_columns(conn: sqlite3.Connection, request_id: str, entries: Entries | None = None) -> dict[str, Any] | None:
+    """A request's columns (predictions as values), from its batch entries or its row in the
+    `requests` table (schema 1's rows, and every record while `store_bodies` is on); when both
+    hold it, the one with the later answer."""
     row = conn.execute(
         f"SELECT {', '.join(_REQUEST_COLUMNS)} FROM requests WHERE request_id = ?", (request_id,)
     ).fetchone()
-    if row is None:
+    legacy: dict[str, Any] | None = None
+    if row is not None:
+        legacy = dict(zip(_REQUEST_COLUMNS, row, strict=True))
+        for name in ("production_predictions", "candidate_predictions"):
+            legacy[name] = orjson.loads(legacy[name]) if legacy[name] else None
+    batched = fold((entries or Entries(conn)).find(request_id))
+    if legacy is None or batched is None:
+        return legacy or batched
+    return batched if (batched["time"] or 0.0) >= (legacy["time"] or 0.0) else legacy
+
+
+def read_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """The `GET /shadow/requests/{id}` record, or None."""
+    r = request_columns(conn, request_id)
+    if r is None:
         return None
-    r = dict(zip(_REQUEST_COLUMNS, row, strict=True))
     out: dict[str, Any] = {
         "request_id": r["request_id"],
         "time": r["time"],
@@ -84,10 +216,7 @@ def read_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | 
         "candidate_version": r["candidate_version"],
         "production_latency_ms": r["production_latency_ms"],
         "candidate_latency_ms": r["candidate_latency_ms"],
-        "predictions": {
-            "production": orjson.loads(r["production_predictions"]) if r["production_predictions"] else None,
-            "candidate": orjson.loads(r["candidate_predictions"]) if r["candidate_predictions"] else None,
-        },
+        "predictions": {"production": r["production_predictions"], "candidate": r["candidate_predictions"]},
         "candidate_status": r["candidate_status"],
         "labels": [
             {"index": idx, "label": orjson.loads(label)}

@@ -18,13 +18,25 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from shadowproxy.audit import read_request
+from shadowproxy.audit import (
+    E_ID,
+    E_KIND,
+    E_TIME,
+    KIND_BOTH,
+    KIND_EXCHANGE,
+    KIND_PAIR,
+    SLOT_DIGITS,
+    Entries,
+    lookup_key,
+    read_request,
+    request_columns,
+)
 from shadowproxy.compare import canonical_label, compare_predictions
 from shadowproxy.config import CompareConfig, StoreConfig
 from shadowproxy.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
@@ -50,6 +62,7 @@ PAIR = 1  # (PAIR, request_id, time, outcome, candidate_status, version, candida
 #            latency_s, production_predictions, candidate_predictions)
 
 _Tally = dict[tuple[str, str | None], list[float]]  # (target, version) -> [first seen, last seen, answers]
+_Versions = dict[str | None, list[float]]  # version -> [first seen, last seen, answers]
 
 MAX_LABEL_ERRORS = 1000  # per POST /shadow/labels answer; the counts stay exact beyond it
 MAX_VERSION_CHARS = 200
@@ -95,6 +108,43 @@ MIGRATIONS: list[list[str]] = [
             requests INTEGER NOT NULL,
             PRIMARY KEY (target, version)
         ) WITHOUT ROWID""",
+    ],
+    [  # 2: requests written in batches, one row per batch (see Database._write_batch)
+        """CREATE TABLE batches (
+            id INTEGER PRIMARY KEY,
+            first_time REAL NOT NULL,
+            last_time REAL NOT NULL,
+            records INTEGER NOT NULL,
+            keys TEXT NOT NULL,
+            entries TEXT NOT NULL
+        )""",
+        """CREATE TABLE batch_keys (
+            key TEXT NOT NULL,
+            batch INTEGER NOT NULL,
+            PRIMARY KEY (key, batch)
+        ) WITHOUT ROWID""",
+        # For people reading the file with sqlite3: one row per entry, in schema 1's columns
+        # (slow: it parses the batches; see audit.KIND_EXCHANGE for the layouts).
+        """CREATE VIEW batch_entries AS
+        SELECT batch, position,
+            json_extract(v, '$[1]') AS request_id,
+            CASE k WHEN 0 THEN 'exchange' WHEN 1 THEN 'pair' WHEN 2 THEN 'both' END AS kind,
+            json_extract(v, '$[2]') AS time,
+            CASE WHEN k != 1 THEN json_extract(v, '$[3]') END AS method,
+            CASE WHEN k != 1 THEN json_extract(v, '$[4]') END AS path,
+            CASE WHEN k != 1 THEN json_extract(v, '$[5]') END AS status,
+            CASE WHEN k != 1 THEN json_extract(v, '$[6]') END AS production_version,
+            CASE WHEN k != 1 THEN json_extract(v, '$[7]') * 1000.0 END AS production_latency_ms,
+            CASE WHEN k != 1 THEN json_extract(v, '$[8]') ELSE 1 END AS mirrored,
+            CASE k WHEN 1 THEN json_extract(v, '$[8]') ELSE json_extract(v, '$[11]') END AS production_predictions,
+            CASE k WHEN 1 THEN json_extract(v, '$[3]') WHEN 2 THEN json_extract(v, '$[12]') END AS outcome,
+            CASE k WHEN 1 THEN json_extract(v, '$[4]') WHEN 2 THEN json_extract(v, '$[13]') END AS candidate_status,
+            CASE k WHEN 1 THEN json_extract(v, '$[5]') WHEN 2 THEN json_extract(v, '$[14]') END AS candidate_version,
+            CASE k WHEN 1 THEN json_extract(v, '$[7]') * 1000.0
+                   WHEN 2 THEN json_extract(v, '$[15]') * 1000.0 END AS candidate_latency_ms,
+            CASE k WHEN 1 THEN json_extract(v, '$[9]') WHEN 2 THEN json_extract(v, '$[16]') END AS candidate_predictions
+        FROM (SELECT b.id AS batch, e.key AS position, e.value AS v, json_extract(e.value, '$[0]') AS k
+              FROM batches AS b, json_each(b.entries) AS e)""",
     ],
 ]
 
@@ -240,6 +290,54 @@ def _upsert(conn: sqlite3.Connection, upsert: str, rows: Sequence[tuple[Any, ...
             size //= 2
 
 
+def _merge_pairs(entries: list[tuple[Any, ...]], pairs: list[tuple[Any, ...]], mirrored: dict[str, int],
+                 paired: dict[str, int]) -> list[tuple[Any, ...]]:
+    """Fold each pair into its mirrored exchange's entry when both are in this batch (one entry
+    instead of two, and a read finds the whole request at once); returns the pairs left over. An
+    id with several mirrored exchanges or pairs in the batch is left as it is: the reader applies
+    entries in order (audit.fold), exchanges first, as schema 1's upserts did within a batch."""
+    left: list[tuple[Any, ...]] = []
+    for p in pairs:
+        rid = p[1]
+        i = mirrored.get(rid, -1)
+        if i < 0 or paired[rid] > 1:
+            left.append(p)
+            continue
+        e = entries[i]
+        entries[i] = (KIND_BOTH, rid, e[2], e[3], e[4], e[5], e[6], e[7], True, e[9], None,
+                      p[8] if p[8] is not None else e[11], p[3], p[4], p[5], p[7], p[9])
+    return left
+
+
+def _tally(versions: _Versions, version: str | None, when: float) -> None:
+    seen = versions.get(version)
+    if seen is None:
+        versions[version] = [when, when, 1.0]
+        return
+    if when < seen[0]:
+        seen[0] = when
+    elif when > seen[1]:
+        seen[1] = when
+    seen[2] += 1.0
+
+
+def _dump_entries(entries: Sequence[Sequence[Any]]) -> str:
+    try:
+        return orjson.dumps(entries).decode()
+    except TypeError:  # a prediction orjson cannot write (an integer beyond 64 bits): as its repr
+        return orjson.dumps([_writable(e) for e in entries]).decode()
+
+
+def _writable(entry: Sequence[Any]) -> list[Any]:
+    out = list(entry)
+    for k, value in enumerate(out):
+        try:
+            orjson.dumps(value)
+        except TypeError:
+            out[k] = repr(value)
+    return out
+
+
 def _dumps(value: object) -> bytes | None:
     if value is None:
         return None
@@ -315,6 +413,9 @@ def _remove(node: object, tokens: tuple[str, ...]) -> None:
 # The writer's connection
 
 
+PAGE_SIZE = 16384
+
+
 def connect(path: str, attempts: int = 50) -> sqlite3.Connection:
     """Open (creating) the store for writing: WAL, synchronous=NORMAL, schema migrated.
 
@@ -338,6 +439,10 @@ def _connect(path: str) -> sqlite3.Connection:
         # keeps the file consistent after a crash and loses at most the last commits on power loss
         # (https://www.sqlite.org/pragma.html#pragma_synchronous).
         conn.execute("PRAGMA busy_timeout=5000")  # several workers may share one file (first: WAL needs a lock)
+        # A new file only (an existing one keeps its size): a batch is ~150 bytes a request, and
+        # writing it costs per page (a WAL frame, then the checkpoint's copy): 16 KiB pages took
+        # half the CPU of 4 KiB ones for a 146 kB batch (230 against 410-530 us).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
@@ -397,6 +502,14 @@ class Database:
         # under `serve --workers`, labels arrive through another worker's writer. Labels are never
         # all deleted but by retention, after which the re-judging query just finds none.
         self.has_labels = self._any_label()
+        # Records go to `batches` (one row and a few `batch_keys` per written batch: the B-tree
+        # inserts per request are what the store cost), but with bodies to `requests`, a row each
+        # (bodies are bytes, and big enough that a row costs little beside them).
+        self.batched = not store.store_bodies
+        self.batch_records = self._batch_records()  # client requests in `batches`, for max_rows
+
+    def _batch_records(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(sum(records), 0) FROM batches").fetchone()[0])
 
     def _any_label(self) -> bool:
         return self.conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
@@ -406,6 +519,7 @@ class Database:
         worker writes it, and one worker's running totals miss the others' re-judgements and
         pruning (a scan of the labels table: run now and then, not per batch)."""
         self.totals = _totals(self.conn.execute(_TOTALS).fetchone())
+        self.batch_records = self._batch_records()
 
     def close(self) -> None:
         try:
@@ -417,6 +531,113 @@ class Database:
 
     def write(self, items: Sequence[tuple[Any, ...]]) -> None:
         """One transaction for a batch of queued records; raises sqlite3.Error (rolled back)."""
+        if self.batched:
+            self._write_batch(items)
+        else:
+            self._write_rows(items)
+
+    def _write_batch(self, items: Sequence[tuple[Any, ...]]) -> None:
+        """The records as one `batches` row: a JSON list of entries (audit.KIND_EXCHANGE has the
+        layouts), and its lookup keys in `batch_keys`. Three statements whatever the batch's size
+        (a `requests` row per request, with its id and time indexes, cost 2.5 us a request). A
+        record without bodies (most) is written as it was queued: only sampled requests and
+        versions read from bodies cost a new tuple, and a mirrored request's two records one."""
+        if not items:
+            return
+        production: _Versions = {}
+        candidate: _Versions = {}
+        entries: list[tuple[Any, ...]] = []
+        pairs: list[tuple[Any, ...]] = []
+        mirrored: dict[str, int] = {}  # request id -> its mirrored exchange's position, -1: several
+        paired: dict[str, int] = {}  # request id -> pairs in this batch
+        keys: set[str] = set()
+        slot = ""  # the last id's lookup key when it was a slot: most ids that follow share it
+        first = last = items[0][2]
+        for item in items:
+            rid: str = item[1]
+            when: float = item[2]
+            if when < first:
+                first = when
+            elif when > last:
+                last = when
+            if not (slot and len(rid) == 32 and rid.startswith(slot)):
+                key = lookup_key(rid)
+                keys.add(key)
+                slot = key if len(key) == SLOT_DIGITS else ""
+            if item[0] == EXCHANGE:
+                if item[11] is not None or item[10] is not None:
+                    item = self._exchange_entry(item)
+                _tally(production, item[6], when)
+                if item[8]:
+                    mirrored[rid] = -1 if rid in mirrored else len(entries)
+                entries.append(item)
+            else:
+                if item[6] is not None:
+                    item = self._pair_entry(item)
+                if item[4]:  # a candidate that answered
+                    _tally(candidate, item[5], when)
+                paired[rid] = paired.get(rid, 0) + 1
+                pairs.append(item)
+        records = len(entries)
+        if pairs:
+            entries.extend(_merge_pairs(entries, pairs, mirrored, paired))
+        named = []
+        for target, tally in (("production", production), ("candidate", candidate)):
+            for version, (seen_first, seen_last, n) in tally.items():  # once per version and batch
+                self.count_version(target, version, int(n))
+                if version is not None:
+                    named.append((target, version, seen_first, seen_last, int(n)))
+        keys_json = orjson.dumps(sorted(keys)).decode()
+        conn = self.conn
+        delta = Totals()
+        conn.execute("BEGIN")
+        try:
+            batch = conn.execute(
+                "INSERT INTO batches (first_time, last_time, records, keys, entries) VALUES (?, ?, ?, ?, ?)",
+                (first, last, records, keys_json, _dump_entries(entries)),
+            ).lastrowid
+            conn.execute("INSERT OR IGNORE INTO batch_keys (key, batch) SELECT value, ? FROM json_each(?)",
+                         (batch, keys_json))
+            if named:
+                _upsert(conn, _UPSERT_VERSION, named)
+            if self._labels_exist():
+                self._rejudge([e[E_ID] for e in entries], delta)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.totals.merge(delta)
+        self.batch_records += records
+
+    def _labels_exist(self) -> bool:
+        if not self.has_labels:
+            self.has_labels = self._any_label()
+        return self.has_labels
+
+    def _exchange_entry(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A queued exchange with bodies as its entry: the version read from the body when the
+        header named none, production's predictions for a sampled request, no bodies."""
+        _, rid, when, method, path, status, version, latency_s, mirrored, wanted, _, resp_body = item
+        doc: object = None
+        if version is None and self.version_tokens is not None and resp_body is not None:
+            doc = _loads(resp_body)
+            version = _pointer_version(doc, self.version_tokens)
+        predictions = None
+        if wanted and not mirrored and resp_body is not None and 200 <= status < 300:
+            predictions = self._prediction_values(resp_body if doc is None else doc)
+        return (KIND_EXCHANGE, rid, when, method, path, status, version, latency_s, mirrored, wanted, None,
+                predictions)
+
+    def _pair_entry(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A queued pair with the candidate's body as its entry: the version read from the body
+        when the header named none, no body."""
+        _, rid, when, outcome, status, version, body, latency_s, prod_preds, cand_preds = item
+        if version is None and status and self.version_tokens is not None and body is not None:
+            version = _pointer_version(_loads(body), self.version_tokens)
+        return (KIND_PAIR, rid, when, outcome, status, version, None, latency_s, prod_preds, cand_preds)
+
+    def _write_rows(self, items: Sequence[tuple[Any, ...]]) -> None:
+        """The records as `requests` rows (with `store_bodies`): an upsert per record."""
         exchanges: list[tuple[Any, ...]] = []
         pairs: list[tuple[Any, ...]] = []
         versions: _Tally = {}
@@ -491,12 +712,15 @@ class Database:
         return (rid, outcome, status, version, latency_ms, _dumps(prod_preds), _dumps(cand_preds), body)
 
     def _predictions(self, body: bytes | object) -> bytes | None:
+        return _dumps(self._prediction_values(body))
+
+    def _prediction_values(self, body: bytes | object) -> object:
         doc = _loads(body) if isinstance(body, bytes) else body
         if doc is _NOT_JSON:
             return None
         cfg = self.compare
         try:
-            return _dumps(extract_predictions(doc, cfg.preset, cfg.path, cfg.output))
+            return extract_predictions(doc, cfg.preset, cfg.path, cfg.output)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             return None
 
@@ -513,14 +737,12 @@ class Database:
             return 0
         return int(bool(result.flags and result.flags[0]))
 
-    def _stored_predictions(self, request_id: str) -> tuple[list[object] | None, list[object] | None] | None:
-        row = self.conn.execute(
-            "SELECT production_predictions, candidate_predictions FROM requests WHERE request_id = ?",
-            (request_id,),
-        ).fetchone()
-        if row is None:
+    def _stored_predictions(self, request_id: str, entries: Entries,
+                            ) -> tuple[list[object] | None, list[object] | None] | None:
+        columns = request_columns(self.conn, request_id, entries)
+        if columns is None:
             return None
-        prod, cand = (orjson.loads(v) if v is not None else None for v in row)
+        prod, cand = columns["production_predictions"], columns["candidate_predictions"]
         return (prod if isinstance(prod, list) else None, cand if isinstance(cand, list) else None)
 
     def _correctness(self, preds: tuple[list[object] | None, list[object] | None] | None, index: int,
@@ -546,9 +768,10 @@ class Database:
             (orjson.dumps(sorted(set(request_ids))),),
         ).fetchall()
         cache: dict[str, Any] = {}
+        entries = Entries(self.conn)
         for rid, idx, label, old_pc, old_cc in rows:
             if rid not in cache:
-                cache[rid] = self._stored_predictions(rid)
+                cache[rid] = self._stored_predictions(rid, entries)
             pc, cc = self._correctness(cache[rid], idx, orjson.loads(label))
             if (pc, cc) != (old_pc, old_cc):
                 self.conn.execute(
@@ -570,6 +793,7 @@ class Database:
         matched = unmatched = invalid = 0
         errors: list[dict[str, Any]] = []
         cache: dict[str, Any] = {}
+        entries = Entries(self.conn)
         delta = Totals()
         now = time.time()
         conn = self.conn
@@ -584,7 +808,7 @@ class Database:
                     continue
                 rid, index, label = item["request_id"], item["index"], item["label"]
                 if rid not in cache:
-                    cache[rid] = self._stored_predictions(rid)
+                    cache[rid] = self._stored_predictions(rid, entries)
                 preds = cache[rid]
                 has_prediction = preds is not None and any(p is not None and index < len(p) for p in preds)
                 if not has_prediction:
@@ -614,34 +838,158 @@ class Database:
     # -- retention -----------------------------------------------------------------------------
 
     def prune(self, now: float) -> int:
-        """Delete rows beyond `max_rows` (oldest first) and older than `max_age_days`; their labels
-        go with them. Cheap when there is nothing to do: two index lookups."""
-        deleted = 0
-        newest = self.conn.execute("SELECT max(rowid) FROM requests").fetchone()[0]
-        # Rows are only ever appended and pruned from the oldest end, so rowids are contiguous and
-        # "beyond max_rows" is a rowid bound, found without counting the table.
-        if newest is not None and newest > self.store.max_rows:
-            deleted += self._delete("rowid <= ?", newest - self.store.max_rows)
-        cutoff = now - self.store.max_age_days * 86400.0
-        oldest = self.conn.execute("SELECT min(time) FROM requests").fetchone()[0]
-        if oldest is not None and oldest < cutoff:
-            deleted += self._delete("time < ?", cutoff)
-        return deleted
-
-    def _delete(self, where: str, bound: float) -> int:
-        doomed = f"SELECT request_id FROM requests WHERE {where}"
+        """Delete requests beyond `max_rows` (oldest first) and older than `max_age_days`; their
+        labels go with them. One transaction; cheap when there is nothing to do (a few index
+        lookups). Returns how many requests went."""
+        if not self.has_labels:
+            self.has_labels = self._any_label()  # labels may come through another worker's writer
         conn = self.conn
+        gone = Totals()
         conn.execute("BEGIN")
         try:
-            gone = _totals(conn.execute(f"{_TOTALS} WHERE request_id IN ({doomed})", (bound,)).fetchone())
-            conn.execute(f"DELETE FROM labels WHERE request_id IN ({doomed})", (bound,))
-            deleted = conn.execute(f"DELETE FROM requests WHERE {where}", (bound,)).rowcount
+            deleted, batch_deleted = self._prune(now, gone)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self.totals.merge(gone, -1)
-        return int(deleted)
+        self.batch_records -= batch_deleted
+        return deleted
+
+    def _prune(self, now: float, gone: Totals) -> tuple[int, int]:
+        conn = self.conn
+        deleted = batch_deleted = 0
+        cutoff = now - self.store.max_age_days * 86400.0
+        oldest = conn.execute("SELECT min(time) FROM requests").fetchone()[0]
+        if oldest is not None and oldest < cutoff:
+            deleted += self._delete_rows("time < ?", cutoff, gone)
+        # Batches by age, the oldest first (their ids grow with time): whole ones answered before
+        # the cutoff, then the one that straddles it, if any.
+        upto, n, straddling = None, 0, None
+        for aged in self._batches_from_oldest():
+            if aged[2] < cutoff:
+                upto, n = aged[0], n + aged[3]
+                continue
+            if aged[1] < cutoff:
+                straddling = aged
+            break
+        if upto is not None:
+            self._drop_batches(upto, gone)
+        if straddling is not None:
+            n += self._trim(straddling, gone, before=cutoff)
+        batch_deleted += n
+        deleted += n
+        # By count. `requests` rows are only appended and pruned from the oldest end, so their
+        # rowids are contiguous and "the oldest n" is a rowid bound, found without counting.
+        first, last = conn.execute("SELECT min(rowid), max(rowid) FROM requests").fetchone()
+        rows = last - first + 1 if last is not None else 0
+        excess = rows + self.batch_records - batch_deleted - self.store.max_rows
+        while excess > 0:
+            batch = self._oldest_batch()
+            older_rows = 0
+            if rows:
+                older_rows = rows if batch is None else int(conn.execute(
+                    "SELECT count(*) FROM requests WHERE time < ?", (batch[1],)).fetchone()[0])
+            if older_rows:
+                n = self._delete_rows("rowid < ?", first + min(excess, older_rows), gone)
+                first += n
+                rows -= n
+            elif batch is not None:
+                # whole batches while they fit in the excess, else the oldest requests of one
+                upto, n = None, 0
+                for whole in self._batches_from_oldest():
+                    if n + whole[3] > excess:
+                        break
+                    upto, n = whole[0], n + whole[3]
+                if upto is not None:
+                    self._drop_batches(upto, gone)
+                else:
+                    n = self._trim(batch, gone, oldest=excess)
+                batch_deleted += n
+            else:
+                break
+            deleted += n
+            excess -= n
+        return deleted, batch_deleted
+
+    def _batches_from_oldest(self) -> Iterator[tuple[int, float, float, int]]:
+        """(id, first_time, last_time, records) of every batch, oldest first, a page at a time (no
+        statement stays open while the caller deletes)."""
+        after = -1
+        while True:
+            page = self.conn.execute("SELECT id, first_time, last_time, records FROM batches WHERE id > ? "
+                                     "ORDER BY id LIMIT 256", (after,)).fetchall()
+            yield from page
+            if len(page) < 256:
+                return
+            after = page[-1][0]
+
+    def _drop_batches(self, upto: int, gone: Totals) -> None:
+        """Delete every batch up to id `upto`, whole: their lookup keys, and the labels of their
+        requests (read from the entries by SQLite, and only when labels were ever stored)."""
+        conn = self.conn
+        if self.has_labels:
+            doomed = ("SELECT json_extract(e.value, '$[1]') FROM batches AS b, json_each(b.entries) AS e "
+                      "WHERE b.id <= ?")
+            gone.merge(_totals(conn.execute(f"{_TOTALS} WHERE request_id IN ({doomed})", (upto,)).fetchone()))
+            conn.execute(f"DELETE FROM labels WHERE request_id IN ({doomed})", (upto,))
+        conn.execute("DELETE FROM batch_keys WHERE (key, batch) IN "
+                     "(SELECT k.value, b.id FROM batches AS b, json_each(b.keys) AS k WHERE b.id <= ?)", (upto,))
+        conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+
+    def _oldest_batch(self) -> tuple[int, float, float, int] | None:
+        return self.conn.execute(  # type: ignore[no-any-return]
+            "SELECT id, first_time, last_time, records FROM batches ORDER BY id LIMIT 1").fetchone()
+
+    def _trim(self, batch: tuple[int, float, float, int], gone: Totals, *, before: float | None = None,
+              oldest: int | None = None) -> int:
+        """Remove requests from a batch, with their pairs and labels: those answered `before` a
+        time, or the `oldest` n (by position), or all; the batch goes when nothing is left.
+        Returns the requests removed."""
+        batch_id, _, _, records = batch
+        conn = self.conn
+        row = conn.execute("SELECT keys, entries FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        entries: list[list[Any]] = orjson.loads(row[1])
+        ids: set[str] = set()
+        kept: list[list[Any]] = []
+        for e in entries:
+            if before is not None:
+                doomed = e[E_TIME] < before
+            elif oldest is not None:
+                doomed = e[E_KIND] != KIND_PAIR and len(ids) < oldest
+            else:
+                doomed = True
+            if doomed and e[E_KIND] != KIND_PAIR:
+                ids.add(e[E_ID])
+            elif not doomed:
+                kept.append(e)
+        kept = [e for e in kept if e[E_ID] not in ids]
+        removed = records - sum(1 for e in kept if e[E_KIND] != KIND_PAIR)
+        if kept:
+            keys = sorted({lookup_key(e[E_ID]) for e in kept})
+            times = [e[E_TIME] for e in kept]
+            conn.execute("UPDATE batches SET first_time = ?, last_time = ?, records = ?, keys = ?, entries = ? "
+                         "WHERE id = ?", (min(times), max(times), records - removed, orjson.dumps(keys).decode(),
+                                          _dump_entries(kept), batch_id))
+            dropped = sorted(set(orjson.loads(row[0])) - set(keys))
+        else:
+            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            dropped = orjson.loads(row[0])
+        conn.execute("DELETE FROM batch_keys WHERE batch = ? AND key IN (SELECT value FROM json_each(?))",
+                     (batch_id, orjson.dumps(dropped)))
+        if ids and self.has_labels:
+            doomed_ids = orjson.dumps(sorted(ids))
+            gone.merge(_totals(conn.execute(
+                f"{_TOTALS} WHERE request_id IN (SELECT value FROM json_each(?))", (doomed_ids,)).fetchone()))
+            conn.execute("DELETE FROM labels WHERE request_id IN (SELECT value FROM json_each(?))", (doomed_ids,))
+        return removed
+
+    def _delete_rows(self, where: str, bound: float, gone: Totals) -> int:
+        doomed = f"SELECT request_id FROM requests WHERE {where}"
+        conn = self.conn
+        gone.merge(_totals(conn.execute(f"{_TOTALS} WHERE request_id IN ({doomed})", (bound,)).fetchone()))
+        conn.execute(f"DELETE FROM labels WHERE request_id IN ({doomed})", (bound,))
+        return int(conn.execute(f"DELETE FROM requests WHERE {where}", (bound,)).rowcount)
 
     def read(self, request_id: str) -> dict[str, Any] | None:
         return read_request(self.conn, request_id)

@@ -301,7 +301,7 @@ async def test_retention_keeps_only_the_newest_max_rows(upstream: Upstream, star
         ids: list[str] = []
         for _ in range(50):
             ids = await store.call(lambda db: [r[0] for r in db.conn.execute(
-                "SELECT request_id FROM requests ORDER BY request_id")])
+                "SELECT request_id FROM requests UNION SELECT request_id FROM batch_entries ORDER BY 1")])
             if len(ids) <= 5:
                 break
             await asyncio.sleep(0.05)

@@ -59,7 +59,7 @@ flush_interval_s = {flush_s}
 def stored_ids(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        ids = {r[0] for r in conn.execute("SELECT request_id FROM requests")}
+        ids = {r[0] for r in conn.execute("SELECT request_id FROM requests UNION SELECT request_id FROM batch_entries")}
     conn.close()
     return ids
 

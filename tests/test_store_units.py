@@ -1,5 +1,6 @@
-"""The audit store's parts without a proxy: schema, retention by age, labels before predictions,
-the bounded queue, the version label cap, redaction, and the accuracy gate of the verdict."""
+"""The audit store's parts without a proxy: schema and migration, batches and their lookup keys,
+retention by age and count, labels before predictions, the bounded queue, the version label cap,
+redaction, and the accuracy gate of the verdict."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shadowproxy import store as store_module
+from shadowproxy.audit import Entries, lookup_key, read_request, request_columns
 from shadowproxy.config import GatesConfig, StoreConfig, parse_config
 from shadowproxy.metrics import Metrics, StoreMetrics
 from shadowproxy.observers import ExchangeRecord
 from shadowproxy.presets import parse_pointer
+from shadowproxy.proxy import new_request_id
 from shadowproxy.storedb import EXCHANGE, MIGRATIONS, PAIR, Database, connect, redact
 from shadowproxy.verdict import evaluate
 
@@ -31,6 +34,14 @@ def exchange(rid: str, when: float, predictions: list[Any] | None = None) -> tup
 
 def pair(rid: str, prod: list[Any], cand: list[Any]) -> tuple[Any, ...]:
     return (PAIR, rid, time.time(), "disagree", 200, "c1", None, 0.002, prod, cand)
+
+
+def stored(db: Database) -> dict[str, dict[str, Any]]:
+    """Every request in the file, as the reader folds it, by id (rows and batch entries alike)."""
+    entries = Entries(db.conn)
+    ids = [r[0] for r in db.conn.execute(
+        "SELECT request_id FROM requests UNION SELECT request_id FROM batch_entries ORDER BY 1")]
+    return {rid: request_columns(db.conn, rid, entries) or {} for rid in ids}
 
 
 def database(tmp_path: Path, **store: Any) -> Database:
@@ -61,7 +72,7 @@ def test_retention_by_age_prunes_old_rows_and_their_labels(tmp_path: Path) -> No
     db.post_labels(orjson.dumps([{"request_id": r, "index": 0, "label": 1} for r in ("old", "new")]))
     assert db.totals.labeled == 2
     assert db.prune(now) == 1
-    assert [r[0] for r in db.conn.execute("SELECT request_id FROM requests")] == ["new"]
+    assert list(stored(db)) == ["new"]
     assert db.conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 1
     assert (db.totals.labeled, db.totals.production_correct) == (1, 1)
     db.close()
@@ -227,7 +238,145 @@ def test_a_batch_of_any_size_is_written_whole(tmp_path: Path) -> None:
     db = database(tmp_path)
     now = time.time()
     db.write([exchange(f"r{k}", now) for k in range(2061)] + [pair(f"r{k}", [1], [0]) for k in range(0, 370, 10)])
-    assert db.conn.execute("SELECT count(*), sum(mirrored) FROM requests").fetchone() == (2061, 37)
+    rows = stored(db)
+    assert (len(rows), sum(r["mirrored"] for r in rows.values())) == (2061, 37)
     versions = dict(db.conn.execute("SELECT version, requests FROM versions").fetchall())
     assert versions == {"p1": 2061, "c1": 37}
-    assert db.conn.execute("SELECT outcome FROM requests WHERE request_id = 'r360'").fetchone() == ("disagree",)
+    assert rows["r360"]["outcome"] == "disagree"
+
+
+def _mirrored(rid: str, when: float, status: int = 200) -> tuple[Any, ...]:
+    return (EXCHANGE, rid, when, "POST", "/m", status, "p1", 0.003, True, False, None, None)
+
+
+_BODIES = ("request_body", "response_body", "candidate_body")
+
+
+def test_a_batch_reads_as_its_records_written_one_by_one_as_rows(tmp_path: Path) -> None:
+    # The writer folds a mirrored request's exchange and pair found in the same batch into one
+    # entry, and the reader folds a request's entries. Both must read exactly as schema 1's row
+    # upserts did with every record written on its own, in order: pair before or after its
+    # exchange, two pairs for one id, a pair whose exchange is in no batch, a failed candidate, a
+    # sampled request's predictions. (An id a client reuses for two exchanges within one batch is
+    # written exchanges first, then pairs, as schema 1 did within a batch.)
+    now = time.time()
+    records = [
+        _mirrored("a", now), pair("a", [1], [0]),
+        pair("b", [2], [2]), _mirrored("b", now + 1),
+        _mirrored("c", now + 2), pair("c", [3], [4]),
+        _mirrored("d", now + 4), pair("d", [5], [6]), pair("d", [7], [8]),
+        pair("e", [9], [9]),
+        _mirrored("f", now + 5, status=503),
+        (PAIR, "g", now, "candidate_error", 0, None, None, None, [1], None), _mirrored("g", now + 6),
+        exchange("h", now + 7, [1]), exchange("i", now + 8),
+    ]
+    for name in ("rows", "one", "all"):
+        (tmp_path / name).mkdir()
+    rows = database(tmp_path / "rows", store_bodies=True)
+    one, whole = database(tmp_path / "one"), database(tmp_path / "all")
+    for record in records:
+        rows.write([record])
+        one.write([record])
+    whole.write(records)
+    assert rows.conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
+    assert whole.conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    expected = {rid: {k: v for k, v in r.items() if k not in _BODIES} for rid, r in stored(rows).items()}
+    assert list(expected) == list("abcdefghi")
+    assert expected["a"]["outcome"] == "disagree" and expected["i"]["production_predictions"] is None
+    assert stored(one) == stored(whole) == {rid: {**r, **dict.fromkeys(_BODIES)} for rid, r in expected.items()}
+    assert whole.totals == one.totals == rows.totals
+    # merged: a, c, and b and g, whose pairs came first; d has two pairs, e's pair stands alone
+    kinds = dict(whole.conn.execute(
+        "SELECT request_id, group_concat(kind || mirrored) FROM batch_entries GROUP BY 1"))
+    assert kinds == {"a": "both1", "b": "both1", "c": "both1", "d": "exchange1,pair1,pair1", "e": "pair1",
+                     "f": "exchange1", "g": "both1", "h": "exchange0", "i": "exchange0"}
+
+
+def _ids(n: int) -> list[str]:
+    return [new_request_id().decode() for _ in range(n)]
+
+
+def _orphans(db: Database) -> int:
+    """Lookup keys that name a missing batch or a key the batch's entries no longer have."""
+    keyed = {(k, b) for k, b in db.conn.execute("SELECT key, batch FROM batch_keys")}
+    wanted = {(lookup_key(rid), b) for rid, b in db.conn.execute("SELECT request_id, batch FROM batch_entries")}
+    return len(keyed ^ wanted)
+
+
+def test_ids_the_proxy_made_share_a_few_lookup_keys_and_each_is_found(tmp_path: Path) -> None:
+    db = database(tmp_path)
+    now = time.time()
+    batches = [_ids(300) for _ in range(3)]
+    client_ids = ["from-a-client", "0123456789abcdef0123456789ABCDEF", "x" * 32]
+    for ids in batches:
+        db.write([exchange(rid, now) for rid in ids])
+        time.sleep(0.02)  # the next batch's ids fall in a later 16 ms slot
+    db.write([exchange(rid, now) for rid in client_ids])
+    keys = db.conn.execute("SELECT count(*) FROM batch_keys").fetchone()[0]
+    assert keys <= 3 * 4 + len(client_ids)  # 300 ids made within a few ms: one or two slots each
+    assert _orphans(db) == 0
+    for rid in [rid for ids in batches for rid in ids] + client_ids:
+        record = read_request(db.conn, rid)
+        assert record is not None and record["request_id"] == rid and record["status"] == 200
+    made_later = new_request_id().decode()
+    assert lookup_key(made_later) == made_later[:11]
+    assert read_request(db.conn, made_later) is None
+    assert read_request(db.conn, batches[0][0][:-1] + "g") is None
+
+
+def test_max_rows_keeps_exactly_the_newest_requests_across_batches(tmp_path: Path) -> None:
+    db = database(tmp_path, max_rows=5)
+    now = time.time()
+    first, second = _ids(4), _ids(4)
+    db.write([exchange(rid, now, [1]) for rid in first] + [pair("orphan", [1], [1])])
+    db.write([exchange(rid, now + 1, [1]) for rid in second])
+    labelled = [first[0], first[3], second[0]]
+    db.post_labels(orjson.dumps([{"request_id": r, "index": 0, "label": 1} for r in labelled]))
+    assert db.totals.labeled == 3
+    assert db.prune(now + 1) == 3
+    assert set(stored(db)) == {first[3], *second, "orphan"}  # a pair alone is no request: not counted
+    assert db.batch_records == 5 and db.totals.labeled == 2
+    assert db.conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 2
+    assert _orphans(db) == 0
+    db.write([exchange(rid, now + 2) for rid in _ids(6)])
+    assert db.prune(now + 2) == 6  # the first two batches go whole (a lone pair with them), then one
+    assert db.conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 1
+    assert len(stored(db)) == 5 and db.batch_records == 5 and _orphans(db) == 0
+    assert db.totals.labeled == 0 and db.conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 0
+
+
+def test_max_age_drops_old_batches_and_trims_the_one_that_straddles_the_cutoff(tmp_path: Path) -> None:
+    db = database(tmp_path, max_age_days=1.0)
+    now = time.time()
+    older, old, new = _ids(2), _ids(3), _ids(3)
+    db.write([exchange(rid, now - 3 * 86400, [1]) for rid in older])
+    db.write([exchange(rid, now - 2 * 86400) for rid in old] + [exchange(rid, now) for rid in new])
+    db.post_labels(orjson.dumps([{"request_id": older[0], "index": 0, "label": 1}]))
+    assert db.prune(now) == 5  # the first batch whole, the second trimmed
+    assert set(stored(db)) == set(new) and db.batch_records == 3 and _orphans(db) == 0
+    assert db.totals.labeled == 0 and db.conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 0
+    first_time = db.conn.execute("SELECT first_time FROM batches").fetchone()[0]
+    assert first_time == now
+
+
+def test_a_schema_1_file_is_migrated_and_its_rows_stay_readable(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO requests (request_id, time, method, path, status, mirrored, production_predictions)"
+                     " VALUES ('legacy', ?, 'POST', '/p', 200, 0, '[1]')", (time.time() - 10,))
+    conn.close()
+    db = database(tmp_path, max_rows=3)
+    assert db.conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+    record = read_request(db.conn, "legacy")
+    assert record is not None and record["predictions"]["production"] == [1]
+    status, answer = db.post_labels(b'[{"request_id": "legacy", "index": 0, "label": 1}]')
+    assert (status, answer["matched"]) == (200, 1)
+    now = time.time()
+    db.write([exchange(rid, now) for rid in _ids(3)])
+    assert len(stored(db)) == 4
+    assert db.prune(now) == 1  # the schema-1 row is the oldest
+    assert "legacy" not in stored(db) and db.totals.labeled == 0
