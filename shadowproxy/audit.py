@@ -7,6 +7,7 @@ the writer) or after it stopped. Exit codes: 0 found, 1 unknown request id, 2 no
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from urllib.parse import quote
 import orjson
 
 __all__ = [
-    "Entries", "StoreNotFound", "fold", "lookup_key", "open_readonly", "read_request",
+    "Entries", "StoreNotFound", "entries_in", "fold", "lookup_key", "open_readonly", "read_request",
     "read_versions", "request_columns", "run_audit",
 ]
 
@@ -95,15 +96,17 @@ def _body(value: bytes | None) -> object:
 
 
 class Entries:
-    """Finds a request's batch entries; decoded batches are kept for the reader's lifetime (one
-    label post, one write's re-judging), since the ids a caller asks about cluster in time."""
+    """Finds a request's batch entries. A batch's text is searched for the id, and only the
+    entries found are parsed (a whole batch of 1000 took 0.25 ms to parse). The texts are kept for
+    the reader's lifetime (one label post, one write's re-judging): the ids a caller asks about
+    cluster in time, so in batches."""
 
     MAX_BATCHES = 64
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.has_batches = _has_table(conn, "batch_keys")
-        self._decoded: dict[int, dict[str, list[list[Any]]]] = {}
+        self._texts: dict[int, str] = {}
 
     def find(self, request_id: str) -> list[list[Any]]:
         """Every entry for `request_id`, oldest first (batch order, then position)."""
@@ -113,22 +116,42 @@ class Entries:
             "SELECT batch FROM batch_keys WHERE key = ? ORDER BY batch", (lookup_key(request_id),))]
         found: list[list[Any]] = []
         for batch in batches:
-            by_id = self._decoded.get(batch)
-            if by_id is None:
+            text = self._texts.get(batch)
+            if text is None:
                 row = self.conn.execute("SELECT entries FROM batches WHERE id = ?", (batch,)).fetchone()
                 if row is None:
                     continue
-                by_id = {}
-                for entry in orjson.loads(row[0]):
-                    by_id.setdefault(entry[E_ID], []).append(entry)
-                if len(self._decoded) >= self.MAX_BATCHES:
-                    self._decoded.pop(next(iter(self._decoded)))
-                self._decoded[batch] = by_id
-            found.extend(by_id.get(request_id, ()))
+                text = row[0]
+                if len(self._texts) >= self.MAX_BATCHES:
+                    self._texts.pop(next(iter(self._texts)))
+                self._texts[batch] = text
+            found.extend(entries_in(text, request_id))
         return found
 
-    def forget(self) -> None:
-        self._decoded.clear()
+
+_ENTRY_LENGTHS = {KIND_EXCHANGE: 12, KIND_PAIR: 10, KIND_BOTH: 17}
+_DECODER = json.JSONDecoder()
+
+
+def entries_in(text: str, request_id: str) -> list[list[Any]]:
+    """The entries of a batch's text (orjson's compact JSON) whose id is `request_id`, in order.
+    An entry starts `[kind,"id"` right after the list's `[` or a `,` between entries; each such
+    spot is parsed on its own and kept when it has an entry's layout."""
+    needle = orjson.dumps(request_id).decode()
+    found: list[list[Any]] = []
+    at = text.find(needle)
+    while at >= 0:
+        start = at - 3
+        if start >= 1 and text[at - 1] == "," and text[start] == "[" and text[start - 1] in "[,":
+            try:
+                entry = _DECODER.raw_decode(text, start)[0]
+            except ValueError:
+                entry = None
+            if (isinstance(entry, list) and len(entry) == _ENTRY_LENGTHS.get(entry[0], -1)
+                    and entry[E_ID] == request_id):
+                found.append(entry)
+        at = text.find(needle, at + len(needle))
+    return found
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shadowproxy import store as store_module
-from shadowproxy.audit import Entries, lookup_key, read_request, request_columns
+from shadowproxy.audit import Entries, entries_in, lookup_key, read_request, request_columns
 from shadowproxy.config import GatesConfig, StoreConfig, parse_config
 from shadowproxy.metrics import Metrics, StoreMetrics
 from shadowproxy.observers import ExchangeRecord
@@ -380,3 +380,18 @@ def test_a_schema_1_file_is_migrated_and_its_rows_stay_readable(tmp_path: Path) 
     assert len(stored(db)) == 4
     assert db.prune(now) == 1  # the schema-1 row is the oldest
     assert "legacy" not in stored(db) and db.totals.labeled == 0
+
+
+def test_an_entry_is_found_in_a_batch_text_and_not_mistaken_for_a_prediction() -> None:
+    rid = "r-1"
+    entries = [
+        [0, "other", 1.0, "POST", "/p", 200, None, 0.001, False, True, None, ["r-1", [0, "r-1"], {"r-1": 1}]],
+        [0, rid, 2.0, "POST", "/p", 200, "v1", 0.001, True, False, None, None],
+        [1, "r-10", 2.5, "agree", 200, "c1", None, 0.002, None, None],
+        [1, rid, 3.0, "agree", 200, "c1", None, 0.002, [[0, "r-1", 2.0]], ["x"]],
+    ]
+    text = orjson.dumps(entries).decode()
+    assert entries_in(text, rid) == [entries[1], entries[3]]
+    assert entries_in(text, "r-10") == [entries[2]]
+    assert entries_in(text, "r-") == []
+    assert entries_in(text, 'q"uote') == []
