@@ -18,7 +18,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,7 @@ MIGRATIONS: list[list[str]] = [
             last_time REAL NOT NULL,
             records INTEGER NOT NULL,
             keys TEXT NOT NULL,
+            versions TEXT NOT NULL,
             entries TEXT NOT NULL
         )""",
         """CREATE TABLE batch_keys (
@@ -123,6 +124,23 @@ MIGRATIONS: list[list[str]] = [
             batch INTEGER NOT NULL,
             PRIMARY KEY (key, batch)
         ) WITHOUT ROWID""",
+        # A batch is written by one INSERT: its lookup keys and its version counts ([target,
+        # version, first seen, last seen, requests] each) go in with it, by these triggers. Every
+        # statement the writer runs hands the GIL to the event loop and back (see Database.write).
+        """CREATE TRIGGER batch_written AFTER INSERT ON batches BEGIN
+            INSERT OR IGNORE INTO batch_keys (key, batch) SELECT value, NEW.id FROM json_each(NEW.keys);
+            INSERT INTO versions (target, version, first_seen, last_seen, requests)
+                SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+                       json_extract(value, '$[3]'), json_extract(value, '$[4]')
+                FROM json_each(NEW.versions) WHERE true
+                ON CONFLICT (target, version) DO UPDATE SET
+                    first_seen = min(first_seen, excluded.first_seen),
+                    last_seen = max(last_seen, excluded.last_seen),
+                    requests = requests + excluded.requests;
+        END""",
+        """CREATE TRIGGER batch_deleted AFTER DELETE ON batches BEGIN
+            DELETE FROM batch_keys WHERE key IN (SELECT value FROM json_each(OLD.keys)) AND batch = OLD.id;
+        END""",
         # For people reading the file with sqlite3: one row per entry, in schema 1's columns
         # (slow: it parses the batches; see audit.KIND_EXCHANGE for the layouts).
         """CREATE VIEW batch_entries AS
@@ -414,6 +432,19 @@ def _remove(node: object, tokens: tuple[str, ...]) -> None:
 
 
 PAGE_SIZE = 16384
+_NO_ID = 1 << 62
+_INSERT_BATCH = ("INSERT INTO batches (first_time, last_time, records, keys, versions, entries) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+_INSERT_BATCH_PROBING = f"{_INSERT_BATCH} RETURNING EXISTS (SELECT 1 FROM labels)"
+# The newest of the oldest batches whose requests add up to at most `excess` (the second
+# parameter), and that sum, looking at the oldest _PRUNE_SCAN batches (one statement: one step).
+_PRUNE_SCAN = 4096
+_WHOLE_BATCHES = """
+SELECT id, total FROM (
+    SELECT id, sum(records) OVER (ORDER BY id) AS total
+    FROM (SELECT id, records FROM batches ORDER BY id LIMIT ?)
+) WHERE total <= ? ORDER BY id DESC LIMIT 1
+"""
 
 
 def connect(path: str, attempts: int = 50) -> sqlite3.Connection:
@@ -498,9 +529,10 @@ class Database:
         self.totals = _totals(conn.execute(_TOTALS).fetchone())
         # Whether any label was ever stored: until one is, a written batch has nothing to re-judge,
         # and a one-row probe of the labels table stands in for the re-judging query (which sends
-        # every request id of the batch). The probe runs for each batch while the answer is no:
-        # under `serve --workers`, labels arrive through another worker's writer. Labels are never
-        # all deleted but by retention, after which the re-judging query just finds none.
+        # every request id of the batch). The probe runs for each batch while the answer is no (in
+        # the batch's INSERT, RETURNING): under `serve --workers`, labels arrive through another
+        # worker's writer. Labels are never all deleted but by retention, after which the
+        # re-judging query just finds none.
         self.has_labels = self._any_label()
         # Records go to `batches` (one row and a few `batch_keys` per written batch: the B-tree
         # inserts per request are what the store cost), but with bodies to `requests`, a row each
@@ -538,8 +570,10 @@ class Database:
 
     def _write_batch(self, items: Sequence[tuple[Any, ...]]) -> None:
         """The records as one `batches` row: a JSON list of entries (audit.KIND_EXCHANGE has the
-        layouts), and its lookup keys in `batch_keys`. Three statements whatever the batch's size
-        (a `requests` row per request, with its id and time indexes, cost 2.5 us a request). A
+        layouts), its lookup keys and version counts (triggers put them in `batch_keys` and
+        `versions`). One INSERT whatever the batch's size, until labels exist (then re-judging
+        joins it in a transaction). A `requests` row per request, with its id and time indexes,
+        cost 2.5 us a request, and every statement is a GIL round trip with the event loop. A
         record without bodies (most) is written as it was queued: only sampled requests and
         versions read from bodies cost a new tuple, and a mirrored request's two records one."""
         if not items:
@@ -587,32 +621,33 @@ class Database:
                 self.count_version(target, version, int(n))
                 if version is not None:
                     named.append((target, version, seen_first, seen_last, int(n)))
-        keys_json = orjson.dumps(sorted(keys)).decode()
+        row = (first, last, records, orjson.dumps(sorted(keys)).decode(), orjson.dumps(named).decode(),
+               _dump_entries(entries))
         conn = self.conn
         delta = Totals()
-        conn.execute("BEGIN")
+        if not self.has_labels:
+            # The usual case until labels come: one statement, its own transaction, which also
+            # says whether labels exist now (another worker's writer may have stored some).
+            self.has_labels = bool(conn.execute(_INSERT_BATCH_PROBING, row).fetchone()[0])
+            self.batch_records += records
+            if not self.has_labels:
+                return
+            conn.execute("BEGIN")
+        else:
+            conn.execute("BEGIN")
+            try:
+                conn.execute(_INSERT_BATCH, row)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self.batch_records += records
         try:
-            batch = conn.execute(
-                "INSERT INTO batches (first_time, last_time, records, keys, entries) VALUES (?, ?, ?, ?, ?)",
-                (first, last, records, keys_json, _dump_entries(entries)),
-            ).lastrowid
-            conn.execute("INSERT OR IGNORE INTO batch_keys (key, batch) SELECT value, ? FROM json_each(?)",
-                         (batch, keys_json))
-            if named:
-                _upsert(conn, _UPSERT_VERSION, named)
-            if self._labels_exist():
-                self._rejudge([e[E_ID] for e in entries], delta)
+            self._rejudge([e[E_ID] for e in entries], delta)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self.totals.merge(delta)
-        self.batch_records += records
-
-    def _labels_exist(self) -> bool:
-        if not self.has_labels:
-            self.has_labels = self._any_label()
-        return self.has_labels
 
     def _exchange_entry(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
         """A queued exchange with bodies as its entry: the version read from the body when the
@@ -864,21 +899,22 @@ class Database:
         if oldest is not None and oldest < cutoff:
             deleted += self._delete_rows("time < ?", cutoff, gone)
         # Batches by age, the oldest first (their ids grow with time): whole ones answered before
-        # the cutoff, then the one that straddles it, if any.
-        upto, n, straddling = None, 0, None
-        for aged in self._batches_from_oldest():
-            if aged[2] < cutoff:
-                upto, n = aged[0], n + aged[3]
-                continue
-            if aged[1] < cutoff:
-                straddling = aged
-            break
-        if upto is not None:
-            self._drop_batches(upto, gone)
-        if straddling is not None:
-            n += self._trim(straddling, gone, before=cutoff)
-        batch_deleted += n
-        deleted += n
+        # the cutoff, then the one that straddles it, if any. Every statement here counts: each
+        # row SQLite returns is a step, and each step hands the GIL to the event loop and back.
+        oldest_batch = self._oldest_batch()
+        if oldest_batch is not None and oldest_batch[1] < cutoff:
+            n = 0
+            young = conn.execute("SELECT min(id) FROM batches WHERE last_time >= ?", (cutoff,)).fetchone()[0]
+            upto, n = conn.execute(
+                "SELECT max(id), coalesce(sum(records), 0) FROM batches WHERE id < ?",
+                (young if young is not None else _NO_ID,)).fetchone()
+            if upto is not None:
+                self._drop_batches(upto, gone)
+            straddling = self._oldest_batch()
+            if straddling is not None and straddling[1] < cutoff:
+                n += self._trim(straddling, gone, before=cutoff)
+            batch_deleted += n
+            deleted += n
         # By count. `requests` rows are only appended and pruned from the oldest end, so their
         # rowids are contiguous and "the oldest n" is a rowid bound, found without counting.
         first, last = conn.execute("SELECT min(rowid), max(rowid) FROM requests").fetchone()
@@ -896,11 +932,7 @@ class Database:
                 rows -= n
             elif batch is not None:
                 # whole batches while they fit in the excess, else the oldest requests of one
-                upto, n = None, 0
-                for whole in self._batches_from_oldest():
-                    if n + whole[3] > excess:
-                        break
-                    upto, n = whole[0], n + whole[3]
+                upto, n = conn.execute(_WHOLE_BATCHES, (_PRUNE_SCAN, excess)).fetchone() or (None, 0)
                 if upto is not None:
                     self._drop_batches(upto, gone)
                 else:
@@ -912,18 +944,6 @@ class Database:
             excess -= n
         return deleted, batch_deleted
 
-    def _batches_from_oldest(self) -> Iterator[tuple[int, float, float, int]]:
-        """(id, first_time, last_time, records) of every batch, oldest first, a page at a time (no
-        statement stays open while the caller deletes)."""
-        after = -1
-        while True:
-            page = self.conn.execute("SELECT id, first_time, last_time, records FROM batches WHERE id > ? "
-                                     "ORDER BY id LIMIT 256", (after,)).fetchall()
-            yield from page
-            if len(page) < 256:
-                return
-            after = page[-1][0]
-
     def _drop_batches(self, upto: int, gone: Totals) -> None:
         """Delete every batch up to id `upto`, whole: their lookup keys, and the labels of their
         requests (read from the entries by SQLite, and only when labels were ever stored)."""
@@ -933,9 +953,7 @@ class Database:
                       "WHERE b.id <= ?")
             gone.merge(_totals(conn.execute(f"{_TOTALS} WHERE request_id IN ({doomed})", (upto,)).fetchone()))
             conn.execute(f"DELETE FROM labels WHERE request_id IN ({doomed})", (upto,))
-        conn.execute("DELETE FROM batch_keys WHERE (key, batch) IN "
-                     "(SELECT k.value, b.id FROM batches AS b, json_each(b.keys) AS k WHERE b.id <= ?)", (upto,))
-        conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+        conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))  # their keys by trigger
 
     def _oldest_batch(self) -> tuple[int, float, float, int] | None:
         return self.conn.execute(  # type: ignore[no-any-return]
@@ -972,11 +990,10 @@ class Database:
                          "WHERE id = ?", (min(times), max(times), records - removed, orjson.dumps(keys).decode(),
                                           _dump_entries(kept), batch_id))
             dropped = sorted(set(orjson.loads(row[0])) - set(keys))
+            conn.execute("DELETE FROM batch_keys WHERE batch = ? AND key IN (SELECT value FROM json_each(?))",
+                         (batch_id, orjson.dumps(dropped)))
         else:
-            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            dropped = orjson.loads(row[0])
-        conn.execute("DELETE FROM batch_keys WHERE batch = ? AND key IN (SELECT value FROM json_each(?))",
-                     (batch_id, orjson.dumps(dropped)))
+            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))  # its keys by trigger
         if ids and self.has_labels:
             doomed_ids = orjson.dumps(sorted(ids))
             gone.merge(_totals(conn.execute(
