@@ -11,7 +11,7 @@ import json
 import sqlite3
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import orjson
@@ -62,21 +62,25 @@ _REQUEST_COLUMNS = (
 # its `entries` a JSON list with one list per record, fields by position. The layouts are the
 # store's queued records (storedb.EXCHANGE, storedb.PAIR) with the bodies left out and the
 # predictions in, so a record of a request that was not sampled is written as it was queued:
-KIND_EXCHANGE = 0  # [0, request_id, time, method, path, status, production_version, production_latency_s,
+KIND_EXCHANGE: Final = 0  # [0, request_id, time, method, path, status, production_version, production_latency_s,
 #                     mirrored, sampled, null, production_predictions]: production's answer
-KIND_PAIR = 1  # [1, request_id, time, outcome, candidate_status, candidate_version, null,
+KIND_PAIR: Final = 1  # [1, request_id, time, outcome, candidate_status, candidate_version, null,
 #                 candidate_latency_s, production_predictions, candidate_predictions]: the candidate's
 #                 side of a mirrored request whose exchange went to another batch
-KIND_BOTH = 2  # the exchange's 12 fields, then outcome, candidate_status, candidate_version,
+KIND_BOTH: Final = 2  # the exchange's 12 fields, then outcome, candidate_status, candidate_version,
 #                candidate_latency_s, candidate_predictions: a mirrored request whose exchange and
 #                pair met in one batch (nearly all of them)
-E_KIND, E_ID, E_TIME, E_MIRRORED, E_PREDICTIONS = 0, 1, 2, 8, 11
+E_KIND: Final = 0
+E_ID: Final = 1
+E_TIME: Final = 2
+E_MIRRORED: Final = 8
+E_PREDICTIONS: Final = 11
 # An entry is found by its lookup key in `batch_keys` (key, batch). Ids the proxy makes are 32 hex
 # digits that start with the time in milliseconds (proxy.new_request_id): their first 11 digits
 # (a 16 ms slot) are the key, so a batch adds a handful of keys, not one per request. Any other id
 # (a client's own X-Request-ID) is its own key, unless it too is 32 characters long and starts
 # with 11 hex digits (then those are its key: found all the same, sharing the slot).
-SLOT_DIGITS = 11
+SLOT_DIGITS: Final = 11
 _HEX = "0123456789abcdef"
 
 

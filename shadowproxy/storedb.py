@@ -20,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -56,9 +56,9 @@ log = logging.getLogger("shadowproxy.store")
 
 # Queued records. `version` is what the answer's version header said (None: no such header, or
 # none configured); the JSON pointer, when configured, is read here from the body.
-EXCHANGE = 0  # (EXCHANGE, request_id, time, method, path, status, version, latency_s, mirrored,
+EXCHANGE: Final = 0  # (EXCHANGE, request_id, time, method, path, status, version, latency_s, mirrored,
 #                wanted, request_body, response_body)
-PAIR = 1  # (PAIR, request_id, time, outcome, candidate_status, version, candidate_body,
+PAIR: Final = 1  # (PAIR, request_id, time, outcome, candidate_status, version, candidate_body,
 #            latency_s, production_predictions, candidate_predictions)
 
 _Tally = dict[tuple[str, str | None], list[float]]  # (target, version) -> [first seen, last seen, answers]
