@@ -127,7 +127,12 @@ MIGRATIONS: list[list[str]] = [
         # A batch is written by one INSERT: its lookup keys and its version counts ([target,
         # version, first seen, last seen, requests] each) go in with it, by these triggers. Every
         # statement the writer runs hands the GIL to the event loop and back (see Database.write).
+        # The requests in all batches, kept by the triggers: exact for max_rows under `serve
+        # --workers` too, where every worker's writer adds and prunes batches (one row).
+        "CREATE TABLE batch_totals (records INTEGER NOT NULL)",
+        "INSERT INTO batch_totals (records) VALUES (0)",
         """CREATE TRIGGER batch_written AFTER INSERT ON batches BEGIN
+            UPDATE batch_totals SET records = records + NEW.records;
             INSERT OR IGNORE INTO batch_keys (key, batch) SELECT value, NEW.id FROM json_each(NEW.keys);
             INSERT INTO versions (target, version, first_seen, last_seen, requests)
                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
@@ -138,7 +143,11 @@ MIGRATIONS: list[list[str]] = [
                     last_seen = max(last_seen, excluded.last_seen),
                     requests = requests + excluded.requests;
         END""",
+        """CREATE TRIGGER batch_trimmed AFTER UPDATE OF records ON batches BEGIN
+            UPDATE batch_totals SET records = records - OLD.records + NEW.records;
+        END""",
         """CREATE TRIGGER batch_deleted AFTER DELETE ON batches BEGIN
+            UPDATE batch_totals SET records = records - OLD.records;
             DELETE FROM batch_keys WHERE key IN (SELECT value FROM json_each(OLD.keys)) AND batch = OLD.id;
         END""",
         # For people reading the file with sqlite3: one row per entry, in schema 1's columns
@@ -538,10 +547,11 @@ class Database:
         # inserts per request are what the store cost), but with bodies to `requests`, a row each
         # (bodies are bytes, and big enough that a row costs little beside them).
         self.batched = not store.store_bodies
-        self.batch_records = self._batch_records()  # client requests in `batches`, for max_rows
 
-    def _batch_records(self) -> int:
-        return int(self.conn.execute("SELECT coalesce(sum(records), 0) FROM batches").fetchone()[0])
+    @property
+    def batch_records(self) -> int:
+        """The client requests in `batches` (all writers'), for max_rows."""
+        return int(self.conn.execute("SELECT records FROM batch_totals").fetchone()[0])
 
     def _any_label(self) -> bool:
         return self.conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
@@ -551,7 +561,6 @@ class Database:
         worker writes it, and one worker's running totals miss the others' re-judgements and
         pruning (a scan of the labels table: run now and then, not per batch)."""
         self.totals = _totals(self.conn.execute(_TOTALS).fetchone())
-        self.batch_records = self._batch_records()
 
     def close(self) -> None:
         try:
@@ -629,7 +638,6 @@ class Database:
             # The usual case until labels come: one statement, its own transaction, which also
             # says whether labels exist now (another worker's writer may have stored some).
             self.has_labels = bool(conn.execute(_INSERT_BATCH_PROBING, row).fetchone()[0])
-            self.batch_records += records
             if not self.has_labels:
                 return
             conn.execute("BEGIN")
@@ -640,7 +648,6 @@ class Database:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            self.batch_records += records
         try:
             self._rejudge([e[E_ID] for e in entries], delta)
             conn.execute("COMMIT")
@@ -882,18 +889,17 @@ class Database:
         gone = Totals()
         conn.execute("BEGIN")
         try:
-            deleted, batch_deleted = self._prune(now, gone)
+            deleted = self._prune(now, gone)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self.totals.merge(gone, -1)
-        self.batch_records -= batch_deleted
         return deleted
 
-    def _prune(self, now: float, gone: Totals) -> tuple[int, int]:
+    def _prune(self, now: float, gone: Totals) -> int:
         conn = self.conn
-        deleted = batch_deleted = 0
+        deleted = 0
         cutoff = now - self.store.max_age_days * 86400.0
         oldest = conn.execute("SELECT min(time) FROM requests").fetchone()[0]
         if oldest is not None and oldest < cutoff:
@@ -913,13 +919,12 @@ class Database:
             straddling = self._oldest_batch()
             if straddling is not None and straddling[1] < cutoff:
                 n += self._trim(straddling, gone, before=cutoff)
-            batch_deleted += n
             deleted += n
         # By count. `requests` rows are only appended and pruned from the oldest end, so their
         # rowids are contiguous and "the oldest n" is a rowid bound, found without counting.
         first, last = conn.execute("SELECT min(rowid), max(rowid) FROM requests").fetchone()
         rows = last - first + 1 if last is not None else 0
-        excess = rows + self.batch_records - batch_deleted - self.store.max_rows
+        excess = rows + self.batch_records - self.store.max_rows
         while excess > 0:
             batch = self._oldest_batch()
             older_rows = 0
@@ -937,12 +942,11 @@ class Database:
                     self._drop_batches(upto, gone)
                 else:
                     n = self._trim(batch, gone, oldest=excess)
-                batch_deleted += n
             else:
                 break
             deleted += n
             excess -= n
-        return deleted, batch_deleted
+        return deleted
 
     def _drop_batches(self, upto: int, gone: Totals) -> None:
         """Delete every batch up to id `upto`, whole: their lookup keys, and the labels of their

@@ -395,3 +395,18 @@ def test_an_entry_is_found_in_a_batch_text_and_not_mistaken_for_a_prediction() -
     assert entries_in(text, "r-10") == [entries[2]]
     assert entries_in(text, "r-") == []
     assert entries_in(text, 'q"uote') == []
+
+
+def test_two_writers_on_one_file_agree_on_max_rows(tmp_path: Path) -> None:
+    # `serve --workers 2`: each worker's writer adds and prunes batches in the same file; the count
+    # max_rows is held to is the file's, so neither prunes what the other already pruned.
+    a, b = database(tmp_path, max_rows=4), database(tmp_path, max_rows=4)
+    now = time.time()
+    a.write([exchange(rid, now) for rid in _ids(3)])
+    b.write([exchange(rid, now + 1) for rid in _ids(3)])
+    assert a.batch_records == b.batch_records == 6
+    assert a.prune(now + 1) == 2
+    assert b.batch_records == 4 and b.prune(now + 1) == 0
+    assert len(stored(b)) == 4
+    a.close()
+    b.close()
