@@ -1,10 +1,11 @@
 """The disk side of the audit store: SQLite schema, migrations, batched writes, retention, labels.
 
 Everything here runs on the store's writer thread (`store.StoreWriter`), never on the event loop
-(reading a record is `audit.read_request`, shared with the `audit` command). One table row per
-client request (`requests`), delayed ground-truth labels keyed by (request_id, index) (`labels`), and
-per-version counts kept as traffic is written (`versions`, so `audit --versions` stays cheap after
-retention pruned the rows).
+(reading a record is `audit.read_request`, shared with the `audit` command). Requests are written
+a batch per row (`batches`, found through `batch_keys`; see `Database._write_batch`), or with
+`store_bodies` a row each (`requests`, schema 1's table). Delayed ground-truth labels are keyed by
+(request_id, index) (`labels`), and per-version counts kept as traffic is written (`versions`, so
+`audit --versions` stays cheap after retention pruned the requests).
 
 Ground truth is kept as running totals (`Totals`), computed once when the file is opened and then
 adjusted by every label upsert, every re-judged label and every pruned row, so `/shadow/stats`
