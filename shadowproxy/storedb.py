@@ -909,8 +909,7 @@ class Database:
         # the cutoff, then the one that straddles it, if any. Every statement here counts: each
         # row SQLite returns is a step, and each step hands the GIL to the event loop and back.
         oldest_batch = self._oldest_batch()
-        if oldest_batch is not None and oldest_batch[1] < cutoff:
-            n = 0
+        if oldest_batch is not None and oldest_batch[1] < cutoff:  # then a scan (no index on last_time)
             young = conn.execute("SELECT min(id) FROM batches WHERE last_time >= ?", (cutoff,)).fetchone()[0]
             upto, n = conn.execute(
                 "SELECT max(id), coalesce(sum(records), 0) FROM batches WHERE id < ?",
