@@ -62,7 +62,6 @@ EXCHANGE: Final = 0  # (EXCHANGE, request_id, time, method, path, status, versio
 PAIR: Final = 1  # (PAIR, request_id, time, outcome, candidate_status, version, candidate_body,
 #            latency_s, production_predictions, candidate_predictions)
 
-_Tally = dict[tuple[str, str | None], list[float]]  # (target, version) -> [first seen, last seen, answers]
 _Versions = dict[str | None, list[float]]  # version -> [first seen, last seen, answers]
 
 MAX_LABEL_ERRORS = 1000  # per POST /shadow/labels answer; the counts stay exact beyond it
@@ -125,13 +124,14 @@ MIGRATIONS: list[list[str]] = [
             batch INTEGER NOT NULL,
             PRIMARY KEY (key, batch)
         ) WITHOUT ROWID""",
-        # A batch is written by one INSERT: its lookup keys and its version counts ([target,
-        # version, first seen, last seen, requests] each) go in with it, by these triggers. Every
-        # statement the writer runs hands the GIL to the event loop and back (see Database.write).
-        # The requests in all batches, kept by the triggers: exact for max_rows under `serve
+        # The requests in all batches, kept by the triggers below: exact for max_rows under `serve
         # --workers` too, where every worker's writer adds and prunes batches (one row).
         "CREATE TABLE batch_totals (records INTEGER NOT NULL)",
         "INSERT INTO batch_totals (records) VALUES (0)",
+        # A batch is written by one INSERT: its lookup keys and its version counts ([target,
+        # version, first seen, last seen, requests] each) go in with it, by these triggers. Every
+        # statement the writer runs hands the GIL to the event loop and back (see
+        # Database._write_batch).
         """CREATE TRIGGER batch_written AFTER INSERT ON batches BEGIN
             UPDATE batch_totals SET records = records + NEW.records;
             INSERT OR IGNORE INTO batch_keys (key, batch) SELECT value, NEW.id FROM json_each(NEW.keys);
@@ -625,31 +625,22 @@ class Database:
         records = len(entries)
         if pairs:
             entries.extend(_merge_pairs(entries, pairs, mirrored, paired))
-        named = []
-        for target, tally in (("production", production), ("candidate", candidate)):
-            for version, (seen_first, seen_last, n) in tally.items():  # once per version and batch
-                self.count_version(target, version, int(n))
-                if version is not None:
-                    named.append((target, version, seen_first, seen_last, int(n)))
+        named = self._count_versions(production, candidate)
         row = (first, last, records, orjson.dumps(sorted(keys)).decode(), orjson.dumps(named).decode(),
                _dump_entries(entries))
         conn = self.conn
-        delta = Totals()
+        inserted = False
         if not self.has_labels:
             # The usual case until labels come: one statement, its own transaction, which also
             # says whether labels exist now (another worker's writer may have stored some).
-            self.has_labels = bool(conn.execute(_INSERT_BATCH_PROBING, row).fetchone()[0])
+            self.has_labels = inserted = bool(conn.execute(_INSERT_BATCH_PROBING, row).fetchone()[0])
             if not self.has_labels:
                 return
-            conn.execute("BEGIN")
-        else:
-            conn.execute("BEGIN")
-            try:
-                conn.execute(_INSERT_BATCH, row)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        delta = Totals()
+        conn.execute("BEGIN")
         try:
+            if not inserted:
+                conn.execute(_INSERT_BATCH, row)
             self._rejudge([e[E_ID] for e in entries], delta)
             conn.execute("COMMIT")
         except BaseException:
@@ -661,13 +652,11 @@ class Database:
         """A queued exchange with bodies as its entry: the version read from the body when the
         header named none, production's predictions for a sampled request, no bodies."""
         _, rid, when, method, path, status, version, latency_s, mirrored, wanted, _, resp_body = item
-        doc: object = None
-        if version is None and self.version_tokens is not None and resp_body is not None:
-            doc = _loads(resp_body)
-            version = _pointer_version(doc, self.version_tokens)
+        version, doc = self._version(version, resp_body)
         predictions = None
         if wanted and not mirrored and resp_body is not None and 200 <= status < 300:
-            predictions = self._prediction_values(resp_body if doc is None else doc)
+            # Mirrored requests get production's predictions from their pair (parsed once, there).
+            predictions = self._predictions(resp_body if doc is None else doc)
         return (KIND_EXCHANGE, rid, when, method, path, status, version, latency_s, mirrored, wanted, None,
                 predictions)
 
@@ -675,22 +664,21 @@ class Database:
         """A queued pair with the candidate's body as its entry: the version read from the body
         when the header named none, no body."""
         _, rid, when, outcome, status, version, body, latency_s, prod_preds, cand_preds = item
-        if version is None and status and self.version_tokens is not None and body is not None:
-            version = _pointer_version(_loads(body), self.version_tokens)
+        version = self._version(version, body)[0] if status else None
         return (KIND_PAIR, rid, when, outcome, status, version, None, latency_s, prod_preds, cand_preds)
 
     def _write_rows(self, items: Sequence[tuple[Any, ...]]) -> None:
         """The records as `requests` rows (with `store_bodies`): an upsert per record."""
         exchanges: list[tuple[Any, ...]] = []
         pairs: list[tuple[Any, ...]] = []
-        versions: _Tally = {}
+        production: _Versions = {}
+        candidate: _Versions = {}
         for item in items:
             if item[0] == EXCHANGE:
-                exchanges.append(self._exchange_row(item, versions))
+                exchanges.append(self._exchange_row(item, production))
             else:
-                pairs.append(self._pair_row(item, versions))
-        for (target, version), (_, _, n) in versions.items():  # once per version and batch, not per row
-            self.count_version(target, version, int(n))
+                pairs.append(self._pair_row(item, candidate))
+        named = self._count_versions(production, candidate)
         conn = self.conn
         delta = Totals()
         conn.execute("BEGIN")
@@ -699,7 +687,6 @@ class Database:
                 _upsert(conn, _UPSERT_EXCHANGE, exchanges)
             if pairs:
                 _upsert(conn, _UPSERT_PAIR, pairs)
-            named = [(t, v, first, last, int(n)) for (t, v), (first, last, n) in versions.items() if v is not None]
             if named:
                 _upsert(conn, _UPSERT_VERSION, named)
             self._rejudge([row[0] for row in exchanges] + [row[0] for row in pairs], delta)
@@ -709,55 +696,46 @@ class Database:
             raise
         self.totals.merge(delta)
 
-    def _version(self, target: str, version: str | None, body: bytes | None,
-                 doc: object, when: float, versions: _Tally,
-                 ) -> tuple[str | None, object]:
-        """The answer's model version (its header's, else the JSON pointer's), tallied in
-        `versions` (None: the answer names none)."""
+    def _count_versions(self, production: _Versions, candidate: _Versions) -> list[tuple[str, str, float, float, int]]:
+        """Count a batch's answers per target and version in the metric (once per version and
+        batch, not per record); returns the named ones as `versions` rows."""
+        named = []
+        for target, tally in (("production", production), ("candidate", candidate)):
+            for version, (first, last, n) in tally.items():
+                self.count_version(target, version, int(n))
+                if version is not None:
+                    named.append((target, version, first, last, int(n)))
+        return named
+
+    def _version(self, version: str | None, body: bytes | None) -> tuple[str | None, object]:
+        """The answer's model version: its header's, else the JSON pointer's (None: the answer
+        names none); and the body parsed, when that took parsing it (else None)."""
         if version is None and self.version_tokens is not None and body is not None:
-            if doc is None:
-                doc = _loads(body)
-            version = _pointer_version(doc, self.version_tokens)
-        seen = versions.get((target, version))
-        if seen is None:
-            versions[(target, version)] = [when, when, 1.0]
-        else:
-            if when < seen[0]:
-                seen[0] = when
-            if when > seen[1]:
-                seen[1] = when
-            seen[2] += 1
-        return version, doc
+            doc = _loads(body)
+            return _pointer_version(doc, self.version_tokens), doc
+        return version, None
 
-    def _exchange_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
-        _, rid, when, method, path, status, version, latency_s, mirrored, wanted, req_body, resp_body = item
-        version, doc = self._version("production", version, resp_body, None, when, versions)
-        predictions = None
-        if wanted and not mirrored and resp_body is not None and 200 <= status < 300:
-            # Mirrored requests get production's predictions from their pair (parsed once, there).
-            predictions = self._predictions(resp_body if doc is None else doc)
-        if self.store.store_bodies:
-            req_body = redact(req_body, self.redactions)
-            resp_body = redact(resp_body, self.redactions)
-        else:
-            req_body = resp_body = None
+    def _exchange_row(self, item: tuple[Any, ...], production: _Versions) -> tuple[Any, ...]:
+        """A queued exchange as a `requests` row: its entry's version and predictions, and its
+        bodies (redacted)."""
+        entry = self._exchange_entry(item)
+        _, rid, when, method, path, status, version, latency_s, mirrored, _, _, predictions = entry
+        _tally(production, version, when)
+        req_body, resp_body = redact(item[10], self.redactions), redact(item[11], self.redactions)
         latency_ms = latency_s * 1000.0 if latency_s is not None else None
-        return (rid, when, method, path, status, version, latency_ms, int(mirrored), predictions, req_body, resp_body)
+        return (rid, when, method, path, status, version, latency_ms, int(mirrored), _dumps(predictions),
+                req_body, resp_body)
 
-    def _pair_row(self, item: tuple[Any, ...], versions: _Tally) -> tuple[Any, ...]:
-        _, rid, when, outcome, status, version, body, latency_s, prod_preds, cand_preds = item
+    def _pair_row(self, item: tuple[Any, ...], candidate: _Versions) -> tuple[Any, ...]:
+        """A queued pair as a `requests` row: its entry's version, and its body (redacted)."""
+        _, rid, when, outcome, status, version, _, latency_s, prod_preds, cand_preds = self._pair_entry(item)
         if status:
-            version, _ = self._version("candidate", version, body, None, when, versions)
-        else:
-            version = None
-        body = redact(body, self.redactions) if self.store.store_bodies else None
+            _tally(candidate, version, when)
+        body = redact(item[6], self.redactions)
         latency_ms = latency_s * 1000.0 if latency_s is not None else None
         return (rid, outcome, status, version, latency_ms, _dumps(prod_preds), _dumps(cand_preds), body)
 
-    def _predictions(self, body: bytes | object) -> bytes | None:
-        return _dumps(self._prediction_values(body))
-
-    def _prediction_values(self, body: bytes | object) -> object:
+    def _predictions(self, body: bytes | object) -> object:
         doc = _loads(body) if isinstance(body, bytes) else body
         if doc is _NOT_JSON:
             return None
