@@ -426,10 +426,15 @@ class UpstreamPool:
 # -- buffered exchanges (the mirror's) ----------------------------------------------------------
 
 
-@dataclass(slots=True)
 class BufferedResponse:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    truncated: bool = False  # the body passed max_body_bytes and was not kept
-    latency_s: float = 0.0  # first byte sent to last byte received
+    """A plain class, not a dataclass: mypyc compiles an explicit __init__ (see ExchangeRecord)."""
+
+    __slots__ = ("status", "headers", "body", "truncated", "latency_s")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, truncated: bool = False,
+                 latency_s: float = 0.0) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.truncated = truncated  # the body passed max_body_bytes and was not kept
+        self.latency_s = latency_s  # first byte sent to last byte received
