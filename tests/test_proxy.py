@@ -6,7 +6,9 @@ import asyncio
 import gzip
 import io
 import os
+import re
 import ssl
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -126,12 +128,18 @@ async def test_request_id_is_kept_and_returned(upstream: Upstream, start_proxy) 
 async def test_request_id_is_generated_when_absent(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url)
     async with client() as s:
+        before_ms = int(time.time() * 1000)
         async with s.get(proxy.url + "/") as r:
             first = r.headers["X-Request-ID"]
         async with s.get(proxy.url + "/") as r:
             second = r.headers["X-Request-ID"]
+        after_ms = int(time.time() * 1000)
     assert len(first) == 32 and first != second
     assert upstream.requests[0]["headers"]["X-Request-ID"] == first
+    for made in (first, second):  # 12 hex digits of milliseconds, then 20 random ones (lower case)
+        assert re.fullmatch("[0-9a-f]{32}", made)
+        assert before_ms <= int(made[:12], 16) <= after_ms
+    assert first[12:] != second[12:]
 
 
 async def test_body_over_limit_gets_413(upstream: Upstream, start_proxy) -> None:
