@@ -5,9 +5,10 @@
 Rows: "store off" (no [store] table) and "store on" ([store] path in the temp dir, sample_rate 0.1,
 default flush interval 200 ms), both mirroring 10% to the candidate stand-in. Closed loop (wrk -t2
 -c32) after a 2 s warm-up; setups start afresh each repetition, the order rotates, figures are
-medians. The work is checked: records written and dropped are read from the store's own metrics
-before each stop, and the rows in the file are counted at the end. Issue 6's target: at most 10%
-fewer requests/s with the store on. Exit 0 when both setups ran, 1 otherwise.
+medians; each repetition's own on ÷ off is printed too. The work is checked: records written and
+dropped are read from the store's own metrics before each stop, and the rows in the file are
+counted at the end. Issue 6's target: at most 10% fewer requests/s with the store on. Exit 0 when
+both setups ran, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import sqlite3
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,17 @@ import harness as h  # noqa: E402
 def _metric(text: str, name: str) -> float | None:
     match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
+
+
+def _paired_ratios(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> list[float]:
+    """on ÷ off within each repetition: the two ran minutes apart at most, so a box that drifts
+    over the whole run (these 2-core machines do) moves both alike."""
+    out = []
+    for a, b in zip(on, off, strict=True):
+        r = h.ratio(a.get("rps"), b.get("rps")) if "error" not in a and "error" not in b else None
+        if r is not None:
+            out.append(r)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "within" if ratio >= 0.9 else "OVER"
         print(f"\nstore cost: {(1 - ratio) * 100:.1f}% of requests/s ({verdict} the 10% target); "
               f"rows in the file after all runs: {rows_in_file}")
+    paired = _paired_ratios(results["store on"], results["store off"])
+    if paired:
+        print(f"per repetition (on ÷ off of the same repetition, run back to back): "
+              f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
     failed = h.failures(med)
     for line in h.failure_notes(failed):
         print(f"! {line}")
