@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -48,6 +48,11 @@ def _rank(q: float, n: int) -> int:
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be within [0, 1], got {q}")
     return max(1, math.ceil(q * n))
+
+
+# record_many's crossover: below this many values (a list), one record() each (~0.2 us a value) is
+# cheaper than the numpy path (~16 us for a handful, 26 us for 512).
+RECORD_MANY_VECTORISE_MIN: Final = 128
 
 
 class LogHistogram:
@@ -115,8 +120,16 @@ class LogHistogram:
         self.count += 1
 
     def record_many(self, values: Iterable[float] | np.ndarray[Any, Any]) -> None:
-        """Record many values at once, bucketed as ``record`` would."""
-        arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64).ravel()
+        """Record many values at once, bucketed as ``record`` would. A short list goes value by
+        value: the vectorised path costs ~16 us whatever the size (its bincount spans every
+        bucket), and the comparison of a mirrored request brings one value per instance."""
+        if not isinstance(values, np.ndarray):
+            values = values if isinstance(values, list) else list(values)
+            if len(values) < RECORD_MANY_VECTORISE_MIN:
+                for v in values:
+                    self.record(float(v))
+                return
+        arr = np.asarray(values, dtype=np.float64).ravel()
         arr = arr[~np.isnan(arr)]
         positive = arr[arr > 0]
         last = len(self._counts) - 1

@@ -8,7 +8,13 @@ import orjson
 import pytest
 
 from shadowproxy.compare import compare_predictions
-from shadowproxy.stats import LogHistogram, ShadowStats, SignedHistogram, wilson_interval
+from shadowproxy.stats import (
+    RECORD_MANY_VECTORISE_MIN,
+    LogHistogram,
+    ShadowStats,
+    SignedHistogram,
+    wilson_interval,
+)
 
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
 
@@ -38,6 +44,22 @@ def test_record_many_buckets_exactly_like_record() -> None:
     a, b = one.to_state(), many.to_state()
     assert a.pop("sum") == pytest.approx(b.pop("sum"))
     assert a == b
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, RECORD_MANY_VECTORISE_MIN - 1, RECORD_MANY_VECTORISE_MIN, 1000])
+def test_record_many_of_a_list_matches_record_on_both_paths(size: int) -> None:
+    # A comparison's abs_diffs: a short list of floats and ints, with odd values among them.
+    odd: list[float] = [0, 3, 0.0, -1.5, math.inf, math.nan, 1e-9, 1e9]
+    k = min(size, len(odd))
+    values = [float(v) for v in np.random.default_rng(size).lognormal(-3, 3, size=size - k)] + odd[:k]
+    one, many = LogHistogram(1e-12, 1e12), LogHistogram(1e-12, 1e12)
+    for v in values:
+        one.record(float(v))
+    many.record_many(values)
+    a, b = one.to_state(), many.to_state()
+    assert a.pop("sum") == pytest.approx(b.pop("sum"))
+    assert a == b
+    assert many.count == len([v for v in values if not math.isnan(v)])
 
 
 def test_empty_histogram_reports_zero() -> None:
