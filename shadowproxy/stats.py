@@ -3,9 +3,11 @@
 Histograms follow DDSketch (Masson et al., VLDB 2019): a value ``v > 0`` goes to bucket
 ``ceil(log(v) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)``, and a bucket reports
 ``2 * gamma**i / (gamma + 1)``, which is within relative error ``a`` (1%) of every value in it.
-Counts live in a fixed numpy int64 array, so memory is bounded and merging two histograms (other
-workers, other replicas) is adding arrays; the merged quantiles are exactly those of one histogram
-that saw all the values.
+Counts live in a fixed-length list of ints (an increment from compiled code costs a fifth of a
+numpy array's, and `record` runs for every request), so memory is bounded and merging two
+histograms (other workers, other replicas) is adding them bucket by bucket; the merged quantiles
+are exactly those of one histogram that saw all the values. The reads (quantiles, state) go
+through numpy.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class LogHistogram:
         self._inv_log_gamma = 1.0 / math.log(self.gamma)
         self._offset = math.ceil(math.log(min_value) * self._inv_log_gamma)
         top = math.ceil(math.log(max_value) * self._inv_log_gamma)
-        self._counts: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(top - self._offset + 1, dtype=np.int64)
+        self._counts: list[int] = [0] * (top - self._offset + 1)
         self.zero = 0
         self.count = 0
         self.sum = 0.0
@@ -104,7 +106,8 @@ class LogHistogram:
         )
 
     def record(self, v: float) -> None:
-        # Hot path (once per mirrored request): one math.log and one array increment, ~0.3 µs.
+        # Hot path (once per request, a few times per mirrored one): one math.log and one list
+        # increment, ~0.1 µs compiled (0.21 with a numpy array).
         if v > 0:
             if v >= self.max_value:
                 self._counts[-1] += 1
@@ -137,7 +140,10 @@ class LogHistogram:
         idx = np.ceil(np.log(clamped) * self._inv_log_gamma).astype(np.int64) - self._offset
         idx = np.where(positive >= self.max_value, last, np.where(positive <= self.min_value, 0, idx))
         idx = np.clip(idx, 0, last)
-        self._counts += np.bincount(idx, minlength=len(self._counts)).astype(np.int64)
+        counts = self._counts
+        for i, n in enumerate(np.bincount(idx, minlength=len(counts)).tolist()):
+            if n:
+                counts[i] += n
         self.zero += int(arr.size - positive.size)
         self.sum += float(np.where(np.isinf(positive), self.max_value, positive).sum())
         self.count += int(arr.size)
@@ -145,7 +151,10 @@ class LogHistogram:
     def merge(self, other: LogHistogram) -> None:
         if not self._same_layout(other):
             raise ValueError("cannot merge histograms with different bucket layouts")
-        self._counts += other._counts
+        counts = self._counts
+        for i, n in enumerate(other._counts):
+            if n:
+                counts[i] += n
         self.zero += other.zero
         self.count += other.count
         self.sum += other.sum
@@ -154,16 +163,21 @@ class LogHistogram:
         """The value reported for bucket ``index`` (relative to the first bucket)."""
         return 2 * self.gamma ** (index + self._offset) / (self.gamma + 1)
 
-    def value_at_rank(self, rank: int) -> float:
-        """The value of the ``rank``-th smallest recorded value (1-based), within 1%."""
+    def value_at_rank(self, rank: int, cumulative: np.ndarray[Any, Any] | None = None) -> float:
+        """The value of the ``rank``-th smallest recorded value (1-based), within 1%. A caller
+        reading several ranks passes ``cumulative_counts()`` once."""
         if self.count == 0:
             return 0.0
         rank = min(max(rank, 1), self.count)
         if rank <= self.zero:
             return 0.0
-        cumulative = np.cumsum(self._counts)
+        if cumulative is None:
+            cumulative = self.cumulative_counts()
         index = int(np.searchsorted(cumulative, rank - self.zero, side="left"))
         return self.bucket_value(index)
+
+    def cumulative_counts(self) -> np.ndarray[Any, Any]:
+        return np.cumsum(np.array(self._counts, dtype=np.int64))
 
     def quantile(self, q: float) -> float:
         """The value at rank ``ceil(q * count)`` (like ``numpy.quantile(method="inverted_cdf")``),
@@ -171,11 +185,12 @@ class LogHistogram:
         return self.value_at_rank(_rank(q, self.count))
 
     def percentiles_ms(self) -> dict[str, float]:
-        return {name: round(self.quantile(q) * 1000, 6) for name, q in PERCENTILES}
+        cumulative = self.cumulative_counts()
+        return {name: round(self.value_at_rank(_rank(q, self.count), cumulative) * 1000, 6) for name, q in PERCENTILES}
 
     def to_state(self) -> dict[str, Any]:
         """Compact JSON-friendly state: the non-zero stretch of buckets and where it starts."""
-        nonzero = np.flatnonzero(self._counts)
+        nonzero = np.flatnonzero(np.array(self._counts, dtype=np.int64))
         first = int(nonzero[0]) if nonzero.size else 0
         last = int(nonzero[-1]) + 1 if nonzero.size else 0
         return {
@@ -183,7 +198,7 @@ class LogHistogram:
             "min_value": self.min_value,
             "max_value": self.max_value,
             "offset": first + self._offset,
-            "counts": self._counts[first:last].tolist(),
+            "counts": self._counts[first:last],
             "zero": self.zero,
             "count": self.count,
             "sum": self.sum,
@@ -204,7 +219,7 @@ class LogHistogram:
         h.zero = int(state["zero"])
         h.count = int(state["count"])
         h.sum = float(state["sum"])
-        if h.count != h.zero + int(h._counts.sum()):
+        if h.count != h.zero + sum(h._counts):
             raise ValueError("histogram state count does not match its buckets")
         return h
 
