@@ -161,6 +161,8 @@ def canonical_label(v: object) -> str:
     compact JSON with int-valued floats as ints and sorted keys (so 1 and 1.0 are both ``"1"``)."""
     if isinstance(v, str):
         return v
+    if type(v) is int:  # class ids, the common case: what the JSON below gives (repr beyond 64 bits)
+        return str(v)
     try:
         return orjson.dumps(_canonical_json(v), option=orjson.OPT_SORT_KEYS).decode()
     except (TypeError, orjson.JSONEncodeError):  # e.g. integers beyond 64 bits

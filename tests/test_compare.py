@@ -94,6 +94,15 @@ def test_canonical_label_of_huge_integer_does_not_raise() -> None:
     assert canonical_label(10**30) == str(10**30)
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    (0, "0"), (7, "7"), (-3, "-3"), (2**63 - 1, str(2**63 - 1)), (-(2**63), str(-(2**63))),
+    (2**64 + 5, str(2**64 + 5)), (1.0, "1"), (-2.0, "-2"), (2.5, "2.5"), (True, "true"), (None, "null"),
+    ([1, 2.0], "[1,2]"),
+])
+def test_canonical_label_of_numbers_is_their_compact_json(value: object, expected: str) -> None:
+    assert canonical_label(value) == expected
+
+
 # ---------------------------------------------------------------- numeric
 
 
