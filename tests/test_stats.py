@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import orjson
@@ -35,15 +36,20 @@ def test_quantiles_match_numpy_inverted_cdf_within_one_percent_on_lognormal_late
         assert _rel_err(h.quantile(q), float(np.quantile(values, q, method="inverted_cdf"))) <= 0.01, q
 
 
-def test_record_many_buckets_exactly_like_record() -> None:
-    values = np.random.default_rng(1).lognormal(-3, 3, size=20_000)  # spans past both ends
-    one, many = LogHistogram(), LogHistogram()
+def _record_many_like_record(values: Any, *bounds: float) -> LogHistogram:
+    """record_many(values) into a fresh histogram, checked against record() value by value."""
+    one, many = LogHistogram(*bounds), LogHistogram(*bounds)
     for v in values:
         one.record(float(v))
     many.record_many(values)
     a, b = one.to_state(), many.to_state()
     assert a.pop("sum") == pytest.approx(b.pop("sum"))
     assert a == b
+    return many
+
+
+def test_record_many_buckets_exactly_like_record() -> None:
+    _record_many_like_record(np.random.default_rng(1).lognormal(-3, 3, size=20_000))  # spans past both ends
 
 
 @pytest.mark.parametrize("size", [0, 1, 5, RECORD_MANY_VECTORISE_MIN - 1, RECORD_MANY_VECTORISE_MIN, 1000])
@@ -52,13 +58,7 @@ def test_record_many_of_a_list_matches_record_on_both_paths(size: int) -> None:
     odd: list[float] = [0, 3, 0.0, -1.5, math.inf, math.nan, 1e-9, 1e9]
     k = min(size, len(odd))
     values = [float(v) for v in np.random.default_rng(size).lognormal(-3, 3, size=size - k)] + odd[:k]
-    one, many = LogHistogram(1e-12, 1e12), LogHistogram(1e-12, 1e12)
-    for v in values:
-        one.record(float(v))
-    many.record_many(values)
-    a, b = one.to_state(), many.to_state()
-    assert a.pop("sum") == pytest.approx(b.pop("sum"))
-    assert a == b
+    many = _record_many_like_record(values, 1e-12, 1e12)
     assert many.count == len([v for v in values if not math.isnan(v)])
 
 
