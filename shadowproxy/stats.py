@@ -107,7 +107,7 @@ class LogHistogram:
 
     def record(self, v: float) -> None:
         # Hot path (once per request, a few times per mirrored one): one math.log and one list
-        # increment, ~0.1 µs compiled (0.21 with a numpy array).
+        # increment, 0.06 µs compiled (0.21 with a numpy array).
         if v > 0:
             if v >= self.max_value:
                 self._counts[-1] += 1
