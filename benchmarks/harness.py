@@ -405,6 +405,25 @@ def cpu_seconds(pids: Iterable[int], children: bool = True) -> float:
     return cpu_ticks(pids, children) / CLK_TCK
 
 
+def thread_sched(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of pid: (ns on a CPU, ns runnable but waiting for one), from
+    /proc/PID/task/TID/schedstat; {} where the kernel does not keep schedstats. A thread's wall time
+    minus both is the time it slept: in epoll, or for a lock such as the GIL."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                on_cpu, waiting = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (int(on_cpu), int(waiting))
+    return out
+
+
 def rss_kb(pid: int, children: bool = False) -> int:
     """VmRSS of pid in KiB (plus its descendants' with children=True); 0 when gone."""
     total = 0
@@ -954,25 +973,48 @@ def _cpu_us(pids: list[int], t0: int, requests: int) -> float | None:
 
 def closed_loop(url: str, setup: Setup | None = None, duration: float = 6.0, warmup: float = 2.0,
                 models: Models | None = None, threads: int = 2, connections: int = 32,
-                body: str = BODY) -> dict[str, float | None]:
+                body: str = BODY, threads_of: int | None = None) -> dict[str, float | None]:
     """Warm up, then one measured wrk run. Keys: rps, p50_ms, p90_ms, p99_ms, requests, errors,
     cpu_us (per request, the setup's processes; None without), mirrored (requests the candidate
-    received during the run, with `models`), mirrored_share (mirrored / requests)."""
+    received during the run, with `models`), mirrored_share (mirrored / requests).
+
+    With `threads_of` (a PID whose main thread runs the event loop), also where that thread's time
+    went during the run, per request (see `thread_split`)."""
     if warmup > 0:
         wrk(url, warmup, threads, connections, body)
     pids = setup.pids() if setup else []
     c0 = models.candidate_count() if models else 0
     t0 = cpu_ticks(pids) if pids else 0
+    sched0, wall0 = (thread_sched(threads_of), time.monotonic()) if threads_of else ({}, 0.0)
     r = wrk(url, duration, threads, connections, body)
+    split = thread_split(threads_of, sched0, time.monotonic() - wall0, r.requests) if threads_of else {}
     cpu = _cpu_us(pids, t0, r.requests)
     out: dict[str, float | None] = {
         "rps": r.rps, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
-        "requests": r.requests, "errors": r.errors, "cpu_us": cpu}
+        "requests": r.requests, "errors": r.errors, "cpu_us": cpu, **split}
     if models:
         mirrored = models.candidate_count() - c0
         out["mirrored"] = mirrored
         out["mirrored_share"] = mirrored / r.requests if r.requests else None
     return out
+
+
+def thread_split(pid: int, before: dict[int, tuple[int, int]], wall_s: float,
+                 requests: int) -> dict[str, float | None]:
+    """Where the event loop's thread (pid's main thread) spent a run, in µs per request: on a CPU
+    (`loop_cpu_us`), runnable but waiting for one (`loop_runq_us`), asleep (`loop_sleep_us`: the
+    run's wall time less both; waiting in epoll or for the GIL); and the CPU of the process's
+    other threads (`threads_cpu_us`: the store's writer, for example). Saturated, a loop that
+    sleeps is waiting for something other than its own work."""
+    after = thread_sched(pid)
+    if requests <= 0 or pid not in after or pid not in before:
+        return {}
+    per = 1e-3 / requests  # ns -> µs per request
+    on = (after[pid][0] - before[pid][0]) * per
+    runq = (after[pid][1] - before[pid][1]) * per
+    others = sum(a[0] - before.get(tid, (0, 0))[0] for tid, a in after.items() if tid != pid) * per
+    return {"loop_cpu_us": on, "loop_runq_us": runq, "loop_sleep_us": max(0.0, wall_s * 1e6 / requests - on - runq),
+            "threads_cpu_us": others}
 
 
 def open_loop(url: str, setup: Setup | None = None, n: int = 10000, c: int = 10, q: float = 100,

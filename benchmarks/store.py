@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         setups: list[h.Setup] = [off, on]
 
         def measure(setup: h.Setup, url: str) -> dict[str, Any]:
-            res: dict[str, Any] = dict(h.closed_loop(url, setup, duration=args.duration, models=models))
+            res: dict[str, Any] = dict(h.closed_loop(url, setup, duration=args.duration, models=models,
+                                                     threads_of=setup.pid))
             if setup is on and on.admin_url:
                 _, body = h.http_get(f"{on.admin_url}/metrics")
                 text = body.decode()
@@ -98,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         h.closed_loop_headers("÷ off") + ["errors", "mirrored share", "records written", "dropped"],
         table, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, mirror.sample_rate 0.1, "
                      f"store.sample_rate 0.1"))
+    if any(med[s.name].get("loop_cpu_us") is not None for s in setups):
+        split = [[s.name] + [h.fmt(med[s.name].get(k), 2, na="—") for k in
+                             ("loop_cpu_us", "loop_runq_us", "loop_sleep_us", "threads_cpu_us")]
+                 + [h.fmt(1e6 / med[s.name]["rps"], 2) if med[s.name].get("rps") else "—"] for s in setups]
+        print()
+        print(h.format_table(
+            ["setup", "on CPU", "waiting for a CPU", "asleep", "other threads' CPU", "µs per request at this rate"],
+            split, title="The event loop's thread, µs per request (medians; /proc/PID/task/*/schedstat): "
+                         "saturated, its on-CPU + waiting + asleep is the wall time a request costs"))
     ratio = h.ratio(med["store on"].get("rps"), base)
     if ratio is not None:
         verdict = "within" if ratio >= 0.9 else "OVER"
