@@ -987,7 +987,8 @@ def closed_loop(url: str, setup: Setup | None = None, duration: float = 6.0, war
     t0 = cpu_ticks(pids) if pids else 0
     sched0, wall0 = (thread_sched(threads_of), time.monotonic()) if threads_of else ({}, 0.0)
     r = wrk(url, duration, threads, connections, body)
-    split = thread_split(threads_of, sched0, time.monotonic() - wall0, r.requests) if threads_of else {}
+    split = (thread_split(threads_of, sched0, thread_sched(threads_of), time.monotonic() - wall0, r.requests)
+             if threads_of else {})
     cpu = _cpu_us(pids, t0, r.requests)
     out: dict[str, float | None] = {
         "rps": r.rps, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
@@ -999,14 +1000,14 @@ def closed_loop(url: str, setup: Setup | None = None, duration: float = 6.0, war
     return out
 
 
-def thread_split(pid: int, before: dict[int, tuple[int, int]], wall_s: float,
-                 requests: int) -> dict[str, float | None]:
+def thread_split(pid: int, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                 wall_s: float, requests: int) -> dict[str, float | None]:
     """Where the event loop's thread (pid's main thread) spent a run, in µs per request: on a CPU
     (`loop_cpu_us`), runnable but waiting for one (`loop_runq_us`), asleep (`loop_sleep_us`: the
     run's wall time less both; waiting in epoll or for the GIL); and the CPU of the process's
     other threads (`threads_cpu_us`: the store's writer, for example). Saturated, a loop that
-    sleeps is waiting for something other than its own work."""
-    after = thread_sched(pid)
+    sleeps is waiting for something other than its own work. `before` and `after` are
+    `thread_sched(pid)` readings taken `wall_s` apart."""
     if requests <= 0 or pid not in after or pid not in before:
         return {}
     per = 1e-3 / requests  # ns -> µs per request
