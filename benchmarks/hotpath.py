@@ -130,6 +130,7 @@ async def main(requests: int, profile: bool, mirror_all: bool, drift: bool, stor
                 await asyncio.sleep(0)
             candidate.data_received(RESPONSE)
         upstream.data_received(RESPONSE)
+        await asyncio.sleep(0)  # the end of the loop's turn, where held writes are sent (http/writes.py)
         while mirror.busy:  # the pair is judged in a callback of its own
             await asyncio.sleep(0)
 
