@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 
 from tests.conftest import RawUpstream, RunningProxy, Upstream, closed_port_url, raw_exchange
@@ -288,6 +289,37 @@ async def test_pipelined_requests_are_answered_in_order(upstream: Upstream, star
     third = raw.index(b"X-Echo-Path: /third")
     assert first < second < third
     assert b"\r\n\r\nsecond" in raw
+
+
+async def test_many_connections_answered_in_one_turn_each_get_their_own_body(upstream: Upstream, start_proxy) -> None:
+    # Writes are held per connection and sent at the end of the loop's turn (http/writes.py): with
+    # 64 requests in flight, turns carry many of them, and each client must get its own answer.
+    proxy = await start_proxy(upstream.url)
+    payloads = [os.urandom(300 + i) for i in range(64)]
+
+    async def one(session: aiohttp.ClientSession, payload: bytes) -> bytes:
+        async with session.post(proxy.url + "/echo", data=payload) as r:
+            assert r.status == 200
+            return await r.read()
+
+    connector = aiohttp.TCPConnector(limit=64)
+    async with asyncio.timeout(30), aiohttp.ClientSession(connector=connector, auto_decompress=False) as s:
+        for _ in range(3):
+            assert await asyncio.gather(*(one(s, p) for p in payloads)) == payloads
+
+
+async def test_a_flush_left_pending_by_a_closed_loop_does_not_stall_this_one(upstream: Upstream, start_proxy) -> None:
+    # Tests run loop after loop in one process; a loop closed between a held write and the end of
+    # its turn leaves its flush behind, and the next loop must still send.
+    from shadowproxy.http.writes import batch
+
+    old = uvloop.new_event_loop()
+    old.close()
+    batch.scheduled_on = old
+    proxy = await start_proxy(upstream.url)
+    async with asyncio.timeout(5), client() as s, s.post(proxy.url + "/echo", data=b"still sent") as r:
+        assert await r.read() == b"still sent"
+    assert batch.scheduled_on is None
 
 
 async def test_chunked_request_body_is_forwarded_intact(upstream: Upstream, start_proxy) -> None:
