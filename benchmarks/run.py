@@ -377,6 +377,28 @@ def targets(med: dict[str, Any]) -> list[Target]:
     ]
 
 
+def paired(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The throughput and CPU targets repetition by repetition: shadowproxy 0.1 against nginx mirror
+    of the same repetition, which ran minutes apart at most. The medians above compare figures
+    that may come from different repetitions; a box that drifts over the run moves both of a
+    pair alike, so these show how often, not only whether, the target held."""
+    out = []
+    for sp_name, ng_name in ((SP.format("0.1"), NGINX_MIRROR), (SP.format("0.1 x2"), NGINX_MIRROR_2)):
+        pairs = [(a, b) for a, b in zip(results.get(sp_name, []), results.get(ng_name, []), strict=False)
+                 if "error" not in a and "error" not in b]
+        ratios = [r for a, b in pairs if (r := h.ratio(a.get("rps"), b.get("rps"))) is not None]
+        if not ratios:
+            continue
+        line = (f"  {sp_name} ÷ {ng_name}, requests/s: {', '.join(f'{r:.2f}' for r in ratios)} "
+                f"(>= 1.0 in {sum(r >= 1.0 for r in ratios)} of {len(ratios)})")
+        diffs = [d for a, b in pairs if (d := h.diff(a.get("cpu_us"), b.get("cpu_us"))) is not None]
+        if diffs and sp_name == SP.format("0.1"):
+            line += (f"; CPU µs/req minus nginx's: {', '.join(f'{d:+.1f}' for d in diffs)} "
+                     f"(<= 0 in {sum(d <= 0 for d in diffs)} of {len(diffs)})")
+        out.append(line)
+    return out
+
+
 def mirror_cost(med: dict[str, Any]) -> str | None:
     s0, s1 = med.get(SP.format("0"), {}), med.get(SP.format("1.0"), {})
     c0, c1 = s0.get("cpu_us"), s1.get("cpu_us")
@@ -460,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Targets (issue 8, items 3 and 4):")
     for t in tg:
         print(t.line())
+    pairs = paired(results)
+    if pairs:
+        print("Per repetition (each against nginx in the same repetition):")
+        for line in pairs:
+            print(line)
     cost = mirror_cost(med)
     if cost:
         print()
