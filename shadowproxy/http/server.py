@@ -291,6 +291,7 @@ class ClientConnection(CoalescedWrites):
         self.queue: collections.deque[Cycle] = collections.deque()
         self._read_pauses: set[str] = set()
         self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
+        self._held = 0
         # One deadline at a time (head, or idle keep-alive), checked by the server's sweep: a
         # float per request instead of a loop timer created and cancelled per request.
         self._deadline = 0.0

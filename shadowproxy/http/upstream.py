@@ -81,6 +81,7 @@ class UpstreamConnection(CoalescedWrites):
         "pool", "transport", "parser", "sink", "reused", "closed", "idle_since",
         "_status", "_reason", "_headers", "_lnames", "_tokens", "_chunked", "_content_length",
         "_head_request", "_head_sent", "_close_delimited", "_keep_alive", "_complete", "_got_bytes", "_out",
+        "_held",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -92,6 +93,7 @@ class UpstreamConnection(CoalescedWrites):
         self.closed = False
         self.idle_since = 0.0
         self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
+        self._held = 0
         self._reset_exchange()
 
     def _reset_head(self) -> None:

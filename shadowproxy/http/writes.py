@@ -59,6 +59,12 @@ class _Batch:
             loop.call_soon(self.flush_all)
 
 
+# A connection holding this much sends at once, mid-turn: one turn can read a socket up to 32
+# times (libuv), so a streamed body held to the turn's end reached 7 MB a connection, copied
+# once more by the join, and the transport's backpressure (pause_writing, which stops reading
+# the other side) saw none of it until then. Requests and answers below this size still wait.
+SEND_AT_BYTES: Final = 64 * 1024
+
 # One event loop per process (DESIGN.md), so one batch; `depth` nests when callbacks of one
 # protocol write to another protocol whose own data_received is not running.
 batch: Final = _Batch()
@@ -79,6 +85,7 @@ class CoalescedWrites:
     transport: asyncio.Transport | None
     closed: bool
     _out: list[bytes]
+    _held: int  # bytes in _out
 
     def _data_received(self, data: bytes) -> None:
         raise NotImplementedError
@@ -104,6 +111,9 @@ class CoalescedWrites:
             if not out:
                 batch.dirty.append(self)
             out.append(data)
+            self._held += len(data)  # type: ignore[misc]  # the slot is the subclass's
+            if self._held >= SEND_AT_BYTES:
+                self.flush()  # still in `batch.dirty`: its turn-end flush finds nothing, or what came since
         elif self.transport is not None:
             self.transport.write(data)
 
@@ -111,6 +121,7 @@ class CoalescedWrites:
         out = self._out
         if out:
             self._out = []  # type: ignore[misc]  # the slot is the subclass's
+            self._held = 0  # type: ignore[misc]
             if self.transport is not None and not self.closed:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
