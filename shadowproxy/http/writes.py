@@ -5,13 +5,14 @@ arrives and the upstream head goes out, then its body; a response head arrives a
 head goes out, then the body. uvloop sends on every `transport.write` (a syscall each), which was
 the largest cost on the hot path. So writes made while a protocol's `data_received` runs are held
 per connection, and every connection written to is sent as one buffer once the loop has run all
-the callbacks of its current poll (one `call_soon` per turn, not per request).
+the callbacks of its current poll (one `call_soon` per turn, not per request), or as soon as it
+holds `SEND_AT_BYTES`.
 
 Why the end of the turn and not the end of each `data_received`: a send on loopback runs the
 receiver's side in the sender's thread, waking the process that waits on that socket (the model
 server, the client). Sent back to back, the sends of one turn mostly find it still awake,
 while sends spread over the turn wake it again and again: that wake-up was 12% of the proxy's CPU
-under load and fell to 8%, and the CPU per request by ~1.5 µs (`benchmarks/README.md`). A quiet
+under load and fell to 8%, and the CPU per request by ~1 µs (`benchmarks/README.md`). A quiet
 loop pays a little latency for it: a turn then carries one request, whose sends wait for the
 turn's end (p50 84 → 93 µs through the proxy with one client connection).
 """
