@@ -75,8 +75,9 @@ class CoalescedWrites:
     """Base of our two protocols (client and upstream connection), which set `transport`,
     `closed` and `_out` and implement `_data_received`: `data_received` runs `_data_received`
     with writes held (`write` keeps data while any `data_received` runs; every connection written
-    to is flushed as one buffer each at the end of the loop's turn). A write outside one is sent
-    at once, unless the connection still holds data, which must go first.
+    to is flushed as one buffer each at the end of the loop's turn, or as soon as it holds
+    `SEND_AT_BYTES`). A write outside one is sent at once, unless the connection still holds
+    data, which must go first.
 
     Not a subclass of `asyncio.Protocol`: the loop only calls the protocol's methods, and a class
     with a Python base could not be compiled to a native class (see `setup.py`). `as_protocol`
