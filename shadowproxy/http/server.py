@@ -290,8 +290,8 @@ class ClientConnection(CoalescedWrites):
         self.parsing: Cycle | None = None  # the cycle whose request is being read
         self.queue: collections.deque[Cycle] = collections.deque()
         self._read_pauses: set[str] = set()
-        self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
-        self._held = 0
+        self._out: list[bytes] = []  # writes held to the end of the loop's turn (see writes.py)
+        self._held = 0  # bytes in _out
         # One deadline at a time (head, or idle keep-alive), checked by the server's sweep: a
         # float per request instead of a loop timer created and cancelled per request.
         self._deadline = 0.0

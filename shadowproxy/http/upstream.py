@@ -92,8 +92,8 @@ class UpstreamConnection(CoalescedWrites):
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
-        self._out: list[bytes] = []  # writes held while a data_received runs (see writes.py)
-        self._held = 0
+        self._out: list[bytes] = []  # writes held to the end of the loop's turn (see writes.py)
+        self._held = 0  # bytes in _out
         self._reset_exchange()
 
     def _reset_head(self) -> None:
