@@ -20,7 +20,7 @@ from typing import Final, Protocol, cast
 import httptools
 import orjson
 
-from shadowproxy.http.writes import CoalescedWrites, as_protocol
+from shadowproxy.http.writes import CoalescedWrites, as_protocol, batch
 
 log = logging.getLogger("shadowproxy.http")
 
@@ -567,6 +567,7 @@ class Server:
         self.handler = handler
         self.limits = limits
         self.loop = asyncio.get_running_loop()
+        batch.adopt(self.loop)
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._on_client_error = on_client_error
