@@ -383,7 +383,9 @@ def paired(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     that may come from different repetitions; a box that drifts over the run moves both of a
     pair alike, so these show how often, not only whether, the target held."""
     out = []
-    for sp_name, ng_name in ((SP.format("0.1"), NGINX_MIRROR), (SP.format("0.1 x2"), NGINX_MIRROR_2)):
+    # The CPU target is the one-process pair's only.
+    for sp_name, ng_name, with_cpu in ((SP.format("0.1"), NGINX_MIRROR, True),
+                                       (SP.format("0.1 x2"), NGINX_MIRROR_2, False)):
         pairs = [(a, b) for a, b in zip(results.get(sp_name, []), results.get(ng_name, []), strict=False)
                  if "error" not in a and "error" not in b]
         ratios = [r for a, b in pairs if (r := h.ratio(a.get("rps"), b.get("rps"))) is not None]
@@ -392,7 +394,7 @@ def paired(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         line = (f"  {sp_name} ÷ {ng_name}, requests/s: {', '.join(f'{r:.2f}' for r in ratios)} "
                 f"(>= 1.0 in {sum(r >= 1.0 for r in ratios)} of {len(ratios)})")
         diffs = [d for a, b in pairs if (d := h.diff(a.get("cpu_us"), b.get("cpu_us"))) is not None]
-        if diffs and sp_name == SP.format("0.1"):
+        if diffs and with_cpu:
             line += (f"; CPU µs/req minus nginx's: {', '.join(f'{d:+.1f}' for d in diffs)} "
                      f"(<= 0 in {sum(d <= 0 for d in diffs)} of {len(diffs)})")
         out.append(line)
