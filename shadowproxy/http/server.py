@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 import httptools
 import orjson
@@ -48,18 +48,29 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 _BODY_BUFFER_HIGH: Final = 256 * 1024
 
 
-class RequestSink(Protocol):
-    """Where a cycle's request body goes, and who hears about the client side."""
+class RequestSink:
+    """Where a cycle's request body goes, and who hears about the client side.
 
-    def on_request_body(self, data: bytes) -> None: ...
+    A base class, not a `typing.Protocol`: compiled, a call through a native base class is a C
+    call through its vtable, while a call through a Protocol looks the method up by name and
+    boxes its arguments (`benchmarks/README.md`). Subclasses implement every method."""
 
-    def on_request_complete(self) -> None: ...
+    __slots__ = ()
 
-    def on_client_lost(self) -> None: ...
+    def on_request_body(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def pause_response(self) -> None: ...
+    def on_request_complete(self) -> None:
+        raise NotImplementedError
 
-    def resume_response(self) -> None: ...
+    def on_client_lost(self) -> None:
+        raise NotImplementedError
+
+    def pause_response(self) -> None:
+        raise NotImplementedError
+
+    def resume_response(self) -> None:
+        raise NotImplementedError
 
 
 Handler = Callable[["Cycle"], None]
@@ -100,7 +111,7 @@ def simple_response(
     return b"".join(lines)
 
 
-class _Discard:
+class _Discard(RequestSink):
     """The sink of a request body nobody needs any more (its answer has already been sent)."""
 
     def on_request_body(self, data: bytes) -> None:

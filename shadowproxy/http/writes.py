@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 log = logging.getLogger("shadowproxy.http")
-
-
-class Flushable(Protocol):
-    def flush(self) -> None: ...
 
 
 class _Batch:
@@ -35,7 +31,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.depth = 0
-        self.dirty: list[Flushable] = []
+        self.dirty: list[CoalescedWrites] = []  # a native class: conn.flush() is a C call
         self.scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a flush_all waits on
 
     def flush_all(self) -> None:
