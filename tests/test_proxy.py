@@ -445,6 +445,34 @@ async def test_http10_client_gets_close_delimited_stream(upstream: Upstream, sta
     assert body == b"x" * 1000
 
 
+@pytest.mark.parametrize(
+    ("request_line", "connection", "kept", "head_has"),
+    [
+        # The version and the Connection field decide keep-alive and the answer's framing; the
+        # first case is HTTP/1.1 as the proxy recognises it without asking the parser's version.
+        (b"GET /stream/100 HTTP/1.1", b"", True, b"transfer-encoding: chunked"),
+        (b"GET /stream/100 HTTP/1.1", b"Connection: keep-alive\r\n", True, b"transfer-encoding: chunked"),
+        (b"GET /stream/100 HTTP/1.1", b"Connection: close\r\n", False, b"connection: close"),
+        (b"GET / HTTP/1.0", b"Connection: keep-alive\r\n", True, b"connection: keep-alive"),
+        (b"GET /stream/100 HTTP/1.0", b"Connection: keep-alive\r\n", False, b"connection: close"),
+        (b"GET / HTTP/1.0", b"", False, b"connection: close"),
+    ],
+)
+async def test_version_and_connection_field_decide_keep_alive_and_framing(
+    upstream: Upstream, start_proxy, request_line: bytes, connection: bytes, kept: bool, head_has: bytes
+) -> None:
+    proxy = await start_proxy(upstream.url)
+    first = request_line + b"\r\nHost: m\r\n" + connection + b"\r\n"
+    second = b"GET / HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+    raw = await raw_exchange(proxy.host, proxy.port, first + second)
+    answers = raw.count(b"HTTP/1.1 200 OK\r\n")
+    assert answers == (2 if kept else 1), raw
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert head_has in head
+    if b"HTTP/1.0" in request_line:
+        assert b"transfer-encoding" not in head  # never chunked to an HTTP/1.0 client
+
+
 async def test_proxy_keeps_serving_after_garbage(upstream: Upstream, start_proxy) -> None:
     proxy: RunningProxy = await start_proxy(upstream.url)
     for junk in (b"\x00\xff" * 100, b"GET / HTTP/9.9\r\n\r\n", b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"):

@@ -315,6 +315,7 @@ class ClientConnection(CoalescedWrites):
         self._chunked = False
         self._expect_continue = False
         self._connection_tokens: frozenset[bytes] = _NO_TOKENS
+        self._last_closes = False  # the last request read asked to close the connection
         self._head_bytes = 0
         self._in_head = False
 
@@ -357,6 +358,10 @@ class ClientConnection(CoalescedWrites):
             return
         except httptools.HttpParserError as exc:
             reject = exc.__context__ if isinstance(exc.__context__, _Reject) else None
+            if reject is None and self._last_closes and self.parsing is None:
+                # Bytes after a request that asked to close (llhttp refuses them): ignored, as
+                # nginx does; that request is still answered, then the connection closes.
+                return
             if reject is None:
                 self.server.count_client_error("bad_request")
                 self._reject(400, "malformed request")
@@ -432,6 +437,8 @@ class ClientConnection(CoalescedWrites):
             raise _Reject(400, "both content-length and transfer-encoding")
         if content_length is not None and content_length > self.limits.max_body_bytes:
             raise _Reject(413, "request body too large")
+        keep_alive = parser.should_keep_alive()
+        self._last_closes = not keep_alive
         version = parser.get_http_version()
         cycle = Cycle(
             self,
@@ -441,7 +448,7 @@ class ClientConnection(CoalescedWrites):
             self._headers,
             self._lnames,
             self._connection_tokens,
-            parser.should_keep_alive(),
+            keep_alive,
             content_length,
             chunked,
             self._expect_continue and version == "1.1",
