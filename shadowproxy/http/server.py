@@ -44,6 +44,8 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t for t in (part.strip() for part in lowered.split(b",")) if t and t not in _PLAIN_CONNECTION)
 
 
+_OK_LINE: Final = b"HTTP/1.1 200 OK\r\n"  # most answers' status line, not formatted per request
+
 # Above this much request body held for a handler that is not yet connected, stop reading.
 _BODY_BUFFER_HIGH: Final = 256 * 1024
 
@@ -236,7 +238,7 @@ class Cycle:
             self.keep_alive = False
         self.response_started = True
         self._no_body = not has_body or self.method == b"HEAD"
-        parts[0] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        parts[0] = _OK_LINE if status == 200 and reason == b"OK" else b"HTTP/1.1 %d %s\r\n" % (status, reason)
         if has_body and content_length is None:
             if self.http_version == "1.1":
                 self._chunked_response = True
@@ -315,6 +317,7 @@ class ClientConnection(CoalescedWrites):
         self._chunked = False
         self._expect_continue = False
         self._connection_tokens: frozenset[bytes] = _NO_TOKENS
+        self._saw_connection = False  # the request has a Connection field
         self._last_closes = False  # the last request read asked to close the connection
         self._head_bytes = 0
         self._in_head = False
@@ -396,6 +399,7 @@ class ClientConnection(CoalescedWrites):
         self._chunked = False
         self._expect_continue = False
         self._connection_tokens = _NO_TOKENS
+        self._saw_connection = False
         if self.active is None:
             self._set_timer(self.limits.header_timeout_s, self._on_header_timeout)
 
@@ -420,6 +424,7 @@ class ClientConnection(CoalescedWrites):
             elif lname == b"expect":
                 self._expect_continue = value.lower() == b"100-continue"
             else:  # connection
+                self._saw_connection = True
                 tokens = connection_tokens(value)
                 if tokens:
                     self._connection_tokens = self._connection_tokens | tokens
@@ -439,7 +444,10 @@ class ClientConnection(CoalescedWrites):
             raise _Reject(413, "request body too large")
         keep_alive = parser.should_keep_alive()
         self._last_closes = not keep_alive
-        version = parser.get_http_version()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps a connection alive without a
+        # Connection field for 1.1 alone: such a request is HTTP/1.1, and its version need not be
+        # asked for (httptools formats a new str on every get_http_version).
+        version = "1.1" if keep_alive and not self._saw_connection else parser.get_http_version()
         cycle = Cycle(
             self,
             parser.get_method(),
