@@ -92,7 +92,7 @@ class UpstreamConnection(CoalescedWrites):
     """One keep-alive connection to an upstream, carrying one exchange at a time."""
 
     __slots__ = (
-        "pool", "transport", "parser", "sink", "reused", "closed", "idle_since",
+        "pool", "loop", "transport", "parser", "sink", "reused", "closed", "idle_since",
         "_status", "_reason", "_headers", "_lnames", "_tokens", "_chunked", "_content_length",
         "_head_request", "_head_sent", "_close_delimited", "_keep_alive", "_complete", "_got_bytes", "_out",
         "_held",
@@ -100,6 +100,7 @@ class UpstreamConnection(CoalescedWrites):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None

@@ -46,10 +46,10 @@ class _Batch:
                     log.warning("a held write failed: %s: %s", type(exc).__name__, exc)
             dirty = self.dirty
 
-    def schedule(self) -> None:
-        """flush_all once the loop has run this turn's callbacks; called when none is pending, so
-        once a turn (`asyncio.get_running_loop` costs ~0.14 µs, too much for every callback)."""
-        loop = asyncio.get_running_loop()
+    def schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """flush_all once `loop` has run this turn's callbacks; called when none is pending, so
+        once a turn. The loop is the connection's, not `asyncio.get_running_loop()`, which costs
+        a getpid system call on every call in Python 3.11."""
         self.scheduled_on = loop
         loop.call_soon(self.flush_all)
 
@@ -75,7 +75,7 @@ batch: Final = _Batch()
 
 
 class CoalescedWrites:
-    """Base of our two protocols (client and upstream connection), which set `transport`,
+    """Base of our two protocols (client and upstream connection), which set `loop`, `transport`,
     `closed` and `_out` and implement `_data_received`: `data_received` runs `_data_received`
     with writes held (`write` keeps data while any `data_received` runs; every connection written
     to is flushed as one buffer each at the end of the loop's turn, or as soon as it holds
@@ -87,6 +87,7 @@ class CoalescedWrites:
     tells the type checker what the loop is given."""
 
     __slots__ = ()
+    loop: asyncio.AbstractEventLoop  # the loop the connection runs on
     transport: asyncio.Transport | None
     closed: bool
     _out: list[bytes]
@@ -106,7 +107,7 @@ class CoalescedWrites:
         finally:
             batch.depth -= 1
             if batch.dirty and not batch.depth and batch.scheduled_on is None:
-                batch.schedule()
+                batch.schedule(self.loop)
 
     def write(self, data: bytes) -> None:
         if self.closed:
