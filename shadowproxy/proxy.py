@@ -163,12 +163,21 @@ class Proxy:
             parts.append(b"\r\n")
         if not request_id:
             request_id = new_request_id()
-        client_ip = cycle.client_ip
-        parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % (
-            forwarded_for + b", " + client_ip if forwarded_for else client_ip))
+        # Pieces rather than `%` formats: a list append is a C primitive, a bytes format parses
+        # its template on every call.
+        parts.append(b"X-Forwarded-For: ")
+        if forwarded_for:
+            parts.append(forwarded_for)
+            parts.append(b", ")
+        parts.append(cycle.client_ip)
+        parts.append(b"\r\nX-Forwarded-Proto: http\r\n")
         if client_host:
-            parts.append(b"X-Forwarded-Host: %s\r\n" % client_host)
-        parts.append(b"X-Request-ID: %s\r\n" % request_id)
+            parts.append(b"X-Forwarded-Host: ")
+            parts.append(client_host)
+            parts.append(b"\r\n")
+        parts.append(b"X-Request-ID: ")
+        parts.append(request_id)
+        parts.append(b"\r\n")
         fields_end = len(parts)
 
         path = cycle.target
@@ -410,7 +419,9 @@ class Exchange(ResponseSink):
             parts.append(value)
             parts.append(b"\r\n")
         if not has_request_id:
-            parts.append(b"X-Request-ID: %s\r\n" % self.request_id)
+            parts.append(b"X-Request-ID: ")
+            parts.append(self.request_id)
+            parts.append(b"\r\n")
         has_body = status not in (204, 304) and not (100 <= status < 200)
         if (
             (self.ticket is not None or self.request_capture is not None)
