@@ -143,6 +143,31 @@ async def test_request_id_is_generated_when_absent(upstream: Upstream, start_pro
     assert first[12:] != second[12:]
 
 
+def test_request_ids_stay_unique_across_random_blocks_and_a_fork() -> None:
+    from shadowproxy.proxy import new_request_id
+
+    # 3000 ids cross two refills of the 1024-id random block; none repeats, all well formed.
+    ids = [new_request_id() for _ in range(3000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", made) for made in ids)
+    # A forked child must not hand out the ids its parent has yet to use: the random digits
+    # after the fork differ (the time digits may well be equal within a millisecond).
+    new_request_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id to the parent, then out without pytest's teardown
+        os.write(write, new_request_id())
+        os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    parent = new_request_id()
+    assert len(child) == 32 and child[12:] != parent[12:]
+
+
 async def test_body_over_limit_gets_413(upstream: Upstream, start_proxy) -> None:
     proxy = await start_proxy(upstream.url, listen={"max_body_bytes": 1000})
     async with client() as s, s.post(proxy.url + "/", data=b"x" * 1001) as r:
