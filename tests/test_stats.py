@@ -338,6 +338,29 @@ def test_confusion_beyond_the_folded_pairs_counts_as_other_other() -> None:
     assert sum(s.confusion.values()) == 4500
 
 
+def test_confusion_of_a_batch_equals_its_pairs_counted_one_by_one() -> None:
+    # A batch's pairs are counted per distinct pair before they reach the bounded table; the
+    # table must end as if each instance had been recorded alone, in order, also once full
+    # (repeats, pairs admitted before and after the bound, folded ones, a real label "other").
+    rng = random.Random(7)
+    labels = [f"l{i}" for i in range(1500)] + ["other"]
+    batches = [
+        [(rng.choice(labels[:40]), rng.choice(labels[:40])) for _ in range(256)],
+        [(rng.choice(labels), rng.choice(labels)) for _ in range(3000)],
+        [(rng.choice(labels[:60] + ["other"]), rng.choice(labels)) for _ in range(2000)],
+    ]
+    batched, one_by_one = ShadowStats(), ShadowStats()
+    for batch in batches:
+        prod, cand = [p for p, _ in batch], [c for _, c in batch]
+        batched.record_comparison(compare_predictions("label", prod, cand, 0, 0), "label")
+        for p, c in batch:
+            one_by_one.record_comparison(compare_predictions("label", [p], [c], 0, 0), "label")
+    assert len(batched.confusion) > 1000  # the bound was reached and folding happened
+    assert dict(batched.confusion) == dict(one_by_one.confusion)
+    assert batched.snapshot()["confusion"] == one_by_one.snapshot()["confusion"]
+    assert (batched.agree, batched.disagree) == (one_by_one.agree, one_by_one.disagree)
+
+
 def test_differences_summaries() -> None:
     s = ShadowStats()
     s.record_comparison(compare_predictions("numeric", [1.0, 2.0], [1.5, 2.0], 0, 0), "numeric")
