@@ -169,6 +169,16 @@ def canonical_label(v: object) -> str:
         return repr(v)
 
 
+# The labels of small class ids, made once: no new str per instance, and counting them (stats'
+# confusion table) hashes each once and compares by identity.
+_SMALL_INT_LABELS: Final = tuple(str(i) for i in range(1024))
+
+
+def _int_label(v: int) -> str:
+    """canonical_label of an int (`str`), shared for 0..1023."""
+    return _SMALL_INT_LABELS[v] if 0 <= v < 1024 else str(v)
+
+
 def _compare_labels(prod: Preds, cand: Preds, out: Comparison) -> None:
     flags = out.flags
     pairs = out.pairs
@@ -176,6 +186,9 @@ def _compare_labels(prod: Preds, cand: Preds, out: Comparison) -> None:
         if type(p) is str and type(c) is str:
             flags.append(p == c)
             pairs.append((p, c))
+        elif type(p) is int and type(c) is int:  # class ids (not bools: their type is bool)
+            flags.append(p == c)
+            pairs.append((_int_label(p), _int_label(c)))
         else:
             flags.append(_labels_equal(p, c))
             pairs.append((canonical_label(p), canonical_label(c)))

@@ -64,6 +64,18 @@ def test_label_true_is_not_one() -> None:
     assert out.pairs[0] == ("true", "1")
 
 
+def test_int_labels_are_labelled_as_canonical_label_gives_them() -> None:
+    # Class ids take a shortcut (both ints); their pairs must read as canonical_label's, small
+    # ones, large ones and negative ones alike, and a bool beside an int still takes the long way.
+    ids = [0, 7, 1023, 1024, 2**40, -3, 2**70]
+    out = compare_predictions("label", ids, [*ids[1:], ids[0]], 0, 0)
+    assert out.pairs == [(canonical_label(p), canonical_label(c)) for p, c in zip(ids, [*ids[1:], ids[0]], strict=True)]
+    assert out.flags == [False] * len(ids)
+    same = compare_predictions("label", ids, list(ids), 0, 0)
+    assert same.flags == [True] * len(ids) and [p for p, _ in same.pairs] == [str(i) for i in ids]
+    assert compare_predictions("label", [1, True], [True, 1], 0, 0).flags == [False, False]
+
+
 def test_label_strings_compare_exactly() -> None:
     out = compare_predictions("label", ["cat", "dog", "Cat"], ["cat", "cat", "cat"], 0, 0)
     assert (out.agree, out.disagree) == (1, 2)
