@@ -44,8 +44,9 @@ class ResponseSink(RequestSink):
 
     A native base class for the same reason as `RequestSink` (direct calls when compiled); it
     extends `RequestSink` because production's exchange is both and mypyc compiles single
-    inheritance only. The mirror's exchange sends its body itself and leaves the request side
-    to these defaults. Subclasses implement every method."""
+    inheritance only. Subclasses implement every response-side method; the mirror's exchange
+    is never a cycle's sink (it sends its copy of the body itself), so it leaves the request
+    side unimplemented."""
 
     __slots__ = ()
 
