@@ -1,6 +1,6 @@
 """The audit store's cost: shadowproxy with `[store]` on vs off, mirror.sample_rate 0.1.
 
-    python benchmarks/store.py [--reps 3] [--duration 6] [--quick]
+    python benchmarks/store.py [--reps 3] [--duration 6] [--quick] [--control]
 
 Rows: "store off" (no [store] table) and "store on" ([store] path in the temp dir, sample_rate 0.1,
 default flush interval 200 ms), both mirroring 10% to the candidate stand-in. Closed loop (wrk -t2
@@ -9,6 +9,12 @@ medians; each repetition's own on ÷ off is printed too. The work is checked: re
 dropped are read from the store's own metrics before each stop, and the rows in the file are
 counted at the end. Issue 6's target: at most 10% fewer requests/s with the store on. Exit 0 when
 both setups ran, 1 otherwise.
+
+`--control` adds a third row, "store off + writer process": the proxy with the store off while
+`store_load.py` does the store's SQLite work (`storedb.Database` writing the same mix of records,
+at `--control-rate` records a second) in a process of its own. What that row loses against
+"store off" is what the SQLite work costs the proxy on this box from anywhere; the rest of the
+"store on" row's loss is the record path inside the proxy.
 """
 
 from __future__ import annotations
@@ -42,12 +48,39 @@ def _paired_ratios(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> list[
     return out
 
 
+class WriterElsewhere(h.ShadowproxySetup):
+    """Store off, and the store's SQLite work in a process of its own (`store_load.py`)."""
+
+    def __init__(self, name: str, prod_url: str, cand_url: str, db: Path, rate: float) -> None:
+        super().__init__(name, prod_url, cand_url, 0.1)
+        self.db = db
+        self.rate = rate
+        self.load: h.Proc | None = None
+
+    def start(self) -> str:
+        url = super().start()
+        script = Path(__file__).resolve().parent / "store_load.py"
+        self.load = h.Proc([h.PYTHON, str(script), "--path", str(self.db), "--rate", f"{self.rate:g}"],
+                           "store-load")
+        return url
+
+    def stop(self) -> None:
+        if self.load is not None:
+            self.load.stop()
+            self.load = None
+        super().stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="throughput with the audit store on vs off")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per measured wrk run (default 6)")
     p.add_argument("--quick", action="store_true", help="1 repetition, 3 s runs")
     p.add_argument("--backend", choices=["auto", "nginx", "python"], default="auto")
+    p.add_argument("--control", action="store_true",
+                   help="add 'store off + writer process': the store's SQLite work in a process of its own")
+    p.add_argument("--control-rate", type=float, default=50000.0,
+                   help="records a second for --control (default 50000, the store's rate at ~45k requests/s)")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.duration = 1, 3.0
@@ -61,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         on = h.ShadowproxySetup("store on", models.prod_url, models.cand_url, 0.1,
                                 extra={"store": {"path": str(db), "sample_rate": 0.1}})
         setups: list[h.Setup] = [off, on]
+        if args.control:
+            setups.append(WriterElsewhere("store off + writer process", models.prod_url, models.cand_url,
+                                          h.workdir() / "control.db", args.control_rate))
 
         def measure(setup: h.Setup, url: str) -> dict[str, Any]:
             res: dict[str, Any] = dict(h.closed_loop(url, setup, duration=args.duration, models=models,
@@ -113,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "within" if ratio >= 0.9 else "OVER"
         print(f"\nstore cost: {(1 - ratio) * 100:.1f}% of requests/s ({verdict} the 10% target); "
               f"rows in the file after all runs: {rows_in_file}")
-    paired = _paired_ratios(results["store on"], results["store off"])
-    if paired:
-        print(f"per repetition (on ÷ off of the same repetition, run back to back): "
-              f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
+    for name in [s.name for s in setups[1:]]:
+        paired = _paired_ratios(results[name], results["store off"])
+        if paired:
+            print(f"per repetition ({name} ÷ store off of the same repetition, run back to back): "
+                  f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
     failed = h.failures(med)
     for line in h.failure_notes(failed):
         print(f"! {line}")
