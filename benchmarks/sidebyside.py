@@ -1,0 +1,136 @@
+"""Builds side by side in one run: the way to judge a change on a noisy 2-core box.
+
+    python benchmarks/sidebyside.py --snapshot /tmp/exp/before     # copy the current build there
+    ... change the code, `python setup.py build_ext --inplace` ...
+    python benchmarks/sidebyside.py /tmp/exp/before . [--store] [--reps 6]
+
+Each positional argument is a directory holding a build (`shadowproxy/`, `pyproject.toml` and
+`shadowproxy__mypyc*.so`: what `--snapshot` copies; `.` is the working tree). Every build runs as
+`python -m shadowproxy serve` from its own directory at mirror.sample_rate 0.1, closed loop (wrk
+-t2 -c32) against the nginx stand-in models, the setups interleaved and rotated each repetition.
+With `--store` each build runs with the audit store on (store.sample_rate 0.1, a file per build)
+and a "store off" row of the first build is the base; without it the first build is the base.
+Prints the medians (`harness.closed_loop_cells`), the event loop thread's split per request, and
+each build's paired ratio against the base (same repetition, run back to back), which is the
+figure to read: the box drifts more between repetitions than most changes move it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+
+_BUILD = ("shadowproxy", "pyproject.toml")
+
+
+def snapshot(target: Path) -> None:
+    """Copy the working tree's build (sources and compiled modules) to `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _BUILD:
+        src = h.REPO / name
+        if src.is_dir():
+            shutil.copytree(src, target / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target / name)
+    for lib in h.REPO.glob("shadowproxy__mypyc*.so"):
+        shutil.copy2(lib, target / lib.name)
+
+
+class BuildSetup(h.ShadowproxySetup):
+    """shadowproxy started from a build directory (its own sources first on sys.path)."""
+
+    def __init__(self, name: str, build: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(name, *args, **kwargs)
+        self.build = build
+
+    def start(self) -> str:
+        port, admin_port = h.free_ports(2)
+        self.config_path = h.workdir() / f"shadowproxy-{port}.toml"
+        self.config_path.write_text(h.toml_dumps(self.config(port, admin_port)))
+        argv = [h.PYTHON, "-m", "shadowproxy", "serve", "--config", str(self.config_path)]
+        self.proc = h.Proc(argv, f"shadowproxy-{self.name}", cwd=self.build, env={"PYTHONPATH": str(self.build)})
+        self.admin_url = f"http://{h.HOST}:{admin_port}"
+        try:
+            h.wait_for_port(port, timeout=self.startup_timeout, proc=self.proc)
+            h.wait_for_http(f"{self.admin_url}/healthz", 200, timeout=self.startup_timeout, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return f"http://{h.HOST}:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="builds side by side, interleaved, paired ratios")
+    p.add_argument("builds", nargs="*", type=Path, help="build directories ('.' is the working tree)")
+    p.add_argument("--snapshot", type=Path, help="copy the working tree's build to this directory and exit")
+    p.add_argument("--store", action="store_true", help="each build with the audit store on; base: store off")
+    p.add_argument("--reps", type=int, default=6, help="interleaved repetitions (default 6)")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per measured wrk run (default 6)")
+    args = p.parse_args(argv)
+    if args.snapshot:
+        snapshot(args.snapshot)
+        print(f"build copied to {args.snapshot}")
+        return 0
+    if not args.builds:
+        p.error("name at least one build directory (or --snapshot DIR)")
+    builds = [b.resolve() for b in args.builds]
+    for b in builds:
+        if not (b / "shadowproxy" / "__init__.py").exists():
+            p.error(f"{b}: no shadowproxy/ here (make one with --snapshot)")
+    if not h.have("wrk"):
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    names = [f"{i}:{b.name or b}" for i, b in enumerate(builds)]
+    with h.Models(backend="nginx") as models:
+        setups: list[h.ShadowproxySetup] = []
+        if args.store:
+            setups.append(BuildSetup("store off", builds[0], models.prod_url, models.cand_url, 0.1))
+        for name, build in zip(names, builds, strict=True):
+            extra = {"store": {"path": str(h.workdir() / f"sidebyside-{len(setups)}.db"), "sample_rate": 0.1}}
+            setups.append(BuildSetup(name, build, models.prod_url, models.cand_url, 0.1,
+                                     extra=extra if args.store else None))
+
+        def measure(setup: h.Setup, url: str) -> dict[str, Any]:
+            return dict(h.closed_loop(url, setup, duration=args.duration, models=models, threads_of=setup.pid))
+
+        h.log(h.machine_summary())
+        results = h.run_interleaved(setups, measure, reps=args.reps)
+        med = h.medians(results)
+    base = setups[0].name
+    print()
+    print(f"# {h.machine_summary()}")
+    print(f"# medians of {args.reps} interleaved repetition(s); base: {base}")
+    print()
+    table = [h.closed_loop_cells(s.name, med[s.name], results[s.name], med[base].get("rps")) for s in setups]
+    print(h.format_table(h.closed_loop_headers(f"÷ {base}"), table,
+                         title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, mirror.sample_rate 0.1"
+                               + (", store.sample_rate 0.1" if args.store else "")))
+    split = [[s.name] + [h.fmt(med[s.name].get(k), 2, na="—") for k in
+                         ("loop_cpu_us", "loop_runq_us", "loop_sleep_us", "threads_cpu_us")] for s in setups]
+    print()
+    print(h.format_table(["setup", "on CPU", "waiting for a CPU", "asleep", "other threads' CPU"], split,
+                         title="The event loop's thread, µs per request (medians)"))
+    print()
+    for s in setups[1:]:
+        paired = [a["rps"] / b["rps"] for a, b in zip(results[s.name], results[base], strict=True)
+                  if a.get("rps") and b.get("rps")]
+        if paired:
+            print(f"{s.name} ÷ {base}, per repetition: {', '.join(f'{r:.3f}' for r in paired)}; "
+                  f"median {statistics.median(paired):.3f}")
+    failed = h.failures(med)
+    for line in h.failure_notes(failed):
+        print(f"! {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    h.run_main(main)
