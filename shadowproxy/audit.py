@@ -1,4 +1,5 @@
-"""`shadowproxy audit`: one request's record, or the model versions seen, read from a store file.
+"""`shadowproxy audit`: one request's record, the model versions seen, or every label with the
+predictions it was judged against, read from a store file.
 
 Also the reading side of the store (`read_request` serves `GET /shadow/requests/{id}` too). The
 command opens the SQLite file read-only, so it can run beside a serving proxy (WAL readers never block
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote
@@ -17,8 +19,8 @@ from urllib.parse import quote
 import orjson
 
 __all__ = [
-    "Entries", "StoreNotFound", "entries_in", "fold", "lookup_key", "open_readonly", "read_request",
-    "read_versions", "request_columns", "run_audit",
+    "Entries", "StoreNotFound", "entries_in", "fold", "labelled_predictions", "lookup_key", "open_readonly",
+    "read_request", "read_versions", "request_columns", "run_audit",
 ]
 
 EXIT_FOUND = 0
@@ -272,6 +274,44 @@ def read_versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
+def _at(predictions: object, index: int) -> object:
+    if isinstance(predictions, list) and 0 <= index < len(predictions):
+        return predictions[index]
+    return None
+
+
+def labelled_predictions(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+    """Every stored label with the predictions it was judged against: one dict per (request,
+    index), in request id order (the proxy's ids start with the time, so that is mostly time
+    order, and a request's batches are read once for all its labels). `production_correct` and
+    `candidate_correct` are the store's own judgement (None: no prediction at that index); a
+    label whose request is no longer stored has None for the request's fields."""
+    entries = Entries(conn)
+    current: str | None = None
+    record: dict[str, Any] | None = None
+    rows = conn.execute(
+        "SELECT request_id, idx, label, time, production_correct, candidate_correct FROM labels "
+        "ORDER BY request_id, idx")
+    for rid, index, label, when, production_correct, candidate_correct in rows:
+        if rid != current:
+            current = rid
+            record = request_columns(conn, rid, entries)
+        r = record or {}
+        yield {
+            "request_id": rid,
+            "index": index,
+            "label": orjson.loads(label),
+            "label_time": when,
+            "time": r.get("time"),
+            "production_version": r.get("production_version"),
+            "candidate_version": r.get("candidate_version"),
+            "production": _at(r.get("production_predictions"), index),
+            "candidate": _at(r.get("candidate_predictions"), index),
+            "production_correct": None if production_correct is None else bool(production_correct),
+            "candidate_correct": None if candidate_correct is None else bool(candidate_correct),
+        }
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
 
@@ -282,13 +322,16 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def run_audit(path: str, request_id: str | None, *, versions: bool = False, as_json: bool = False) -> int:
+def run_audit(path: str, request_id: str | None, *, versions: bool = False, as_json: bool = False,
+              labels: bool = False) -> int:
     try:
         conn = open_readonly(path)
     except StoreNotFound as exc:
         print(f"shadowproxy audit: {exc}", file=sys.stderr)
         return EXIT_NO_STORE
     try:
+        if labels:
+            return _print_labels(conn)
         if versions:
             rows = read_versions(conn)
             if as_json:
@@ -305,6 +348,22 @@ def run_audit(path: str, request_id: str | None, *, versions: bool = False, as_j
         return EXIT_UNKNOWN
     record["time_iso"] = _iso(record["time"])
     print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+    return EXIT_FOUND
+
+
+def _print_labels(conn: sqlite3.Connection) -> int:
+    """JSON lines on stdout, written as they are read (a store may hold millions of labels)."""
+    out = sys.stdout.buffer
+    n = 0
+    try:
+        for row in labelled_predictions(conn):
+            out.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+            n += 1
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        return EXIT_FOUND
+    if not n:
+        print("shadowproxy audit: no labels in the store", file=sys.stderr)
     return EXIT_FOUND
 
 

@@ -295,15 +295,18 @@ def _profile(args: argparse.Namespace) -> int:
 def _add_audit(subparsers: _Subparsers) -> None:
     parser = subparsers.add_parser(
         "audit",
-        help="show one request from the audit store, or the model versions seen",
+        help="show one request from the audit store, the model versions seen, or the labels",
         description="Read an audit store file. With REQUEST_ID: print that request's record as JSON "
         "(exit 0 found, 1 unknown). With --versions: per target and model version, first and last "
-        "seen and requests. Exit 2 when there is no store at PATH.",
+        "seen and requests. With --labels: every stored label with the production and candidate "
+        "predictions at its index and the store's judgement, as JSON lines (for offline "
+        "evaluation). Exit 2 when there is no store at PATH.",
     )
     parser.add_argument("--store", required=True, metavar="PATH", help="the SQLite file of [store] path")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("request_id", nargs="?", metavar="REQUEST_ID", help="an X-Request-ID")
     group.add_argument("--versions", action="store_true", help="list model versions instead")
+    group.add_argument("--labels", action="store_true", help="every label with its predictions, as JSON lines")
     parser.add_argument("--json", action="store_true", help="--versions as JSON")
     parser.set_defaults(func=_audit)
 
@@ -311,7 +314,7 @@ def _add_audit(subparsers: _Subparsers) -> None:
 def _audit(args: argparse.Namespace) -> int:
     from shadowproxy.audit import run_audit
 
-    return run_audit(args.store, args.request_id, versions=args.versions, as_json=args.json)
+    return run_audit(args.store, args.request_id, versions=args.versions, as_json=args.json, labels=args.labels)
 
 
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (

@@ -5,6 +5,8 @@ redaction, and the accuracy gate of the verdict."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -410,3 +412,51 @@ def test_two_writers_on_one_file_agree_on_max_rows(tmp_path: Path) -> None:
     assert len(stored(b)) == 4
     a.close()
     b.close()
+
+
+def test_audit_labels_exports_each_label_with_the_predictions_at_its_index(tmp_path: Path) -> None:
+    db = database(tmp_path)
+    now = time.time()
+    db.write([
+        exchange("sampled", now, [0, 1, 2]),  # production only
+        (EXCHANGE, "mirrored", now, "POST", "/p", 200, "p1", 0.001, True, False, None, None),
+        pair("mirrored", [1, 1], [1, 0]),
+        exchange("plain", now, None),  # no predictions kept
+    ])
+    posted = [
+        ("sampled", 0, 0), ("sampled", 2, 1), ("mirrored", 0, 1), ("mirrored", 1, 1), ("plain", 0, 5),
+        ("unknown", 3, "x"),
+    ]
+    db.post_labels(orjson.dumps([{"request_id": r, "index": i, "label": label} for r, i, label in posted]))
+    db.close()
+    # The truth, from the predictions written above: (production, candidate) at each label's index.
+    predictions = {"sampled": ([0, 1, 2], None), "mirrored": ([1, 1], [1, 0]), "plain": (None, None),
+                   "unknown": (None, None)}
+    expected = []
+    for rid, index, label in sorted(posted, key=lambda p: (p[0], p[1])):
+        prod, cand = predictions[rid]
+        p = prod[index] if prod is not None and index < len(prod) else None
+        c = cand[index] if cand is not None and index < len(cand) else None
+        if p is None and c is None:
+            continue  # unmatched: answered as such, and not stored
+        expected.append((rid, index, label, p, c, None if p is None else p == label,
+                         None if c is None else c == label))
+
+    proc = subprocess.run([sys.executable, "-m", "shadowproxy", "audit", "--store", str(tmp_path / "s.db"), "--labels"],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    got = [(r["request_id"], r["index"], r["label"], r["production"], r["candidate"], r["production_correct"],
+            r["candidate_correct"]) for r in rows]
+    assert got == expected
+    assert len(expected) == 4
+    versions = {r["request_id"]: (r["production_version"], r["candidate_version"], r["time"]) for r in rows}
+    assert versions == {"sampled": ("p1", None, now), "mirrored": ("p1", "c1", now)}
+
+
+def test_audit_labels_on_a_store_without_labels_says_so_and_exits_0(tmp_path: Path) -> None:
+    database(tmp_path).close()
+    proc = subprocess.run([sys.executable, "-m", "shadowproxy", "audit", "--store", str(tmp_path / "s.db"), "--labels"],
+                          capture_output=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    assert b"no labels" in proc.stderr and b"Traceback" not in proc.stderr
