@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         h.closed_loop_headers("÷ off") + ["errors", "instances watched", "drift dropped"],
         rows, title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, POST {len(payload)}-byte JSON "
                     f"({args.instances} instance(s) x {args.features} features)"))
-    failed = h.failures(med)
-    for line in h.failure_notes(failed):
-        print(f"! {line}")
-    return 1 if failed else 0
+    return 1 if h.print_failures(med) else 0
 
 
 if __name__ == "__main__":

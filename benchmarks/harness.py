@@ -1115,6 +1115,30 @@ def failure_notes(failed: Mapping[str, Sequence[str]]) -> list[str]:
     return [f"{name}: {len(errs)} failed repetition(s): {errs[0]}" for name, errs in failed.items()]
 
 
+def print_failures(med: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Print `failure_notes` of `medians`, one `! ` line each; True when any setup failed."""
+    failed = failures(med)
+    for line in failure_notes(failed):
+        print(f"! {line}")
+    return bool(failed)
+
+
+def paired_ratios(results: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]]) -> list[float]:
+    """requests/s ÷ the base's within each repetition (`run_interleaved` results of two setups):
+    the two ran back to back, so a box that drifts over the whole run moves both alike."""
+    out = []
+    for a, b in zip(results, base, strict=True):
+        r = ratio(a.get("rps"), b.get("rps")) if "error" not in a and "error" not in b else None
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def paired_line(name: str, base: str, ratios: Sequence[float]) -> str:
+    return (f"{name} ÷ {base}, per repetition (run back to back): {', '.join(f'{r:.3f}' for r in ratios)}; "
+            f"median {statistics.median(ratios):.3f}")
+
+
 def run_main(main: Callable[[], int]) -> NoReturn:
     """A benchmark's `__main__`: exit with main()'s code, or 130 on Ctrl-C (processes are reaped)."""
     try:

@@ -287,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     for text, ok in targets:
         print(f"  {'met    ' if ok else 'NOT MET' if ok is False else 'unknown'}  {text}")
 
-    errors = h.failures(med)
-    for line in h.failure_notes(errors):
-        print(f"! {line}")
-    if errors or "error" in mem:
+    if h.print_failures(med) or "error" in mem:
         return 1
     return 0 if all(ok for _, ok in targets) else 4
 

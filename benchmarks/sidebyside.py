@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,15 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                          title="The event loop's thread, µs per request (medians)"))
     print()
     for s in setups[1:]:
-        paired = [a["rps"] / b["rps"] for a, b in zip(results[s.name], results[base], strict=True)
-                  if a.get("rps") and b.get("rps")]
+        paired = h.paired_ratios(results[s.name], results[base])
         if paired:
-            print(f"{s.name} ÷ {base}, per repetition: {', '.join(f'{r:.3f}' for r in paired)}; "
-                  f"median {statistics.median(paired):.3f}")
-    failed = h.failures(med)
-    for line in h.failure_notes(failed):
-        print(f"! {line}")
-    return 1 if failed else 0
+            print(h.paired_line(s.name, base, paired))
+    return 1 if h.print_failures(med) else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import re
 import sqlite3
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,17 +34,6 @@ import harness as h  # noqa: E402
 def _metric(text: str, name: str) -> float | None:
     match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
-
-
-def _paired_ratios(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> list[float]:
-    """on ÷ off within each repetition: the two ran minutes apart at most, so a box that drifts
-    over the whole run (these 2-core machines do) moves both alike."""
-    out = []
-    for a, b in zip(on, off, strict=True):
-        r = h.ratio(a.get("rps"), b.get("rps")) if "error" not in a and "error" not in b else None
-        if r is not None:
-            out.append(r)
-    return out
 
 
 class WriterElsewhere(h.ShadowproxySetup):
@@ -150,14 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstore cost: {(1 - ratio) * 100:.1f}% of requests/s ({verdict} the 10% target); "
               f"rows in the file after all runs: {rows_in_file}")
     for name in [s.name for s in setups[1:]]:
-        paired = _paired_ratios(results[name], results["store off"])
+        paired = h.paired_ratios(results[name], results["store off"])
         if paired:
-            print(f"per repetition ({name} ÷ store off of the same repetition, run back to back): "
-                  f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
-    failed = h.failures(med)
-    for line in h.failure_notes(failed):
-        print(f"! {line}")
-    return 1 if failed else 0
+            print(h.paired_line(name, "store off", paired))
+    return 1 if h.print_failures(med) else 0
 
 
 if __name__ == "__main__":
