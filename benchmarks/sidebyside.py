@@ -2,14 +2,15 @@
 
     python benchmarks/sidebyside.py --snapshot /tmp/exp/before     # copy the current build there
     ... change the code, `python setup.py build_ext --inplace` ...
-    python benchmarks/sidebyside.py /tmp/exp/before . [--store] [--reps 6]
+    python benchmarks/sidebyside.py /tmp/exp/before . [--store | --drift] [--reps 6]
 
 Each positional argument is a directory holding a build (`shadowproxy/`, `pyproject.toml` and
 `shadowproxy__mypyc*.so`: what `--snapshot` copies; `.` is the working tree). Every build runs as
 `python -m shadowproxy serve` from its own directory at mirror.sample_rate 0.1, closed loop (wrk
 -t2 -c32) against the nginx stand-in models, the setups interleaved and rotated each repetition.
 With `--store` each build runs with the audit store on (store.sample_rate 0.1, a file per build)
-and a "store off" row of the first build is the base; without it the first build is the base.
+and a "store off" row of the first build is the base; `--drift` likewise with `[drift]` at
+sample_rate 1.0 (as `drift.py`, mirroring off); without either the first build is the base.
 Prints the medians (`harness.closed_loop_cells`), the event loop thread's split per request, and
 each build's paired ratio against the base (same repetition, run back to back), which is the
 figure to read: the box drifts more between repetitions than most changes move it.
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="builds side by side, interleaved, paired ratios")
     p.add_argument("builds", nargs="*", type=Path, help="build directories ('.' is the working tree)")
     p.add_argument("--snapshot", type=Path, help="copy the working tree's build to this directory and exit")
-    p.add_argument("--store", action="store_true", help="each build with the audit store on; base: store off")
+    component = p.add_mutually_exclusive_group()
+    component.add_argument("--store", action="store_true", help="each build with the audit store on; base: store off")
+    component.add_argument("--drift", action="store_true", help="each build with [drift] at 1.0; base: drift off")
     p.add_argument("--reps", type=int, default=6, help="interleaved repetitions (default 6)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per measured wrk run (default 6)")
     args = p.parse_args(argv)
@@ -91,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"{i}:{b.name or b}" for i, b in enumerate(builds)]
     with h.Models(backend="nginx") as models:
         setups: list[h.ShadowproxySetup] = []
-        if args.store:
-            setups.append(BuildSetup("store off", builds[0], models.prod_url, models.cand_url, 0.1))
+        rate = 0.0 if args.drift else 0.1
+        if args.store or args.drift:
+            setups.append(BuildSetup("store off" if args.store else "drift off", builds[0], models.prod_url,
+                                     models.cand_url, rate))
         for name, build in zip(names, builds, strict=True):
-            extra = {"store": {"path": str(h.workdir() / f"sidebyside-{len(setups)}.db"), "sample_rate": 0.1}}
-            setups.append(BuildSetup(name, build, models.prod_url, models.cand_url, 0.1,
-                                     extra=extra if args.store else None))
+            extra: dict[str, dict[str, Any]] | None = None
+            if args.store:
+                extra = {"store": {"path": str(h.workdir() / f"sidebyside-{len(setups)}.db"), "sample_rate": 0.1}}
+            elif args.drift:
+                extra = {"drift": {"sample_rate": 1.0, "warmup": 1000, "window": 10000}}
+            setups.append(BuildSetup(name, build, models.prod_url, models.cand_url, rate, extra=extra))
 
         def measure(setup: h.Setup, url: str) -> dict[str, Any]:
             return dict(h.closed_loop(url, setup, duration=args.duration, models=models, threads_of=setup.pid))
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     table = [h.closed_loop_cells(s.name, med[s.name], results[s.name], med[base].get("rps")) for s in setups]
     print(h.format_table(h.closed_loop_headers(f"÷ {base}"), table,
                          title=f"Closed loop: wrk -t2 -c32 -d{args.duration:g}s, mirror.sample_rate 0.1"
-                               + (", store.sample_rate 0.1" if args.store else "")))
+                               + (", store.sample_rate 0.1" if args.store else "")
+                               + (" (0 with drift), drift.sample_rate 1.0" if args.drift else "")))
     split = [[s.name] + [h.fmt(med[s.name].get(k), 2, na="—") for k in
                          ("loop_cpu_us", "loop_runq_us", "loop_sleep_us", "threads_cpu_us")] for s in setups]
     print()
