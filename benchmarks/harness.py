@@ -726,7 +726,7 @@ class ShadowproxySetup(Setup):
     def __init__(self, name: str, prod_url: str, cand_url: str, sample_rate: float = 0.1,
                  extra: Mapping[str, Mapping[str, Any]] | None = None, args: Sequence[str] = (),
                  startup_timeout: float = 30.0, stop_timeout: float = 20.0,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = name
         self.prod_url = prod_url
         self.cand_url = cand_url
@@ -736,6 +736,7 @@ class ShadowproxySetup(Setup):
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.env = env
+        self.cwd = cwd or REPO  # another build's directory runs that build (benchmarks/sidebyside.py)
         self.admin_url: str | None = None
         self.config_path: Path | None = None
 
@@ -756,7 +757,7 @@ class ShadowproxySetup(Setup):
         self.config_path = workdir() / f"shadowproxy-{port}.toml"
         self.config_path.write_text(toml_dumps(self.config(port, admin_port)))
         argv = [PYTHON, "-m", "shadowproxy", "serve", "--config", str(self.config_path), *self.args]
-        self.proc = Proc(argv, f"shadowproxy-{self.name}", cwd=REPO, env=self.env)
+        self.proc = Proc(argv, f"shadowproxy-{self.name}", cwd=self.cwd, env=self.env)
         self.admin_url = f"http://{HOST}:{admin_port}"
         try:
             wait_for_port(port, timeout=self.startup_timeout, proc=self.proc)

@@ -45,27 +45,11 @@ def snapshot(target: Path) -> None:
         shutil.copy2(lib, target / lib.name)
 
 
-class BuildSetup(h.ShadowproxySetup):
-    """shadowproxy started from a build directory (its own sources first on sys.path)."""
-
-    def __init__(self, name: str, build: Path, *args: Any, **kwargs: Any) -> None:
-        super().__init__(name, *args, **kwargs)
-        self.build = build
-
-    def start(self) -> str:
-        port, admin_port = h.free_ports(2)
-        self.config_path = h.workdir() / f"shadowproxy-{port}.toml"
-        self.config_path.write_text(h.toml_dumps(self.config(port, admin_port)))
-        argv = [h.PYTHON, "-m", "shadowproxy", "serve", "--config", str(self.config_path)]
-        self.proc = h.Proc(argv, f"shadowproxy-{self.name}", cwd=self.build, env={"PYTHONPATH": str(self.build)})
-        self.admin_url = f"http://{h.HOST}:{admin_port}"
-        try:
-            h.wait_for_port(port, timeout=self.startup_timeout, proc=self.proc)
-            h.wait_for_http(f"{self.admin_url}/healthz", 200, timeout=self.startup_timeout, proc=self.proc)
-        except BaseException:
-            self.stop()
-            raise
-        return f"http://{h.HOST}:{port}"
+def build_setup(name: str, build: Path, prod_url: str, cand_url: str, rate: float,
+                extra: dict[str, dict[str, Any]] | None = None) -> h.ShadowproxySetup:
+    """shadowproxy started from a build directory, its own sources first on sys.path."""
+    return h.ShadowproxySetup(name, prod_url, cand_url, rate, extra=extra, cwd=build,
+                              env={"PYTHONPATH": str(build)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         setups: list[h.ShadowproxySetup] = []
         rate = 0.0 if args.drift else 0.1
         if args.store or args.drift:
-            setups.append(BuildSetup("store off" if args.store else "drift off", builds[0], models.prod_url,
+            setups.append(build_setup("store off" if args.store else "drift off", builds[0], models.prod_url,
                                      models.cand_url, rate))
         for name, build in zip(names, builds, strict=True):
             extra: dict[str, dict[str, Any]] | None = None
@@ -104,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra = {"store": {"path": str(h.workdir() / f"sidebyside-{len(setups)}.db"), "sample_rate": 0.1}}
             elif args.drift:
                 extra = {"drift": {"sample_rate": 1.0, "warmup": 1000, "window": 10000}}
-            setups.append(BuildSetup(name, build, models.prod_url, models.cand_url, rate, extra=extra))
+            setups.append(build_setup(name, build, models.prod_url, models.cand_url, rate, extra=extra))
 
         def measure(setup: h.Setup, url: str) -> dict[str, Any]:
             return dict(h.closed_loop(url, setup, duration=args.duration, models=models, threads_of=setup.pid))

@@ -37,8 +37,7 @@ _BODY = orjson.dumps({"predictions": [0.25]})
 def _records(n: int) -> list[tuple[Any, ...]]:
     out: list[tuple[Any, ...]] = []
     for i in range(n):
-        rid = new_request_id()
-        rid_s = rid.decode() if isinstance(rid, bytes) else rid
+        rid_s = new_request_id().decode()
         latency = 0.0002 + (i % 97) * 1e-5
         if i % 10 == 0:  # mirrored: the exchange and its pair
             out.append((EXCHANGE, rid_s, 0.0, "POST", "/v1/models/m:predict", 200, "v1", latency, True, False,
