@@ -217,11 +217,13 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     await proxy.shutdown()
     if worker:
         # A stop of the whole process group (systemd's KillMode=control-group, a terminal's Ctrl-C)
-        # signals a worker twice: directly and through the supervisor. One arriving after the
-        # drain, once the loop has let go of its handler, would end a clean exit as death by
-        # signal, and the supervisor exit 1.
+        # signals a worker twice: directly and through the supervisor. From here on any further
+        # signal is ignored, so a clean exit cannot end as death by signal (and the supervisor
+        # exit 1). Straight to SIG_IGN, without loop.remove_signal_handler first: that resets
+        # the signal to SIG_DFL, and a signal landing between the two calls killed the worker (a
+        # rare CI failure). uvloop leaves the disposition alone when the loop closes (its
+        # remove_signal_handler returns early once the loop has stopped listening).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
     return 0
 

@@ -255,10 +255,13 @@ class Supervisor:
             if worker.proc is None:
                 continue
             try:
-                codes.append(await asyncio.wait_for(worker.proc.wait(), limit))
+                code = await asyncio.wait_for(worker.proc.wait(), limit)
             except TimeoutError:
                 worker.proc.kill()
-                codes.append(await worker.proc.wait())
+                code = await worker.proc.wait()
+            if code != 0:
+                log.error("worker %d (pid %d) exited with %s during shutdown", worker.index, worker.proc.pid, code)
+            codes.append(code)
         for task in self._watchers:
             task.cancel()
         if self._runner is not None:
