@@ -1,47 +1,39 @@
 """Build: the hot path's modules compiled to C with mypyc; everything else stays Python.
 
 The project's metadata lives in pyproject.toml; this file only adds the compiled modules, which
-setuptools cannot declare there. mypyc turns the type-annotated classes of the request path
-into native classes (attributes in C structs, direct calls between methods), which took its
-Python from 17.9 to 11.8 µs per request in benchmarks/hotpath.py with no change to the code.
+setuptools cannot declare there. mypyc turns the type-annotated classes of the request path into
+native classes (attributes in C structs, direct calls between methods); docs/performance.md's
+hotpath row shows what that is worth.
 
     SHADOWPROXY_PURE_PYTHON=1 pip install -e .   # build nothing: every module runs as Python
 
 Without a C compiler the build falls back to pure Python with a warning. The same modules run
-either way and the test suite runs in both modes (.ci/run). `shadowproxy.COMPILED_MODULES` is the
-list, and `shadowproxy.compiled()` tells which mode a process runs in.
+either way and the test suite runs in both modes (.ci/run). The list is `COMPILED_MODULES` in
+shadowproxy/_build.py, read here from that file's source; `shadowproxy.compiled()` tells which mode
+a process runs in.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from setuptools import setup
 
-# The modules every proxied, mirrored or observed request runs through. The control plane
-# (startup, config, admin, report) and the demo models stay Python: speed does not matter there.
-# compare.py annotates JSON numbers as `int | float`, not `float`: compiled code checks a `float`
-# annotation strictly and would raise on a JSON integer.
-COMPILED = [
-    "shadowproxy/http/writes.py",
-    "shadowproxy/http/server.py",
-    "shadowproxy/http/upstream.py",
-    "shadowproxy/proxy.py",
-    "shadowproxy/mirror.py",
-    "shadowproxy/stats.py",
-    "shadowproxy/sampling.py",
-    "shadowproxy/hotmetrics.py",
-    "shadowproxy/observers.py",
-    "shadowproxy/store.py",
-    "shadowproxy/audit.py",
-    "shadowproxy/compare.py",
-    "shadowproxy/presets.py",
-    "shadowproxy/drift.py",
-    "shadowproxy/storedb.py",
-]
+
+def compiled_sources() -> list[str]:
+    """`COMPILED_MODULES` from shadowproxy/_build.py, as source paths (the package is not importable
+    while it is being built)."""
+    tree = ast.parse(Path(__file__).with_name("shadowproxy").joinpath("_build.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "COMPILED_MODULES" for t in node.targets):
+            names = ast.literal_eval(node.value)
+            return [name.replace(".", "/") + ".py" for name in names]
+    raise RuntimeError("shadowproxy/_build.py defines no COMPILED_MODULES")
 
 
 def can_compile() -> str | None:
@@ -75,7 +67,7 @@ def ext_modules() -> list[Any]:
     if why is not None:  # a pure-Python install still works, only slower
         print(f"shadowproxy: not compiling the hot path ({why}); running as pure Python", file=sys.stderr)
         return []
-    return list(mypycify(COMPILED, opt_level="3", group_name="shadowproxy"))
+    return list(mypycify(compiled_sources(), opt_level="3", group_name="shadowproxy"))
 
 
 setup(ext_modules=ext_modules())

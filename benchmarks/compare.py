@@ -24,7 +24,7 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
-from shadowproxy.compare import KINDS, compare_predictions
+from shadowproxy.judging.compare import KINDS, compare_predictions
 
 BATCH_SIZES: tuple[int, ...] = (1, 32, 1024)
 VECTOR_WIDTH = 16

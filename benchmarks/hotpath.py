@@ -29,14 +29,14 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shadowproxy.app import build_components  # noqa: E402
 from shadowproxy.config import parse_config  # noqa: E402
+from shadowproxy.control.app import build_components  # noqa: E402
 from shadowproxy.http.server import ClientConnection, Server, ServerLimits  # noqa: E402
 from shadowproxy.http.upstream import UpstreamConnection, UpstreamPool  # noqa: E402
-from shadowproxy.metrics import Metrics  # noqa: E402
-from shadowproxy.mirror import Mirror  # noqa: E402
-from shadowproxy.proxy import Proxy  # noqa: E402
-from shadowproxy.stats import ShadowStats  # noqa: E402
+from shadowproxy.judging.stats import ShadowStats  # noqa: E402
+from shadowproxy.shadow.metrics import Metrics  # noqa: E402
+from shadowproxy.shadow.mirror import Mirror  # noqa: E402
+from shadowproxy.shadow.proxy import Proxy  # noqa: E402
 
 REQUEST = (
     b"POST /v1/models/m:predict HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Length: 33\r\n"

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson  # noqa: E402
 
 from shadowproxy.config import parse_config  # noqa: E402
-from shadowproxy.proxy import new_request_id  # noqa: E402
-from shadowproxy.store import WRITE_CHUNK  # noqa: E402
-from shadowproxy.storedb import EXCHANGE, PAIR, Database, connect  # noqa: E402
+from shadowproxy.shadow.proxy import new_request_id  # noqa: E402
+from shadowproxy.store.database import EXCHANGE, PAIR, Database, connect  # noqa: E402
+from shadowproxy.store.writer import WRITE_CHUNK  # noqa: E402
 
 POOL = 65536  # distinct records, reused round the pool
 _BODY = orjson.dumps({"predictions": [0.25]})

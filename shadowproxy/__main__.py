@@ -1,3 +1,3 @@
-from shadowproxy.cli import main
+from shadowproxy.commands.cli import main
 
 raise SystemExit(main())

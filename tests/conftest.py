@@ -19,8 +19,8 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from shadowproxy.app import ShadowProxy
 from shadowproxy.config import Config, parse_config
+from shadowproxy.control.app import ShadowProxy
 
 
 def pytest_asyncio_loop_factories(

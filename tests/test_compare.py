@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from shadowproxy.compare import VECTORISE_MIN, Comparison, canonical_label, compare_predictions
+from shadowproxy.judging.compare import VECTORISE_MIN, Comparison, canonical_label, compare_predictions
 
 NAN = float("nan")
 INF = float("inf")

@@ -11,8 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
+from shadowproxy.judging.stats import wilson_interval
 from shadowproxy.models import ModelBehaviour, candidate_flips, generate_instances, start_model
-from shadowproxy.stats import wilson_interval
 from tests.conftest import RunningProxy, Upstream
 
 FULL_MIRROR: dict[str, Any] = {"sample_rate": 1.0}

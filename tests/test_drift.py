@@ -14,14 +14,14 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shadowproxy import drift as drift_module
-from shadowproxy.cli import main
+from shadowproxy.commands.cli import main
 from shadowproxy.config import CompareConfig, DriftConfig
-from shadowproxy.drift import DriftMonitor
+from shadowproxy.drift import monitor as drift_module
+from shadowproxy.drift.monitor import DriftMonitor
+from shadowproxy.drift.profile import build_profile, extract_instances, load_profile
 from shadowproxy.errors import ConfigError
-from shadowproxy.metrics import Metrics
-from shadowproxy.observers import ExchangeRecord
-from shadowproxy.profile import build_profile, extract_instances, load_profile
+from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.observers import ExchangeRecord
 from tests.conftest import Upstream
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -275,7 +275,7 @@ def test_only_wanted_records_count_and_a_full_queue_drops(tmp_path: Path, monkey
     m = monitor(tmp_path, BASE_ROWS)
     m.on_exchange(record(orjson.dumps({"instances": BASE_ROWS[:10]})), wanted=False)
     assert m.snapshot()["window"] == 0
-    monkeypatch.setattr("shadowproxy.drift.QUEUE_RECORDS", 2)
+    monkeypatch.setattr("shadowproxy.drift.monitor.QUEUE_RECORDS", 2)
     doc = feed(m, [orjson.dumps({"instances": BASE_ROWS[:10]})] * 3)
     assert (doc["window"], doc["dropped"]) == (20, 1)
     never = monitor(tmp_path, BASE_ROWS, sample_rate=0.0)

@@ -6,7 +6,7 @@ from typing import Any
 
 import aiohttp
 
-from shadowproxy.observers import ExchangeRecord, PairRecord
+from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
 from tests.conftest import Upstream
 
 

@@ -24,7 +24,7 @@ import yaml
 from prometheus_client.metrics_core import Metric
 
 from shadowproxy.config import Config, parse_config
-from shadowproxy.metrics import Metrics
+from shadowproxy.shadow.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
@@ -160,7 +160,7 @@ def test_alerts_and_dashboard_use_only_metrics_the_proxy_exports() -> None:
     queries += [target["expr"] for panel in dashboard_panels() for target in panel["targets"]]
     used = {name for query in queries for name in re.findall(r"\bshadowproxy_[a-z0-9_]+", query)}
     assert used, "no shadowproxy metric found in any query"
-    assert used <= exported, f"not exported by shadowproxy.metrics: {sorted(used - exported)}"
+    assert used <= exported, f"not exported by shadowproxy.shadow.metrics: {sorted(used - exported)}"
 
 
 # --- Grafana ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shadowproxy.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
+from shadowproxy.judging.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
 
 
 def test_kserve_v1_gives_one_prediction_per_instance() -> None:

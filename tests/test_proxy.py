@@ -144,7 +144,7 @@ async def test_request_id_is_generated_when_absent(upstream: Upstream, start_pro
 
 
 def test_request_ids_stay_unique_across_random_blocks_and_a_fork() -> None:
-    from shadowproxy.proxy import new_request_id
+    from shadowproxy.shadow.proxy import new_request_id
 
     # 3000 ids cross two refills of the 1024-id random block; none repeats, all well formed.
     ids = [new_request_id() for _ in range(3000)]

@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shadowproxy import cli
+from shadowproxy.commands import cli as cli
+from shadowproxy.commands.report import Report, collect, gates_from_verdict, render, report_main, use_color
 from shadowproxy.config import GatesConfig
+from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.models import ModelBehaviour, RunningModel, generate_instances, start_model
-from shadowproxy.report import Report, collect, gates_from_verdict, render, report_main, use_color
-from shadowproxy.stats import ShadowStats
 from tests.conftest import RunningProxy, Upstream, closed_port_url
 
 PREDICT = "/v1/models/demo:predict"
@@ -218,7 +218,7 @@ async def test_two_replicas_merge_to_the_stats_of_one_proxy_that_saw_all_traffic
 
 
 def union_verdict(stats: ShadowStats, gates: GatesConfig) -> dict[str, Any]:
-    from shadowproxy.verdict import evaluate
+    from shadowproxy.judging.verdict import evaluate
 
     return evaluate(stats.snapshot(), gates)
 

@@ -1,4 +1,4 @@
-"""The mirror decision (shadowproxy.sampling), as a unit: no sockets, no event loop."""
+"""The mirror decision (shadowproxy.shadow.sampling), as a unit: no sockets, no event loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from shadowproxy.config import MirrorConfig
-from shadowproxy.sampling import Sampler, sticky_fraction
+from shadowproxy.shadow.sampling import Sampler, sticky_fraction
 
 N = 2000
 SIGMAS = 4.5  # a false alarm about once in 150,000 runs

@@ -8,8 +8,8 @@ import numpy as np
 import orjson
 import pytest
 
-from shadowproxy.compare import compare_predictions
-from shadowproxy.stats import (
+from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.stats import (
     RECORD_MANY_VECTORISE_MIN,
     LogHistogram,
     ShadowStats,

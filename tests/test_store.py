@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shadowproxy.judging.stats import wilson_interval
 from shadowproxy.models import (
     ModelBehaviour,
     RunningModel,
@@ -20,8 +21,7 @@ from shadowproxy.models import (
     predict_labels,
     start_model,
 )
-from shadowproxy.stats import wilson_interval
-from shadowproxy.store import AuditStore
+from shadowproxy.store.writer import AuditStore
 from tests.conftest import RunningProxy, Upstream
 
 PREDICT = "/v1/models/demo:predict"

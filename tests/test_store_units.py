@@ -15,15 +15,15 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shadowproxy import store as store_module
-from shadowproxy.audit import Entries, entries_in, lookup_key, read_request, request_columns
 from shadowproxy.config import GatesConfig, StoreConfig, parse_config
-from shadowproxy.metrics import Metrics, StoreMetrics
-from shadowproxy.observers import ExchangeRecord
-from shadowproxy.presets import parse_pointer
-from shadowproxy.proxy import new_request_id
-from shadowproxy.storedb import EXCHANGE, MIGRATIONS, PAIR, Database, connect, redact
-from shadowproxy.verdict import evaluate
+from shadowproxy.judging.presets import parse_pointer
+from shadowproxy.judging.verdict import evaluate
+from shadowproxy.shadow.metrics import Metrics, StoreMetrics
+from shadowproxy.shadow.observers import ExchangeRecord
+from shadowproxy.shadow.proxy import new_request_id
+from shadowproxy.store import writer as store_module
+from shadowproxy.store.database import EXCHANGE, MIGRATIONS, PAIR, Database, connect, redact
+from shadowproxy.store.records import Entries, entries_in, lookup_key, read_request, request_columns
 
 CONFIG = parse_config({"production": {"url": "http://127.0.0.1:1"}, "candidate": {"url": "http://127.0.0.1:2"}})
 

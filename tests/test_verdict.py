@@ -4,9 +4,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from shadowproxy.compare import compare_predictions
-from shadowproxy.stats import ShadowStats
-from shadowproxy.verdict import evaluate
+from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.judging.verdict import evaluate
 
 
 @dataclass(frozen=True)

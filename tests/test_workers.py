@@ -16,7 +16,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shadowproxy.profile import build_profile
+from shadowproxy.drift.profile import build_profile
 from tests.conftest import Upstream, free_port
 
 

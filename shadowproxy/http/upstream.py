@@ -20,8 +20,8 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from shadowproxy.config import UpstreamURL
 from shadowproxy.http.server import RequestSink, connection_tokens
+from shadowproxy.http.urls import UpstreamURL
 from shadowproxy.http.writes import CoalescedWrites, as_protocol
 
 # Informational answers (RFC 9110 §15.2) are interim: the final answer follows on the same exchange.

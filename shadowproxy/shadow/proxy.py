@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Final
 
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import ResponseSink, UpstreamConnection, UpstreamPool
-from shadowproxy.metrics import Metrics
-from shadowproxy.observers import ExchangeRecord, Observer
+from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.observers import ExchangeRecord, Observer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from shadowproxy.mirror import Mirror, MirrorTicket
-    from shadowproxy.stats import ShadowStats
+    from shadowproxy.judging.stats import ShadowStats
+    from shadowproxy.shadow.mirror import Mirror, MirrorTicket
 
-log = logging.getLogger("shadowproxy.proxy")
+log = logging.getLogger("shadowproxy.shadow.proxy")
 
 # The library functions a request calls, as `Final` names: compiled, a static read rather than a
 # lookup in this module's dict on every call.

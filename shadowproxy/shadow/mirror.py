@@ -20,7 +20,6 @@ from typing import Final
 
 import orjson
 
-from shadowproxy.compare import compare_predictions
 from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import (
@@ -29,13 +28,14 @@ from shadowproxy.http.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from shadowproxy.metrics import Metrics
-from shadowproxy.observers import Observer, PairRecord
-from shadowproxy.presets import extract_predictions
-from shadowproxy.sampling import Sampler
-from shadowproxy.stats import ShadowStats
+from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.presets import extract_predictions
+from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.observers import Observer, PairRecord
+from shadowproxy.shadow.sampling import Sampler
 
-log = logging.getLogger("shadowproxy.mirror")
+log = logging.getLogger("shadowproxy.shadow.mirror")
 _perf_counter: Final = time.perf_counter  # a static read when compiled, not a dict lookup
 
 BACKOFF_START_S = 0.1

@@ -6,7 +6,7 @@ import asyncio
 import ssl
 
 from shadowproxy.config import ProductionConfig
-from shadowproxy.tls import client_context
+from shadowproxy.http.tls import client_context
 
 _CACHE_S = 1.0
 

@@ -14,17 +14,18 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from shadowproxy.admin import make_admin_app
 from shadowproxy.config import Config
+from shadowproxy.control.admin import make_admin_app
+from shadowproxy.control.collectors import ShadowCollector
+from shadowproxy.control.readiness import Readiness
 from shadowproxy.http.server import Server, ServerLimits
+from shadowproxy.http.tls import client_context
 from shadowproxy.http.upstream import UpstreamPool
-from shadowproxy.metrics import Metrics, ShadowCollector
-from shadowproxy.mirror import Mirror
-from shadowproxy.observers import Component, Observer
-from shadowproxy.proxy import Proxy
-from shadowproxy.readiness import Readiness
-from shadowproxy.stats import ShadowStats
-from shadowproxy.tls import client_context
+from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.mirror import Mirror
+from shadowproxy.shadow.observers import Component, Observer
+from shadowproxy.shadow.proxy import Proxy
 
 log = logging.getLogger("shadowproxy")
 
@@ -34,11 +35,11 @@ def build_components(config: Config, metrics: Metrics, shared: bool = False) -> 
     this process is one of several workers (their audit store is one file)."""
     components: list[Component] = []
     if config.store.path:
-        from shadowproxy.store import AuditStore
+        from shadowproxy.store.writer import AuditStore
 
         components.append(AuditStore(config, metrics, shared))
     if config.drift is not None:
-        from shadowproxy.drift import DriftMonitor  # numpy and the profile code load only with [drift]
+        from shadowproxy.drift.monitor import DriftMonitor  # numpy and the profile code load only with [drift]
 
         components.append(DriftMonitor(config.drift, config.compare, metrics))
     return components
@@ -183,7 +184,7 @@ class ShadowProxy:
 async def serve(config: Config, *, worker: bool = False) -> int:
     """One proxy process; with `worker`, one of several on a shared port (see workers.py)."""
     if worker:
-        from shadowproxy.workers import WORKER_LINE, die_with_parent
+        from shadowproxy.control.workers import WORKER_LINE, die_with_parent
 
         die_with_parent()
         # The configured admin port belongs to the supervisor; a worker's admin is private.
@@ -231,7 +232,7 @@ async def serve(config: Config, *, worker: bool = False) -> int:
 def run(config: Config, workers: int = 1, *, config_path: str = "", worker: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if workers > 1 and not worker:
-        from shadowproxy.workers import supervise
+        from shadowproxy.control.workers import supervise
 
         main = supervise(config, config_path, workers)
     else:

@@ -28,10 +28,10 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
-from shadowproxy.app import ShadowProxy
+from shadowproxy.commands.report import Report, make_report, render, to_json_text, use_color
 from shadowproxy.config import Config, parse_config
+from shadowproxy.control.app import ShadowProxy
 from shadowproxy.models import ModelBehaviour, RunningModel, candidate_flips, generate_instances, start_model
-from shadowproxy.report import Report, make_report, render, to_json_text, use_color
 
 __all__ = ["DemoOptions", "DemoResult", "demo", "demo_config", "run_demo"]
 

@@ -25,7 +25,10 @@ from typing import Any, Final
 
 import orjson
 
-from shadowproxy.audit import (
+from shadowproxy.config import CompareConfig, StoreConfig
+from shadowproxy.judging.compare import canonical_label, compare_predictions
+from shadowproxy.judging.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
+from shadowproxy.store.records import (
     E_ID,
     E_KIND,
     E_TIME,
@@ -38,9 +41,6 @@ from shadowproxy.audit import (
     read_request,
     request_columns,
 )
-from shadowproxy.compare import canonical_label, compare_predictions
-from shadowproxy.config import CompareConfig, StoreConfig
-from shadowproxy.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
 
 __all__ = [
     "EXCHANGE",
@@ -53,7 +53,7 @@ __all__ = [
     "redact",
 ]
 
-log = logging.getLogger("shadowproxy.store")
+log = logging.getLogger("shadowproxy.store.writer")
 
 # Queued records. `version` is what the answer's version header said (None: no such header, or
 # none configured); the JSON pointer, when configured, is read here from the body.

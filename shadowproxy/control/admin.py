@@ -7,19 +7,18 @@ process.
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shadowproxy.verdict import evaluate
+from shadowproxy.judging.verdict import evaluate
+from shadowproxy.shadow.routes import GUARD_KEY, TokenGuard, json_response, requires_token
 
 if TYPE_CHECKING:
     from shadowproxy.config import Config
-    from shadowproxy.observers import Component
+    from shadowproxy.shadow.observers import Component
 
 
 class AdminBackend(Protocol):
@@ -41,34 +40,6 @@ class AdminBackend(Protocol):
 
 
 PROXY_KEY: web.AppKey[AdminBackend] = web.AppKey("proxy")
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _authorized(request: web.Request) -> bool:
-    token = request.app[PROXY_KEY].config.admin.token
-    if not token:
-        return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
-def requires_token(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        if not _authorized(request):
-            return web.Response(
-                body=orjson.dumps({"error": "missing or wrong bearer token"}),
-                status=401,
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="shadowproxy"'},
-            )
-        return await handler(request)
-
-    return guarded
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -121,6 +92,7 @@ async def get_sample_rate(request: web.Request) -> web.Response:
 def make_admin_app(proxy: AdminBackend) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[PROXY_KEY] = proxy
+    app[GUARD_KEY] = TokenGuard(proxy.config.admin.token)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

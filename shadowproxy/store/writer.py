@@ -28,16 +28,16 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from shadowproxy.admin import json_response, requires_token
 from shadowproxy.config import Config
-from shadowproxy.metrics import Metrics, StoreMetrics
-from shadowproxy.observers import ExchangeRecord, PairRecord
-from shadowproxy.stats import wilson_interval
-from shadowproxy.storedb import EXCHANGE, PAIR, Database, Totals, connect, header_value
+from shadowproxy.judging.stats import wilson_interval
+from shadowproxy.shadow.metrics import Metrics, StoreMetrics
+from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
+from shadowproxy.shadow.routes import json_response, requires_token
+from shadowproxy.store.database import EXCHANGE, PAIR, Database, Totals, connect, header_value
 
 __all__ = ["AuditStore", "StoreUnavailable", "StoreWriter"]
 
-log = logging.getLogger("shadowproxy.store")
+log = logging.getLogger("shadowproxy.store.writer")
 
 QUEUE_RECORDS = 100_000  # records waiting for the writer; beyond this new ones are dropped
 QUEUE_BYTES = 64 * 1024 * 1024  # bodies waiting for the writer (they dominate a record's size)

@@ -14,11 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shadowproxy.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
-from shadowproxy.verdict import GatesLike, evaluate
+from shadowproxy.shadow.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
 
 if TYPE_CHECKING:
-    from shadowproxy.stats import ShadowStats
+    pass
 
 # Model latencies run from about a millisecond (a small tree model) to tens of seconds (an LLM).
 LATENCY_BUCKETS = (
@@ -114,63 +113,6 @@ class Metrics:
     def status_class(status: int) -> str:
         return STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
 
-
-
-class ShadowCollector(Collector):
-    """Figures derived from the comparison stats, computed at scrape time (nothing on the hot path).
-
-    Disagreement rate with its Wilson interval, the promotion verdict, and the summary figures of
-    compared predictions (Jensen–Shannon divergence, cosine and text similarity, absolute numeric
-    differences) as percentiles under a fixed, small label set.
-    """
-
-    FIGURES = ("abs_diff", "jsd", "cosine", "similarity")
-    PERCENTILE_NAMES = ("p50", "p90", "p99")
-
-    def __init__(self, stats: ShadowStats, gates: GatesLike) -> None:
-        self.stats = stats
-        self.gates = gates
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        snapshot = self.stats.snapshot()
-        comparisons = snapshot["comparisons"]
-        rate = GaugeMetricFamily(
-            "shadowproxy_disagreement_rate", "Share of compared predictions that disagree (0 when none compared)."
-        )
-        rate.add_metric([], comparisons["disagreement_rate"])
-        yield rate
-        bounds = GaugeMetricFamily(
-            "shadowproxy_disagreement_rate_ci95",
-            "Wilson 95% interval of the disagreement rate; the verdict judges the upper bound.",
-            labels=["bound"],
-        )
-        lower, upper = comparisons["disagreement_rate_ci95"]
-        bounds.add_metric(["lower"], lower)
-        bounds.add_metric(["upper"], upper)
-        yield bounds
-        verdict = evaluate(snapshot, self.gates)["verdict"]
-        family = GaugeMetricFamily(
-            "shadowproxy_promotion_verdict", "1 for the current promotion verdict, 0 for the others.",
-            labels=["verdict"],
-        )
-        for name in ("pass", "fail", "insufficient_data"):
-            family.add_metric([name], 1.0 if verdict == name else 0.0)
-        yield family
-        differences = snapshot.get("differences", {})
-        figures = GaugeMetricFamily(
-            "shadowproxy_prediction_difference",
-            "Percentiles of per-prediction figures: abs_diff (numeric/vector), jsd (distribution), "
-            "cosine (vector), similarity (text).",
-            labels=["figure", "percentile"],
-        )
-        for figure in self.FIGURES:
-            summary = differences.get(figure, {})
-            for percentile in self.PERCENTILE_NAMES:
-                figures.add_metric([figure, percentile], float(summary.get(percentile, 0.0)))
-        yield figures
 
 
 class DriftSource(Protocol):

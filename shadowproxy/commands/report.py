@@ -27,10 +27,11 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
-from shadowproxy.config import GatesConfig, parse_upstream_url
+from shadowproxy.config import GatesConfig
 from shadowproxy.errors import ShadowProxyError
-from shadowproxy.stats import OTHER, PERCENTILES, ShadowStats
-from shadowproxy.verdict import evaluate
+from shadowproxy.http.urls import parse_upstream_url
+from shadowproxy.judging.stats import OTHER, PERCENTILES, ShadowStats
+from shadowproxy.judging.verdict import evaluate
 
 __all__ = [
     "EXIT_CODES",

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from shadowproxy.compare import Comparison
+from shadowproxy.judging.compare import Comparison
 
 __all__ = [
     "LogHistogram",

@@ -28,10 +28,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from shadowproxy.admin import json_response
-from shadowproxy.errors import ConfigError
-from shadowproxy.presets import PresetError, extract_predictions
-from shadowproxy.profile import (
+from shadowproxy.drift.profile import (
     MISSING,
     FeatureProfile,
     InstanceError,
@@ -44,13 +41,16 @@ from shadowproxy.profile import (
     is_number,
     load_profile,
 )
+from shadowproxy.errors import ConfigError
+from shadowproxy.judging.presets import PresetError, extract_predictions
+from shadowproxy.shadow.routes import json_response
 
 if TYPE_CHECKING:
     from shadowproxy.config import CompareConfig, DriftConfig
-    from shadowproxy.metrics import Metrics
-    from shadowproxy.observers import ExchangeRecord, PairRecord
+    from shadowproxy.shadow.metrics import Metrics
+    from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
 
-log = logging.getLogger("shadowproxy.drift")
+log = logging.getLogger("shadowproxy.drift.monitor")
 
 FLOOR = 1e-4
 WARN = 0.1

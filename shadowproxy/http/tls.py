@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 
-from shadowproxy.config import UpstreamURL
+from shadowproxy.http.urls import UpstreamURL
 
 log = logging.getLogger("shadowproxy")
 

@@ -155,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     # Imported here: the server stack is not needed by the other commands.
-    from shadowproxy.app import run
+    from shadowproxy.control.app import run
 
     try:
         result = run(config, workers=args.workers, config_path=args.config, worker=args.worker)
@@ -190,7 +190,7 @@ def _add_report(subparsers: _Subparsers) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from shadowproxy.report import run_report
+    from shadowproxy.commands.report import run_report
 
     return run_report(args.admin_url, as_json=args.json, timeout_s=args.timeout)
 
@@ -228,7 +228,7 @@ def _add_demo(subparsers: _Subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shadowproxy.demo import run_demo
+    from shadowproxy.commands.demo import run_demo
 
     return run_demo(
         requests=args.requests,
@@ -271,7 +271,7 @@ def _add_profile(subparsers: _Subparsers) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from shadowproxy.profile import run_profile
+    from shadowproxy.commands.profile import run_profile
 
     return run_profile(
         args.data,
@@ -312,7 +312,7 @@ def _add_audit(subparsers: _Subparsers) -> None:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from shadowproxy.audit import run_audit
+    from shadowproxy.commands.audit import run_audit
 
     return run_audit(args.store, args.request_id, versions=args.versions, as_json=args.json, labels=args.labels)
 

@@ -28,17 +28,19 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from shadowproxy.admin import json_response, make_admin_app
 from shadowproxy.config import Config
-from shadowproxy.metrics import DriftCollector, ShadowCollector
-from shadowproxy.observers import Component
-from shadowproxy.readiness import Readiness
-from shadowproxy.stats import ShadowStats
+from shadowproxy.control.admin import make_admin_app
+from shadowproxy.control.collectors import ShadowCollector
+from shadowproxy.control.readiness import Readiness
+from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.metrics import DriftCollector
+from shadowproxy.shadow.observers import Component
+from shadowproxy.shadow.routes import json_response
 
 if TYPE_CHECKING:
-    from shadowproxy.profile import Profile
+    from shadowproxy.drift.profile import Profile
 
-log = logging.getLogger("shadowproxy.workers")
+log = logging.getLogger("shadowproxy.control.workers")
 
 WORKER_LINE = "shadowproxy worker admin "
 # Computed from merged stats by the parent itself: never summed across workers.
@@ -183,7 +185,7 @@ class Supervisor:
         # add up; baselines learned in warm-up differ per worker, and the first worker speaks.
         self.drift_baseline: Profile | None = None
         if config.drift is not None and config.drift.baseline:
-            from shadowproxy.profile import ProfileError, load_profile  # numpy: only with [drift]
+            from shadowproxy.drift.profile import ProfileError, load_profile  # numpy: only with [drift]
 
             with contextlib.suppress(ProfileError):  # the workers report it (and exit 2) as they start
                 self.drift_baseline = load_profile(config.drift.baseline)
@@ -314,7 +316,7 @@ class Supervisor:
 
     async def drift_snapshot(self) -> dict[str, Any] | None:
         """`/shadow/drift` over every worker (with a baseline file; see `drift.merge_snapshots`)."""
-        from shadowproxy.drift import merge_snapshots
+        from shadowproxy.drift.monitor import merge_snapshots
 
         assert self.drift_baseline is not None
         docs = [orjson.loads(body) for body in await self._from_all("/shadow/drift?full=1")]

@@ -1,0 +1,76 @@
+"""Collectors that build metric families at scrape time from a stats snapshot or a drift document.
+
+The per-request metrics are declared in `shadowproxy.shadow.metrics`; these read aggregate state
+(the judged stats, the verdict, drift) when Prometheus scrapes, for one proxy or the supervisor of
+several workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shadowproxy.judging.verdict import GatesLike, evaluate
+
+if TYPE_CHECKING:
+    from shadowproxy.judging.stats import ShadowStats
+
+
+class ShadowCollector(Collector):
+    """Figures derived from the comparison stats, computed at scrape time (nothing on the hot path).
+
+    Disagreement rate with its Wilson interval, the promotion verdict, and the summary figures of
+    compared predictions (Jensen–Shannon divergence, cosine and text similarity, absolute numeric
+    differences) as percentiles under a fixed, small label set.
+    """
+
+    FIGURES = ("abs_diff", "jsd", "cosine", "similarity")
+    PERCENTILE_NAMES = ("p50", "p90", "p99")
+
+    def __init__(self, stats: ShadowStats, gates: GatesLike) -> None:
+        self.stats = stats
+        self.gates = gates
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self.stats.snapshot()
+        comparisons = snapshot["comparisons"]
+        rate = GaugeMetricFamily(
+            "shadowproxy_disagreement_rate", "Share of compared predictions that disagree (0 when none compared)."
+        )
+        rate.add_metric([], comparisons["disagreement_rate"])
+        yield rate
+        bounds = GaugeMetricFamily(
+            "shadowproxy_disagreement_rate_ci95",
+            "Wilson 95% interval of the disagreement rate; the verdict judges the upper bound.",
+            labels=["bound"],
+        )
+        lower, upper = comparisons["disagreement_rate_ci95"]
+        bounds.add_metric(["lower"], lower)
+        bounds.add_metric(["upper"], upper)
+        yield bounds
+        verdict = evaluate(snapshot, self.gates)["verdict"]
+        family = GaugeMetricFamily(
+            "shadowproxy_promotion_verdict", "1 for the current promotion verdict, 0 for the others.",
+            labels=["verdict"],
+        )
+        for name in ("pass", "fail", "insufficient_data"):
+            family.add_metric([name], 1.0 if verdict == name else 0.0)
+        yield family
+        differences = snapshot.get("differences", {})
+        figures = GaugeMetricFamily(
+            "shadowproxy_prediction_difference",
+            "Percentiles of per-prediction figures: abs_diff (numeric/vector), jsd (distribution), "
+            "cosine (vector), similarity (text).",
+            labels=["figure", "percentile"],
+        )
+        for figure in self.FIGURES:
+            summary = differences.get(figure, {})
+            for percentile in self.PERCENTILE_NAMES:
+                figures.add_metric([figure, percentile], float(summary.get(percentile, 0.0)))
+        yield figures

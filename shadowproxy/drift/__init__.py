@@ -1,0 +1,1 @@
+"""Drift monitoring: baseline profiles of the training inputs and the live window compared with them (PSI, KS)."""
