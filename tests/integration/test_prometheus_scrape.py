@@ -22,8 +22,7 @@ import aiohttp
 import yaml
 
 from shadowproxy.models import ModelBehaviour, generate_instances, start_model
-from tests.conftest import RunningProxy, free_port
-from tests.test_ops_assets import DASHBOARD, PROMETHEUS_DIR, dashboard_panels, require_binary
+from tests.helpers import DASHBOARD, PROMETHEUS_DIR, RunningProxy, dashboard_panels, free_port, require_binary
 
 RATE_WINDOW = "30s"
 JOB = "shadowproxy"

@@ -17,7 +17,7 @@ from shadowproxy.commands.report import Report, collect, gates_from_verdict, ren
 from shadowproxy.config import GatesConfig
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.models import ModelBehaviour, RunningModel, generate_instances, start_model
-from tests.conftest import RunningProxy, Upstream, closed_port_url
+from tests.helpers import RunningProxy, Upstream, closed_port_url
 
 PREDICT = "/v1/models/demo:predict"
 StartModel = Callable[..., Awaitable[RunningModel]]

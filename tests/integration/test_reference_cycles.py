@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream
+from tests.helpers import Upstream
 
 OURS = {"Cycle", "Exchange", "MirrorTicket", "ShadowExchange", "BufferedResponse", "ExchangeRecord", "PairRecord"}
 

@@ -14,51 +14,7 @@ import aiohttp
 import pytest
 
 from shadowproxy.http.server import Server, ServerLimits
-from tests.conftest import RunningProxy, Upstream, closed_port_url, free_port
-
-
-def write_config(path: Path, production: str, *, listen_port: int, admin_port: int, extra: str = "") -> Path:
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {listen_port}
-shutdown_delay_s = 0.0
-drain_timeout_s = 5.0
-
-[admin]
-host = "127.0.0.1"
-port = {admin_port}
-
-[production]
-url = "{production}"
-
-[candidate]
-url = "{closed_port_url()}"
-{extra}
-"""
-    )
-    return path
-
-
-class ServeProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, listen_port: int, admin_port: int) -> None:
-        self.proc = proc
-        self.listen_port, self.admin_port = listen_port, admin_port
-        self.url = f"http://127.0.0.1:{listen_port}"
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.first_line = ""
-
-
-async def start_serve(config: Path, listen_port: int, admin_port: int) -> ServeProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    serving = ServeProcess(proc, listen_port, admin_port)
-    assert proc.stdout is not None
-    serving.first_line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
-    return serving
+from tests.helpers import RunningProxy, ServeProcess, Upstream, closed_port_url, free_port, start_serve, write_config
 
 
 @pytest.fixture

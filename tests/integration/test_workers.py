@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shadowproxy.drift.profile import build_profile
-from tests.conftest import Upstream, free_port
+from tests.helpers import Upstream, free_port
 
 
 class Workers:

@@ -22,7 +22,7 @@ from shadowproxy.models import (
     start_model,
 )
 from shadowproxy.store.writer import AuditStore
-from tests.conftest import RunningProxy, Upstream
+from tests.helpers import RunningProxy, Upstream
 
 PREDICT = "/v1/models/demo:predict"
 FLIP_RATE = 0.3

@@ -24,8 +24,9 @@ from shadowproxy.config import (
     parse_upstream_url,
 )
 from shadowproxy.errors import ConfigError, ShadowProxyError
+from tests.helpers import ROOT
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "shadowproxy.toml"
+EXAMPLE = ROOT / "config" / "shadowproxy.toml"
 URLS: dict[str, Any] = {
     "production": {"url": "http://127.0.0.1:8001"},
     "candidate": {"url": "http://127.0.0.1:8002"},
@@ -60,7 +61,7 @@ def uncomment_all(text: str) -> str:
 # --- defaults and the example file -----------------------------------------------------------------
 
 
-def test_defaults_are_interface_md_values() -> None:
+def test_defaults_are_the_documented_values() -> None:
     config = parse_config(URLS)
     assert dataclasses.asdict(config) == {
         "listen": {
@@ -123,7 +124,7 @@ def test_defaults_are_interface_md_values() -> None:
     }
 
 
-def test_drift_defaults_are_interface_md_values_when_table_present() -> None:
+def test_drift_defaults_are_the_documented_values_when_table_present() -> None:
     config = parse_config(with_urls(drift={}))
     assert config.drift == DriftConfig(
         baseline="", warmup=5000, sample_rate=1.0, window=10000, features=(), max_features=100

@@ -16,8 +16,7 @@ import orjson
 import pytest
 
 from shadowproxy.models import ModelBehaviour, RunningModel, start_model
-from tests.conftest import free_port
-from tests.test_lifecycle import ServeProcess, start_serve, write_config
+from tests.helpers import ServeProcess, free_port, start_serve, write_config
 
 BODY = b'{"instances": [[0.1, 0.2, 0.3, 0.4]]}'
 

@@ -10,9 +10,7 @@ against a real Prometheus scraping a real proxy.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -25,25 +23,12 @@ from prometheus_client.metrics_core import Metric
 
 from shadowproxy.config import Config, parse_config
 from shadowproxy.shadow.metrics import Metrics
+from tests.helpers import DASHBOARD, PROMETHEUS_DIR, ROOT, dashboard_panels, require_binary
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMETHEUS_DIR = ROOT / "config" / "prometheus"
-DASHBOARD = ROOT / "config" / "grafana" / "shadowproxy-dashboard.json"
 KUBERNETES_DIR = ROOT / "config" / "kubernetes"
 MANIFESTS = ("configmap.yaml", "deployment.yaml", "service.yaml")
 # The newest Kubernetes release whose schemas the installed kubernetes-validate ships.
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
-
-
-def require_binary(name: str) -> str:
-    """The binary's path; a missing one skips locally but fails in CI, where it must be installed."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
-        pytest.skip(reason)
-    return path
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,16 +44,6 @@ def alert_rules() -> list[dict[str, Any]]:
     with (PROMETHEUS_DIR / "alerts.yml").open() as file:
         groups = yaml.safe_load(file)["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
-
-
-def dashboard_panels() -> list[dict[str, Any]]:
-    with DASHBOARD.open() as file:
-        dashboard = json.load(file)
-    panels: list[dict[str, Any]] = []
-    for panel in dashboard["panels"]:
-        panels.append(panel)
-        panels.extend(panel.get("panels", []))  # panels folded into a collapsed row
-    return [panel for panel in panels if panel.get("type") != "row"]
 
 
 def exported_series_names() -> set[str]:

@@ -13,7 +13,7 @@ import pytest
 
 from shadowproxy.judging.stats import wilson_interval
 from shadowproxy.models import ModelBehaviour, candidate_flips, generate_instances, start_model
-from tests.conftest import RunningProxy, Upstream
+from tests.helpers import RunningProxy, Upstream
 
 FULL_MIRROR: dict[str, Any] = {"sample_rate": 1.0}
 

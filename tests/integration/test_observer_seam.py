@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 
 from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
-from tests.conftest import Upstream
+from tests.helpers import Upstream
 
 
 class Recorder:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningProxy, Upstream, closed_port_url, raw_exchange
+from tests.helpers import RunningProxy, Upstream, closed_port_url, raw_exchange
 
 MIRROR_ALL = {"sample_rate": 1.0}
 

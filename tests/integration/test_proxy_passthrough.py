@@ -16,7 +16,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from tests.conftest import RawUpstream, RunningProxy, Upstream, closed_port_url, raw_exchange
+from tests.helpers import RawUpstream, RunningProxy, Upstream, closed_port_url, raw_exchange
 
 
 def client() -> aiohttp.ClientSession:
