@@ -17,9 +17,8 @@ from prometheus_client import generate_latest
 from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
-from shadowproxy.control.readiness import Readiness
+from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.http.server import Server, ServerLimits
-from shadowproxy.http.tls import client_context
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import Metrics
@@ -60,7 +59,7 @@ class ShadowProxy:
         self.production_pool: UpstreamPool | None = None
         self.candidate_pool: UpstreamPool | None = None
         self.mirror: Mirror | None = None
-        # Later capabilities (audit store, drift monitor) see traffic through this list only.
+        # Other capabilities (audit store, drift monitor) see traffic through this list only.
         self.observers: list[Observer] = []
         # A process sharing its port is one of several workers, and then shares the store's file.
         self.components: list[Component] = build_components(config, self.metrics, shared=reuse_port)
@@ -78,14 +77,14 @@ class ShadowProxy:
             prod.target,
             max_connections=prod.max_connections,
             idle_timeout_s=prod.pool_idle_timeout_s,
-            ssl=client_context(prod.target, prod.ca_file, prod.tls_verify),
+            ssl=tls_context("production", prod),
             connect_timeout_s=prod.timeout_s,
         )
         self.candidate_pool = UpstreamPool(
             cand.target,
             max_connections=cand.max_in_flight,
             idle_timeout_s=prod.pool_idle_timeout_s,
-            ssl=client_context(cand.target, cand.ca_file, cand.tls_verify),
+            ssl=tls_context("candidate", cand),
             connect_timeout_s=cand.timeout_s,
         )
         self.mirror = Mirror(

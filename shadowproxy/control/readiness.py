@@ -5,10 +5,20 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from shadowproxy.config import ProductionConfig
+from shadowproxy.config import ProductionConfig, UpstreamConfig
+from shadowproxy.errors import ConfigError
 from shadowproxy.http.tls import client_context
 
 _CACHE_S = 1.0
+
+
+def tls_context(section: str, upstream: UpstreamConfig) -> ssl.SSLContext | None:
+    """The upstream's TLS context; an unreadable or invalid `ca_file` is a config problem."""
+    try:
+        return client_context(upstream.target, upstream.ca_file, upstream.tls_verify)
+    except (OSError, ssl.SSLError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{section}.ca_file: cannot load {upstream.ca_file!r}: {why}"]) from None
 
 
 class Readiness:
@@ -16,7 +26,7 @@ class Readiness:
 
     def __init__(self, production: ProductionConfig) -> None:
         self.target = production.target
-        self.ssl = client_context(self.target, production.ca_file, production.tls_verify)
+        self.ssl = tls_context("production", production)
         self._checked_at = -_CACHE_S
         self._ok = False
 

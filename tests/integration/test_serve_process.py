@@ -48,6 +48,22 @@ async def test_serve_exits_2_on_missing_config(tmp_path: Path) -> None:
     assert len(err.decode().strip().splitlines()) == 1
 
 
+async def test_serve_exits_2_naming_the_key_when_a_ca_file_cannot_be_loaded(tmp_path: Path) -> None:
+    lp, ap = free_port(), free_port()
+    config = write_config(tmp_path / "c.toml", "https://127.0.0.1:1", listen_port=lp, admin_port=ap)
+    config.write_text(config.read_text().replace(
+        'url = "https://127.0.0.1:1"', f'url = "https://127.0.0.1:1"\nca_file = "{tmp_path / "missing.pem"}"'))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, err
+    assert b"Traceback" not in err
+    assert len(lines) == 1 and "production.ca_file: cannot load" in lines[0], lines
+
+
 async def test_serve_exits_2_on_bad_config_naming_each_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[listen]\nport = 70000\n[mirror]\nsample_rate = 1.5\n[production]\nurl = "ftp://x"\n')
