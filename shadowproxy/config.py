@@ -1,7 +1,8 @@
 """Configuration: a TOML file turned into frozen, typed dataclasses, validated up front.
 
-The dataclasses below are the one place that holds every default (the values of INTERFACE.md) and,
-in each field's metadata, the check its TOML value must pass. Field names are the TOML keys.
+The dataclasses below are the one place that holds every default (docs/configuration.md lists
+them) and, in each field's metadata, the check its TOML value must pass. Field names are the TOML
+keys.
 Nothing else in shadowproxy reads the TOML::
 
     config = load_config("shadowproxy.toml")   # ConfigError lists every problem, one line each
@@ -228,12 +229,12 @@ _FRACTION = _number(ge=0, le=1)
 
 
 def _key(default: _T, check: _Check) -> _T:
-    """A field with its INTERFACE.md default and the check its TOML value must pass."""
+    """A field with its default and the check its TOML value must pass."""
     return field(default=default, metadata={"check": check})
 
 
 # ---------------------------------------------------------------------------------------------------
-# The configuration; defaults exactly as INTERFACE.md gives them.
+# The configuration; docs/configuration.md documents every key and its default.
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +263,8 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """What [production] and [candidate] share: where the model is, how long it may take, and
-    the trust for an https URL (`ca_file`, `tls_verify` are not in INTERFACE.md's [candidate]
-    table: an https candidate needs them as much as production)."""
+    the trust for an https URL (`ca_file` and `tls_verify` in [candidate] too: an https candidate
+    needs them as much as production)."""
 
     url: str = field(metadata={"check": _string(_url)})
     timeout_s: float = _key(10.0, _POSITIVE)

@@ -289,7 +289,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# audit (issue 6): reads the store file directly, so it works with the proxy stopped
+# audit: reads the store file directly, so it works with the proxy stopped
 
 
 def _add_audit(subparsers: _Subparsers) -> None:

@@ -12,7 +12,6 @@ keep their own in-process registries, and the parent reads them only when it is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import signal
@@ -31,7 +30,7 @@ from prometheus_client.registry import Collector
 from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
-from shadowproxy.control.readiness import Readiness
+from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import DriftCollector
 from shadowproxy.shadow.observers import Component
@@ -51,6 +50,11 @@ _DERIVED = frozenset(
 # Gauges that add up across workers; any other gauge is a per-process reading (take the largest).
 _SUMMED_GAUGES = frozenset(("shadowproxy_mirror_in_flight",))
 _RESTART_DELAY_S = 0.5
+EXIT_CONFIG = 2  # `serve`: the config cannot be used
+
+
+class WorkerRefused(OSError):
+    """A worker exited with EXIT_CONFIG during start-up."""
 
 
 def die_with_parent() -> None:
@@ -184,11 +188,16 @@ class Supervisor:
         # With a baseline file every worker bins against the same edges, so their drift windows
         # add up; baselines learned in warm-up differ per worker, and the first worker speaks.
         self.drift_baseline: Profile | None = None
-        if config.drift is not None and config.drift.baseline:
-            from shadowproxy.drift.profile import ProfileError, load_profile  # numpy: only with [drift]
+        if config.drift is not None:
+            from shadowproxy.drift.monitor import DriftMonitor  # numpy: only with [drift]
+            from shadowproxy.drift.profile import load_profile
 
-            with contextlib.suppress(ProfileError):  # the workers report it (and exit 2) as they start
+            # What every worker would refuse at start-up (ConfigError), refused once, here.
+            DriftMonitor(config.drift, config.compare)
+            if config.drift.baseline:
                 self.drift_baseline = load_profile(config.drift.baseline)
+        tls_context("candidate", config.candidate)
+        self.refused = asyncio.Event()  # a worker exited 2 during start-up: its config cannot run
         if config.store.path or config.drift is not None:
             self.components.append(_Forward(self))
         self.readiness = Readiness(config.production)
@@ -203,10 +212,15 @@ class Supervisor:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for worker in self.workers:
             self._watchers.append(asyncio.create_task(self._keep_running(worker)))
-        try:
-            await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), 30)
-        except TimeoutError:
-            raise OSError("workers did not start within 30 s") from None
+        ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in self.workers)))
+        refused: asyncio.Future[Any] = asyncio.ensure_future(self.refused.wait())
+        done, _ = await asyncio.wait((ready, refused), timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        refused.cancel()
+        if refused in done:
+            raise WorkerRefused("a worker could not start with this config (its problems are above)")
+        if ready not in done:
+            raise OSError("workers did not start within 30 s")
         self._runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.config.admin.host, self.config.admin.port).start()
@@ -220,7 +234,10 @@ class Supervisor:
         while True:
             line = (await proc.stdout.readline()).decode()
             if not line:
-                raise OSError(f"worker {worker.index} exited during start-up (code {await proc.wait()})")
+                code = await proc.wait()
+                if code == EXIT_CONFIG:
+                    self.refused.set()
+                raise OSError(f"worker {worker.index} exited during start-up (code {code})")
             if line.startswith(WORKER_LINE):
                 worker.admin_url = line[len(WORKER_LINE):].split()[0]
                 break
@@ -235,6 +252,8 @@ class Supervisor:
             try:
                 proc = await self._spawn(worker)
             except OSError as exc:
+                if self.refused.is_set():
+                    return  # restarting would only print the same problems again
                 log.error("%s", exc)
                 await asyncio.sleep(_RESTART_DELAY_S)
                 continue
@@ -352,6 +371,10 @@ async def supervise(config: Config, config_path: str, workers: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await supervisor.start()
+    except WorkerRefused as exc:
+        print(f"shadowproxy: {exc}", file=sys.stderr)
+        await supervisor.shutdown()
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"shadowproxy: {exc}", file=sys.stderr)
         await supervisor.shutdown()

@@ -55,7 +55,7 @@ class RequestSink:
 
     A base class, not a `typing.Protocol`: compiled, a call through a native base class is a C
     call through its vtable, while a call through a Protocol looks the method up by name and
-    boxes its arguments (`benchmarks/README.md`). Subclasses implement every method."""
+    boxes its arguments. Subclasses implement every method."""
 
     __slots__ = ()
 
@@ -496,7 +496,7 @@ class ClientConnection(CoalescedWrites):
         if cycle.request_complete:
             # The handler (sink) and the cycle point at each other: break the loop here, so both
             # go by reference counting when the handler lets go, not by the garbage collector
-            # (whose collections, paid per ~100 requests, cost 0.6 us a request on their own).
+            # (cycles left for it would make its collections frequent, a cost every request shares).
             cycle.sink = None
         if not cycle.keep_alive or self.closing:
             self.close()
@@ -696,10 +696,10 @@ async def _listening_sockets(
 class _Listener:
     """Accepts on our own listening sockets: `add_reader` and `accept()` until the queue is empty.
 
-    uvloop's `create_server` accepted new connections seconds late while the loop was busy
-    serving established ones (a trivial uvloop server under `wrk -c512`: connections accepted
-    over 3-4 s in 3 of 4 runs, p99 2.1 s; the same server accepting this way: all within 0.1 s,
-    p99 28-40 ms in 4 of 4; see benchmarks/README.md, "512 connections").
+    uvloop's `create_server` accepts new connections seconds late while the loop is busy serving
+    established ones, which with hundreds of client connections puts seconds on the p99; accepting
+    until the queue is empty takes every waiting connection at once (docs/performance.md, row
+    "512 client connections").
     """
 
     def __init__(self, server: Server, sockets: list[socket.socket]) -> None:

@@ -1,9 +1,9 @@
-"""The audit store (issue 6): a durable memory of every request, its model versions and ground truth.
+"""The audit store: a durable memory of every request, its model versions and ground truth.
 
 On the event loop the store only appends a compact tuple to a bounded queue (`on_exchange`,
 `on_pair`: no disk, no JSON; a full queue drops the record and counts it in
 `shadowproxy_store_dropped_total`). A writer thread (`StoreWriter`) drains the queue every
-`flush_interval_s` into one SQLite transaction (`storedb.Database`), prunes by `max_rows` and
+`flush_interval_s` into one SQLite transaction (`database.Database`), prunes by `max_rows` and
 `max_age_days`, and runs the admin API's reads and label posts after the writes queued before them,
 so an answered request is visible to `GET /shadow/requests/{id}` at once.
 
@@ -42,15 +42,14 @@ log = logging.getLogger("shadowproxy.store.writer")
 QUEUE_RECORDS = 100_000  # records waiting for the writer; beyond this new ones are dropped
 QUEUE_BYTES = 64 * 1024 * 1024  # bodies waiting for the writer (they dominate a record's size)
 # Records per transaction. Two costs pull against each other here:
-# - The writer's Python (rows, JSON) holds the GIL, which the event loop then waits for. When it
-#   ran as Python (~5.6 µs a row), a whole flush in one go (thousands of records at 20k
-#   requests/s) put ~10 ms on the proxy's p99. Compiled, it is about 1 µs a row.
+# - The writer's Python (rows, JSON) holds the GIL, which the event loop then waits for: a whole
+#   flush in one go (thousands of records under load) lands on the proxy's p99 as one stall. So
+#   the writer's modules are compiled, and a flush is written in chunks of at most this many.
 # - Every SQLite statement releases the GIL and re-acquires it after. Re-acquiring while the
 #   loop runs is expensive: the waiting thread loses the GIL at each of the loop's many releases
 #   (uvloop releases it around every poll) until the switch interval runs out, and each of those
-#   releases costs the loop a futex wake. At 256 records and ~10 statements per transaction,
-#   the writer's thread cost 13.5 µs of CPU per request and the loop's rose by 11 µs.
-# Now a transaction is a handful of statements (storedb.Database.write), over up to 1024 records.
+#   releases costs the loop a futex wake, for the writer's thread and the loop alike.
+# So a transaction is a handful of statements (database.Database.write), over up to 1024 records.
 WRITE_CHUNK = 1024
 REOPEN_INTERVAL_S = 10.0
 CLOSE_TIMEOUT_S = 30.0
@@ -182,7 +181,7 @@ class StoreWriter:
         # is counted at the next drain: the bound errs on the safe side, never below the truth).
         counted = self.queued_bytes
         records = self.records
-        popleft = records.popleft  # looked up once: per record, the lookup was 13% of the writer's CPU
+        popleft = records.popleft  # looked up once, not once per record: this loop runs for every record
         batch = [popleft() for _ in range(len(records))]
         self.drained_bytes = counted
         return batch
@@ -237,7 +236,7 @@ def _copy(totals: Totals) -> Totals:
 
 
 def _target_version(item: tuple[Any, ...]) -> tuple[str, str | None]:
-    """A queued record's target and the version its answer's header named (see storedb.EXCHANGE)."""
+    """A queued record's target and the version its answer's header named (see database.EXCHANGE)."""
     if item[0] == EXCHANGE:
         return "production", item[6]
     return "candidate", item[5]
@@ -252,7 +251,7 @@ class AuditStore:
         self.metrics = StoreMetrics(metrics.registry)
         self.writer = StoreWriter(config, self.metrics, shared)
         # deque.append bound once: a deque method called by name is looked up on the type at each
-        # call from compiled code (~60 ns a request; the writer's drain does the same for popleft)
+        # call from compiled code, once a request (the writer's drain does the same for popleft)
         self._queue = self.writer.records.append
         self.max_records = QUEUE_RECORDS  # attributes, not the module's names, on the hot path: a
         self.max_bytes = QUEUE_BYTES  # global costs a dict lookup in compiled code

@@ -117,8 +117,8 @@ sample_rate = 0.0
 
 async def test_sigterm_to_the_whole_process_group_still_exits_0(tmp_path: Path, upstream: Upstream) -> None:
     # systemd (KillMode=control-group) and a terminal's Ctrl-C signal every process of the group:
-    # each worker gets SIGTERM from there and again from the supervisor. It exited 1: a worker
-    # that had drained died of the second one once its loop's handler was gone.
+    # each worker gets SIGTERM from there and again from the supervisor. A worker that has drained
+    # must not die of the second one once its loop's handler is gone (the exit code would be 1).
     serving = Workers(tmp_path, upstream.url, upstream.url)
     for _ in range(2):  # the race is between the two signals: more than one try
         async with serving.running() as proc:
@@ -223,7 +223,7 @@ window = 5000
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     assert doc["workers"] == 2 and doc["window"] == 1200 and "state" not in doc
-    # The reference: every instance sent, binned against the baseline's own deciles (INTERFACE.md).
+    # The reference: every instance sent, binned against the baseline's own deciles (docs/comparison.md).
     edges = np.quantile(xs, [k / 10 for k in range(1, 10)])
     shares = np.bincount(np.searchsorted(edges, xs), minlength=10) / len(xs)
     live = np.bincount(np.searchsorted(edges, live_x), minlength=10) / len(live_x)
@@ -237,3 +237,17 @@ window = 5000
     }
     assert samples[("shadowproxy_feature_drift_psi", (("feature", "x"),))] == pytest.approx(expected)
     assert samples[("shadowproxy_drift_window_instances", ())] == 1200
+
+
+async def test_a_config_the_workers_cannot_start_with_exits_2_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "baseline.json"
+    bad.write_text("not a profile")
+    workers = Workers(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", f'[drift]\nbaseline = "{bad}"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(workers.config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and "drift.baseline:" in lines[0], lines
