@@ -1,4 +1,4 @@
-"""Cost of comparing (issue 4 item 5): predictions compared per second, then the proxy's throughput.
+"""Cost of comparing: predictions compared per second, then the proxy's throughput.
 
     python benchmarks/compare.py                 # both parts: about 2 minutes
     python benchmarks/compare.py --quick         # 1 repetition, 3 s runs for the proxy part

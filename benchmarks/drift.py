@@ -1,4 +1,4 @@
-"""Throughput with drift monitoring at sample_rate 1.0 vs off (issue 7; target: at most 10% cost).
+"""Throughput with drift monitoring at sample_rate 1.0 vs off (target: at most 10% cost).
 
     python benchmarks/drift.py [--reps 3] [--duration 6] [--quick] [--instances 1] [--features 4]
 

@@ -1,6 +1,6 @@
 """Benchmark harness for shadowproxy: processes, stand-in models, reference proxies, load, measurement.
 
-A library for the scripts in this directory (`proxy.py`, and later `isolation.py`, `run.py`). The method
+A library for the scripts in this directory (`proxy.py`, `isolation.py`, `run.py`, ...). The method
 it implements: every setup is started once per repetition, the order rotates each repetition, each
 measured run follows a 2 s warm-up, figures are medians, and comparisons are ratios from the same run.
 
@@ -484,7 +484,7 @@ def _count_lines(path: Path) -> int:
 class Models:
     """Production and candidate stand-in models on free ports.
 
-    backend: "nginx" (one nginx, 1 worker, both servers, as in the benchmarking notes), "python"
+    backend: "nginx" (one nginx, 1 worker, both servers), "python"
     (`standin.py` processes), or "auto" (nginx when installed).
     candidate: "normal"; "slow" (answers after `delay_ms`; python stand-in); "blackhole" (accepts, never
     answers; python stand-in); "refusing" (a closed port: nothing listens there).
@@ -645,7 +645,7 @@ class DirectSetup(Setup):
 
 class NginxProxySetup(Setup):
     """nginx in front of production: a plain proxy, or with `mirror` to the candidate at `mirror_rate`
-    (split_clients on $request_id, as in the benchmarking notes). Upstream keepalive 128."""
+    (split_clients on $request_id). Upstream keepalive 128."""
 
     def __init__(self, name: str, prod_url: str, cand_url: str | None = None,
                  mirror_rate: float | None = None, workers: int = 1, keepalive: int = 128) -> None:
@@ -1126,7 +1126,7 @@ def print_failures(med: Mapping[str, Mapping[str, Any]]) -> bool:
 
 def paired_ratios(results: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]]) -> list[float]:
     """requests/s ÷ the base's within each repetition (`run_interleaved` results of two setups):
-    the two ran back to back, so a box that drifts over the whole run moves both alike."""
+    the two ran back to back, so a machine that drifts over the whole run moves both alike."""
     out = []
     for a, b in zip(results, base, strict=True):
         r = ratio(a.get("rps"), b.get("rps")) if "error" not in a and "error" not in b else None
@@ -1213,7 +1213,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 
 
 def machine_summary() -> str:
-    """One line describing the box (cores, load, tool versions) to print above tables."""
+    """One line describing the machine (cores, load, tool versions) to print above tables."""
     cores = os.cpu_count()
     try:
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])

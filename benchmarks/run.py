@@ -1,4 +1,4 @@
-"""The benchmark suite of issue 8: shadowproxy against the limit, nginx and a thin aiohttp proxy.
+"""The benchmark suite: shadowproxy against the limit, nginx and a thin aiohttp proxy.
 
     python benchmarks/run.py            # 3 interleaved repetitions, 6 s runs: about 8 minutes on 2 cores
     python benchmarks/run.py --quick    # 1 repetition, 3 s runs, fewer open-loop points: about 1 minute
@@ -24,8 +24,8 @@ open-loop 500 and 1000 requests/s (hey -c 10 -q 50 / -q 100; hey rounds to 0.1 m
 requests the candidate received during the saturated run (the work was done). Every setup is started
 afresh once per repetition, the order rotates, every cell is a median.
 
-At the end the targets of issue 8 item 3 and 4, each marked met / not met with its figure, and the CPU
-cost per mirrored request at sample_rate 1.0. Exit 0: everything ran and every target was met;
+At the end the throughput, CPU and latency targets, each marked met / not met with its figure, and the
+CPU cost per mirrored request at sample_rate 1.0. Exit 0: everything ran and every target was met;
 1: a setup failed; 4: everything ran, a target was not met; 2: wrk or hey missing.
 """
 
@@ -150,7 +150,7 @@ def sample_rate_throughput(rates: Sequence[float] = (0.0, 0.1, 1.0), plan: Plan 
                            backend: str = "auto", direct: bool = True) -> tuple[str, dict[str, Any]]:
     """shadowproxy's saturated throughput at each sample_rate (defaults otherwise), interleaved in one
     run, with the stand-in hit directly as the limit. Returns (printable table, medians). Used by
-    compare.py (issue 4 item 5)."""
+    compare.py."""
     plan = plan or Plan()
     with h.Models(backend=backend) as models:
         rows = [Row("direct", lambda m: h.DirectSetup("direct", m.prod_url))] if direct else []
@@ -380,7 +380,7 @@ def targets(med: dict[str, Any]) -> list[Target]:
 def paired(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The throughput and CPU targets repetition by repetition: shadowproxy 0.1 against nginx mirror
     of the same repetition, which ran minutes apart at most. The medians above compare figures
-    that may come from different repetitions; a box that drifts over the run moves both of a
+    that may come from different repetitions; a machine that drifts over the run moves both of a
     pair alike, so these show how often, not only whether, the target held."""
     out = []
     # The CPU target is the one-process pair's only.
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print(main_table(names, results, med, plan))
     tg = targets(med)
     print()
-    print("Targets (issue 8, items 3 and 4):")
+    print("Targets:")
     for t in tg:
         print(t.line())
     pairs = paired(results)

@@ -1,4 +1,4 @@
-"""Builds side by side in one run: the way to judge a change on a noisy 2-core box.
+"""Builds side by side in one run: the way to judge a change on a noisy machine with few cores.
 
     python benchmarks/sidebyside.py --snapshot /tmp/exp/before     # copy the current build there
     ... change the code, `python setup.py build_ext --inplace` ...
@@ -13,7 +13,7 @@ and a "store off" row of the first build is the base; `--drift` likewise with `[
 sample_rate 1.0 (as `drift.py`, mirroring off); without either the first build is the base.
 Prints the medians (`harness.closed_loop_cells`), the event loop thread's split per request, and
 each build's paired ratio against the base (same repetition, run back to back), which is the
-figure to read: the box drifts more between repetitions than most changes move it.
+figure to read: a shared machine drifts more between repetitions than most changes move it.
 """
 
 from __future__ import annotations

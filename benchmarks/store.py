@@ -7,13 +7,13 @@ default flush interval 200 ms), both mirroring 10% to the candidate stand-in. Cl
 -c32) after a 2 s warm-up; setups start afresh each repetition, the order rotates, figures are
 medians; each repetition's own on ÷ off is printed too. The work is checked: records written and
 dropped are read from the store's own metrics before each stop, and the rows in the file are
-counted at the end. Issue 6's target: at most 10% fewer requests/s with the store on. Exit 0 when
+counted at the end. Target: the store should cost at most 10% of requests/s. Exit 0 when
 both setups ran, 1 otherwise.
 
 `--control` adds a third row, "store off + writer process": the proxy with the store off while
-`store_load.py` does the store's SQLite work (`storedb.Database` writing the same mix of records,
+`store_load.py` does the store's SQLite work (`database.Database` writing the same mix of records,
 at `--control-rate` records a second) in a process of its own. What that row loses against
-"store off" is what the SQLite work costs the proxy on this box from anywhere; the rest of the
+"store off" is what the SQLite work costs the proxy on the machine from anywhere; the rest of the
 "store on" row's loss is the record path inside the proxy.
 """
 

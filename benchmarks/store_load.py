@@ -1,14 +1,14 @@
-"""The audit store's disk work without a proxy: `storedb.Database` writing batches at a fixed rate.
+"""The audit store's disk work without a proxy: `database.Database` writing batches at a fixed rate.
 
     python benchmarks/store_load.py --path FILE [--rate 45000] [--interval 0.2]
 
 `benchmarks/store.py --control` runs this beside a proxy with the store off, so that the
 store's SQLite work (the writer's Python, SQLite and the kernel's writes) is measured apart from
 the record path inside the proxy: if this process alone costs the proxy as much as the store's
-writer thread does, the cost is the box's cores, not the thread. Records are pre-built once, in
+writer thread does, the cost is the machine's cores, not the thread. Records are pre-built once, in
 the mix `store.py` produces (10% mirrored with their pairs, 9% sampled with production's
 answer, the rest plain), with fresh times per batch; every `--interval` seconds it writes the
-records due in chunks of `store.WRITE_CHUNK`, and prunes once a second, as `store.StoreWriter`
+records due in chunks of `writer.WRITE_CHUNK`, and prunes once a second, as `writer.StoreWriter`
 does. Runs until SIGTERM; prints the records written then.
 """
 

@@ -1,4 +1,4 @@
-"""Live drift monitor (issue 7): the production inputs and predictions against a baseline profile.
+"""Live drift monitor: the production inputs and predictions against a baseline profile.
 
 Hot path: ``wants_bodies`` samples ``drift.sample_rate`` of all production requests, and
 ``on_exchange`` only appends the captured bodies to a bounded queue (dropped and counted when full).
@@ -7,9 +7,9 @@ feature against the baseline and writes the bin indices into a ring buffer of th
 instances, so window counts are exact. PSI and KS are computed when asked (``/shadow/drift``, a
 scrape), after processing whatever is still queued.
 
-Definitions (INTERFACE.md, "Drift"): live and baseline shares below 1e-4 are raised to 1e-4;
-PSI = sum((live - base) * ln(live / base)); KS = the largest |live CDF - base CDF| over the bin edges
-(from the unfloored shares). Status: warn at PSI >= 0.1, alert at >= 0.25.
+Definitions (docs/comparison.md, "PSI, KS and status"): live and baseline shares below 1e-4 are
+raised to 1e-4; PSI = sum((live - base) * ln(live / base)); KS = the largest |live CDF - base CDF|
+over the bin edges (from the unfloored shares). Status: warn at PSI >= 0.1, alert at >= 0.25.
 
 Without a baseline file the first ``warmup`` instances (and, separately, predictions) are the
 baseline; live windows start after them.

@@ -2,19 +2,19 @@
 
 Parsing one chunk of bytes fires several callbacks that each want to write: a request head
 arrives and the upstream head goes out, then its body; a response head arrives and the client's
-head goes out, then the body. uvloop sends on every `transport.write` (a syscall each), which was
-the largest cost on the hot path. So writes made while a protocol's `data_received` runs are held
-per connection, and every connection written to is sent as one buffer once the loop has run all
-the callbacks of its current poll (one `call_soon` per turn, not per request), or as soon as it
-holds `SEND_AT_BYTES`.
+head goes out, then the body. uvloop sends on every `transport.write` (a syscall each), which
+would make syscalls the largest cost on the hot path. So writes made while a protocol's
+`data_received` runs are held per connection, and every connection written to is sent as one
+buffer once the loop has run all the callbacks of its current poll (one `call_soon` per turn,
+not per request), or as soon as it holds `SEND_AT_BYTES`.
 
 Why the end of the turn and not the end of each `data_received`: a send on loopback runs the
 receiver's side in the sender's thread, waking the process that waits on that socket (the model
 server, the client). Sent back to back, the sends of one turn mostly find it still awake,
-while sends spread over the turn wake it again and again: that wake-up was 12% of the proxy's CPU
-under load and fell to 8%, and the CPU per request by ~1 µs (`benchmarks/README.md`). A quiet
-loop pays a little latency for it: a turn then carries one request, whose sends wait for the
-turn's end (p50 84 → 93 µs through the proxy with one client connection).
+while sends spread over the turn wake it again and again, and under load those wake-ups are a
+large share of the proxy's CPU. A quiet loop pays a little latency for it: a turn then carries
+one request, whose sends wait for the turn's end (docs/performance.md, row "one client
+connection").
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ class _Batch:
 
 
 # A connection holding this much sends at once, mid-turn: one turn can read a socket up to 32
-# times (libuv), so a streamed body held to the turn's end reached 7 MB a connection, copied
+# times (libuv), so a streamed body held to the turn's end would grow to megabytes, copied
 # once more by the join, and the transport's backpressure (pause_writing, which stops reading
 # the other side) saw none of it until then. Requests and answers below this size still wait.
 SEND_AT_BYTES: Final = 64 * 1024
 
-# One event loop per process (DESIGN.md), so one batch; `depth` nests when callbacks of one
+# One event loop per process, so one batch; `depth` nests when callbacks of one
 # protocol write to another protocol whose own data_received is not running.
 batch: Final = _Batch()
 

@@ -3,11 +3,11 @@
 Histograms follow DDSketch (Masson et al., VLDB 2019): a value ``v > 0`` goes to bucket
 ``ceil(log(v) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)``, and a bucket reports
 ``2 * gamma**i / (gamma + 1)``, which is within relative error ``a`` (1%) of every value in it.
-Counts live in a fixed-length list of ints (an increment from compiled code costs a fifth of a
-numpy array's, and `record` runs for every request), so memory is bounded and merging two
-histograms (other workers, other replicas) is adding them bucket by bucket; the merged quantiles
-are exactly those of one histogram that saw all the values. The reads (quantiles, state) go
-through numpy.
+Counts live in a fixed-length list of ints (from compiled code, an increment of a list item is
+much cheaper than one of a numpy array's item, and `record` runs for every request), so memory is
+bounded and merging two histograms (other workers, other replicas) is adding them bucket by
+bucket; the merged quantiles are exactly those of one histogram that saw all the values. The
+reads (quantiles, state) go through numpy.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _rank(q: float, n: int) -> int:
     return max(1, math.ceil(q * n))
 
 
-# record_many's crossover: below this many values (a list), one record() each (~0.05 us a value)
-# is cheaper than the numpy path (~20 us for a handful, ~26-32 us for 512; measured compiled).
+# record_many's crossover: below this many values (a list), one compiled record() each is cheaper
+# than the numpy path, whose fixed cost per call outweighs its per-value saving on short lists.
 RECORD_MANY_VECTORISE_MIN: Final = 512
 
 
@@ -107,7 +107,7 @@ class LogHistogram:
 
     def record(self, v: float) -> None:
         # Hot path (once per request, a few times per mirrored one): one math.log and one list
-        # increment, 0.06 µs compiled (0.21 with a numpy array).
+        # increment (a list, not a numpy array, whose item increment costs several times more).
         if v > 0:
             if v >= self.max_value:
                 self._counts[-1] += 1
@@ -124,8 +124,8 @@ class LogHistogram:
 
     def record_many(self, values: Iterable[float] | np.ndarray[Any, Any]) -> None:
         """Record many values at once, bucketed as ``record`` would. A short list goes value by
-        value: the vectorised path costs ~20 us whatever the size, and the comparison of a
-        mirrored request brings one value per instance."""
+        value: the vectorised path has a fixed cost per call whatever the size, and the comparison
+        of a mirrored request brings one value per instance."""
         if not isinstance(values, np.ndarray):
             values = values if isinstance(values, list) else list(values)
             if len(values) < RECORD_MANY_VECTORISE_MIN:
@@ -426,10 +426,11 @@ class ShadowStats:
                 self._count_pair(pairs[0], 1)
             else:
                 # Counted per distinct pair first: a batch's pairs repeat, and an update of the
-                # bounded table (a Counter, a set) costs ~0.2 us. Pairs reach the table in the
-                # order they first appear, so what it tracks and folds is what counting them one
-                # by one gave. Keyed by production's label, then the candidate's: str keys take
-                # the interpreter's fast path, a tuple key is hashed and compared item by item.
+                # bounded table (a Counter, a set) costs more than one of a plain dict. Pairs reach
+                # the table in the order they first appear, so what it tracks and folds is what
+                # counting them one by one would give. Keyed by production's label, then the
+                # candidate's: str keys take the interpreter's fast path, a tuple key is hashed
+                # and compared item by item.
                 counted: dict[str, dict[str, int]] = {}
                 order: list[tuple[str, str]] = []
                 for pair in pairs:

@@ -140,7 +140,7 @@ def _error_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit:
 
 
 def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any] | None:
-    """Ground truth (issue 6): absent unless ``min_accuracy_delta`` is set and ``min_labels``
+    """Ground truth: absent unless ``min_accuracy_delta`` is set and ``min_labels``
     labelled pairs exist, so a proxy without labels is not held at insufficient_data by it."""
     threshold = getattr(gates, "min_accuracy_delta", None)
     if threshold is None:

@@ -120,7 +120,7 @@ class DriftSource(Protocol):
 
 
 class DriftCollector(Collector):
-    """Drift figures (issue 7) from the drift monitor's `/shadow/drift` document, at scrape time.
+    """Drift figures from the drift monitor's `/shadow/drift` document, at scrape time.
 
     Label values are feature names fixed by the baseline profile (or the first warm-up instances),
     at most `drift.max_features`: request content cannot grow the label set.
@@ -206,7 +206,7 @@ STORE_ERROR_OPS = ("open", "write", "read", "prune")
 
 
 class StoreMetrics:
-    """The audit store's metrics (issue 6), registered only when `[store] path` is set.
+    """The audit store's metrics, registered only when `[store] path` is set.
 
     `count_version` runs on the store's writer thread (prometheus_client's values are thread-safe);
     the cap keeps a model that stamps every answer with a new version from growing the label set.

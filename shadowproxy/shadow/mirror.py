@@ -7,7 +7,8 @@ The candidate exchange (`ShadowExchange`) runs on callbacks from its pooled conn
 production's does, with no task per request; a sweep enforces `candidate.timeout_s`. When both
 answers are in, the pair is judged (parsed, compared, recorded) in a callback of its own, after
 the client's answer has been sent. Nothing here can block the client's answer; what cannot be
-afforded is dropped and counted (INTERFACE.md: sampled / sent / error / dropped / skipped).
+afforded is dropped and counted (sampled / sent / error / dropped / skipped: docs/comparison.md,
+"Mirror counts").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The narrow seam through which later capabilities (audit store, drift monitor) see traffic.
+"""The narrow seam through which other capabilities (audit store, drift monitor) see traffic.
 
 The proxy and the mirror never grow for them: an observer is told about each finished exchange
 (`on_exchange`) and each judged mirrored pair (`on_pair`) with plain records — bytes and numbers,
@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 # Plain classes with an explicit __init__, not dataclasses: mypyc compiles an explicit __init__,
-# while a dataclass's generated one runs as interpreted Python (0.39 us per record against ~0.1,
-# once per request with an observer; perf showed it as eval frames and generic setattr).
+# while a dataclass's generated one runs as interpreted Python (eval frames and generic setattr,
+# once per request with an observer).
 
 
 class ExchangeRecord:

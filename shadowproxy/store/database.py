@@ -1,7 +1,7 @@
 """The disk side of the audit store: SQLite schema, migrations, batched writes, retention, labels.
 
-Everything here runs on the store's writer thread (`store.StoreWriter`), never on the event loop
-(reading a record is `audit.read_request`, shared with the `audit` command). Requests are written
+Everything here runs on the store's writer thread (`writer.StoreWriter`), never on the event loop
+(reading a record is `records.read_request`, shared with the `audit` command). Requests are written
 a batch per row (`batches`, found through `batch_keys`; see `Database._write_batch`), or with
 `store_bodies` a row each (`requests`, schema 1's table). Delayed ground-truth labels are keyed by
 (request_id, index) (`labels`), and per-version counts kept as traffic is written (`versions`, so
@@ -152,7 +152,7 @@ MIGRATIONS: list[list[str]] = [
             DELETE FROM batch_keys WHERE key IN (SELECT value FROM json_each(OLD.keys)) AND batch = OLD.id;
         END""",
         # For people reading the file with sqlite3: one row per entry, in schema 1's columns
-        # (slow: it parses the batches; see audit.KIND_EXCHANGE for the layouts).
+        # (slow: it parses the batches; see records.KIND_EXCHANGE for the layouts).
         """CREATE VIEW batch_entries AS
         SELECT batch, position,
             json_extract(v, '$[1]') AS request_id,
@@ -211,8 +211,8 @@ ON CONFLICT (request_id) DO UPDATE SET
 # Rows per statement: powers of two up to 1024 (11 parameters a row stays far below SQLite's
 # 32766). A batch goes out as full 1024-row statements, then one statement per bit of what is
 # left (at most 10, about 5 on average), so there are only 11 sizes per upsert. The sizes have to
-# be few: a prepared 1000-row statement takes ~1 MB, and preparing one costs as much as running
-# it (2.1 against 4.3 ms for 1024 rows), so they are kept, all of them, in the statement cache.
+# be few: a prepared statement of a thousand rows holds a lot of memory, and preparing one costs
+# a large share of running it, so they are kept, all of them, in the statement cache.
 _MAX_ROWS = 1024
 STATEMENT_CACHE = 64  # 3 upserts x 11 sizes, and the handful of fixed statements
 
@@ -220,11 +220,11 @@ STATEMENT_CACHE = 64  # 3 upserts x 11 sizes, and the handful of fixed statement
 @functools.cache
 def _values_sql(upsert: str, rows: int) -> str:
     """The same upsert for `rows` rows in one statement (a multi-row VALUES list). The sqlite3
-    module releases the GIL around every step, so executemany's step per row made the writer
-    thread and the event loop hand the GIL back and forth thousands of times per flush (the store
-    benchmark's 80 ms p99); one statement per chunk is one step. It also costs half of what the
-    previous one-statement form did (a JSON array of rows read through `json_each`, 5.2 against
-    2.7 µs per row including the binding), and bodies bind as they are."""
+    module releases the GIL around every step, so executemany's step per row would make the
+    writer thread and the event loop hand the GIL back and forth thousands of times per flush,
+    which the proxy's p99 shows; one statement per chunk is one step. Binding the rows as
+    parameters is also cheaper than one statement reading a JSON array of rows through
+    `json_each`, and bodies bind as they are."""
     head, _, tail = upsert.partition("VALUES (")
     values, _, conflict = tail.partition(")\nON CONFLICT")
     one = f"({values})"
@@ -257,7 +257,7 @@ FROM labels
 
 @dataclass(slots=True)
 class Totals:
-    """Running ground-truth counts; see INTERFACE.md's `ground_truth` block."""
+    """Running ground-truth counts; see docs/admin-api.md, `ground_truth`."""
 
     labeled: int = 0  # labelled predictions with a production prediction
     production_correct: int = 0
@@ -307,7 +307,7 @@ def _loads(body: bytes | None) -> object:
 def _upsert(conn: sqlite3.Connection, upsert: str, rows: Sequence[tuple[Any, ...]]) -> None:
     """All `rows` in a few statements of the sizes `_MAX_ROWS` allows (see `_values_sql`).
     Every statement is a GIL release and re-acquisition for the writer thread, and re-acquiring
-    while the event loop runs is what costs (see store.WRITE_CHUNK)."""
+    while the event loop runs is what costs (see writer.WRITE_CHUNK)."""
     start, n = 0, len(rows)
     size = _MAX_ROWS
     while start < n:
@@ -323,7 +323,7 @@ def _merge_pairs(entries: list[tuple[Any, ...]], pairs: list[tuple[Any, ...]], m
     """Fold each pair into its mirrored exchange's entry when both are in this batch (one entry
     instead of two, and a read finds the whole request at once); returns the pairs left over. An
     id with several mirrored exchanges or pairs in the batch is left as it is: the reader applies
-    entries in order (audit.fold), exchanges first, as schema 1's upserts did within a batch."""
+    entries in order (records.fold), exchanges first, as schema 1's upserts do within a batch."""
     left: list[tuple[Any, ...]] = []
     for p in pairs:
         rid = p[1]
@@ -480,9 +480,9 @@ def _connect(path: str) -> sqlite3.Connection:
         # keeps the file consistent after a crash and loses at most the last commits on power loss
         # (https://www.sqlite.org/pragma.html#pragma_synchronous).
         conn.execute("PRAGMA busy_timeout=5000")  # several workers may share one file (first: WAL needs a lock)
-        # A new file only (an existing one keeps its size): a batch is ~150 bytes a request, and
-        # writing it costs per page (a WAL frame, then the checkpoint's copy): 16 KiB pages took
-        # half the CPU of 4 KiB ones for a 146 kB batch (230 against 410-530 us).
+        # A new file only (an existing one keeps its size): a flushed batch spans many pages, and
+        # writing it costs per page (a WAL frame, then the checkpoint's copy), so pages larger than
+        # SQLite's default mean fewer frames and copies for the same batch.
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -579,13 +579,14 @@ class Database:
             self._write_rows(items)
 
     def _write_batch(self, items: Sequence[tuple[Any, ...]]) -> None:
-        """The records as one `batches` row: a JSON list of entries (audit.KIND_EXCHANGE has the
+        """The records as one `batches` row: a JSON list of entries (records.KIND_EXCHANGE has the
         layouts), its lookup keys and version counts (triggers put them in `batch_keys` and
         `versions`). One INSERT whatever the batch's size, until labels exist (then re-judging
         joins it in a transaction). A `requests` row per request, with its id and time indexes,
-        cost 2.5 us a request, and every statement is a GIL round trip with the event loop. A
-        record without bodies (most) is written as it was queued: only sampled requests and
-        versions read from bodies cost a new tuple, and a mirrored request's two records one."""
+        would cost index updates for every request, and every statement is a GIL round trip with
+        the event loop. A record without bodies (most) is written as it was queued: only sampled
+        requests and versions read from bodies cost a new tuple, and a mirrored request's two
+        records one."""
         if not items:
             return
         production: _Versions = {}

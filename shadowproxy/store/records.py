@@ -55,7 +55,7 @@ _REQUEST_COLUMNS = (
 
 # Requests are stored in batches (schema version 2): a `batches` row per written batch of records,
 # its `entries` a JSON list with one list per record, fields by position. The layouts are the
-# store's queued records (storedb.EXCHANGE, storedb.PAIR) with the bodies left out and the
+# store's queued records (database.EXCHANGE, database.PAIR) with the bodies left out and the
 # predictions in, so a record of a request that was not sampled is written as it was queued:
 KIND_EXCHANGE: Final = 0  # [0, request_id, time, method, path, status, production_version, production_latency_s,
 #                     mirrored, sampled, null, production_predictions]: production's answer
@@ -96,9 +96,9 @@ def _body(value: bytes | None) -> object:
 
 class Entries:
     """Finds a request's batch entries. A batch's text is searched for the id, and only the
-    entries found are parsed (a whole batch of 1000 took 0.25 ms to parse). The texts are kept for
-    the reader's lifetime (one label post, one write's re-judging): the ids a caller asks about
-    cluster in time, so in batches."""
+    entries found are parsed (a search of the text is far cheaper than parsing the whole batch).
+    The texts are kept for the reader's lifetime (one label post, one write's re-judging): the ids
+    a caller asks about cluster in time, so in batches."""
 
     MAX_BATCHES = 64
 

@@ -1,8 +1,8 @@
 """Mirroring to the candidate, end to end: a real proxy between real loopback model servers.
 
-Each test checks one behaviour of INTERFACE.md's mirror contract: what the candidate receives, what
-the client never sees, what is counted (sampled / sent / error / dropped / skipped) and that nothing
-the candidate does (slow, hanging, refusing) reaches the client.
+Each test checks one behaviour of the mirror's contract (docs/comparison.md, "Mirror counts"):
+what the candidate receives, what the client never sees, what is counted (sampled / sent / error /
+dropped / skipped) and that nothing the candidate does (slow, hanging, refusing) reaches the client.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ async def test_candidate_5xx_is_a_candidate_error_comparison_not_a_mirror_error(
         for _ in range(3):
             assert (await post(s, proxy.url + "/m"))[0] == 200
     await proxy.settle()
-    # INTERFACE.md: mirror `error` is a failed exchange (timeout, connection); a 5xx was answered.
+    # Mirror `error` is a failed exchange (timeout, connection); a 5xx is an answer (docs/comparison.md).
     assert mirror_counts(proxy) == {"sampled": 3, "sent": 3, "error": 0, "dropped": 0, "skipped": 0}
     comparisons = proxy.stats()["comparisons"]
     assert (comparisons["candidate_error"], comparisons["total"]) == (3, 0)

@@ -3,8 +3,8 @@
 promtool checks the rules and config and runs the rules' unit tests (config/prometheus/alerts_test.yml);
 the Kubernetes manifests are validated offline against the API schemas shipped by the
 `kubernetes-validate` package; the ConfigMap's TOML must be a config `shadowproxy` accepts, and the
-pod's grace period must outlast the drain it configures. tests/test_prometheus.py runs the queries
-against a real Prometheus scraping a real proxy.
+pod's grace period must outlast the drain it configures. test_prometheus_scrape.py runs the
+queries against a real Prometheus scraping a real proxy.
 """
 
 from __future__ import annotations

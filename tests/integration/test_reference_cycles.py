@@ -1,7 +1,7 @@
 """Per-request objects go by reference counting, not by the garbage collector.
 
 A reference cycle left behind by every request (the cycle and its handler pointing at each other)
-made the collector run every ~100 requests and cost 0.6 us a request (benchmarks/README.md). These
+would make the collector run every few hundred allocations, a cost every request shares. These
 tests keep every request's own objects out of the collector's hands.
 """
 

@@ -1,6 +1,6 @@
-"""The audit store (issue 6) against real model servers: audit rows, delayed labels, redaction,
+"""The audit store against real model servers: audit rows, delayed labels, redaction,
 retention, failure containment. Subprocess behaviour (SIGTERM, kill -9, the CLI) is in
-test_store_process.py; the store's parts without a proxy in test_store_units.py."""
+test_store_serve_process.py; the store's parts without a proxy in tests/unit/test_store_records.py."""
 
 from __future__ import annotations
 

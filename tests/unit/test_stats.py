@@ -202,7 +202,7 @@ def test_wilson_ends_are_exact_at_the_extremes() -> None:
 # ---------------------------------------------------------------- ShadowStats
 
 
-def test_fresh_snapshot_has_the_interface_layout() -> None:
+def test_fresh_snapshot_has_the_documented_layout() -> None:
     snap = ShadowStats().snapshot()
     zeros = {"p50": 0, "p90": 0, "p95": 0, "p99": 0, "p999": 0}
     assert snap["production"] == {"requests": 0, "errors": 0, "latency_ms": zeros}
