@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 
 from shadowproxy.judging.compare import Comparison
+from shadowproxy.judging.intervals import quantile_rank_bounds, wilson_interval
 
 __all__ = [
     "LogHistogram",
@@ -39,6 +40,12 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
 )
 MIRROR_RESULTS: tuple[str, ...] = ("sampled", "sent", "dropped", "skipped", "error")
 OUTCOMES: tuple[str, ...] = ("candidate_error", "unparseable", "too_large")
+# Each target's p99 bounds hold with 97.5%, so both hold together, and with them the interval of
+# the ratio of the two p99s the latency gate decides on, with at least 95% (Bonferroni).
+QUANTILE_CONFIDENCE = 0.975
+# Relative widening of a bucket's edges: well above the rounding of math.log (about 1e-15 in the
+# bucket index), far below anything a latency resolves.
+EDGE_SLACK = 1e-12
 CONFUSION_MAX_PAIRS = 1000
 CONFUSION_TOP_LABELS = 10
 OTHER = "other"
@@ -182,6 +189,46 @@ class LogHistogram:
     def cumulative_counts(self) -> np.ndarray[Any, Any]:
         return np.cumsum(np.array(self._counts, dtype=np.int64))
 
+    def bucket_edges(self, index: int) -> tuple[float, float]:
+        """The range of values bucket ``index`` can hold: ``(gamma**(i-1), gamma**i]``, the first
+        bucket reaching down to 0 (it also holds the values below ``min_value``) and the last up to
+        infinity. Widened by ``EDGE_SLACK`` so that a value the rounding of ``log`` put one
+        bucket off still lies within."""
+        i = index + self._offset
+        lower = 0.0 if index <= 0 else self.gamma ** (i - 1) * (1.0 - EDGE_SLACK)
+        upper = math.inf if index >= len(self._counts) - 1 else self.gamma**i * (1.0 + EDGE_SLACK)
+        return (lower, upper)
+
+    def quantile_bounds(self, q: float, confidence: float = QUANTILE_CONFIDENCE) -> tuple[float, float | None]:
+        """Distribution-free confidence bounds for the ``q``-quantile of the distribution the values
+        came from: the order statistics of ``intervals.quantile_rank_bounds``, read outward (the
+        lower edge of the bucket holding rank ``l``, the upper edge of the one holding rank
+        ``u``), so the bucketing widens the interval and never moves it. The lower bound is 0 and
+        the upper None (unbounded) while there are too few values for that side."""
+        lower_rank, upper_rank = quantile_rank_bounds(self.count, q, confidence)
+        cumulative = self.cumulative_counts()
+        lower = 0.0
+        if lower_rank is not None and lower_rank > self.zero:
+            index = int(np.searchsorted(cumulative, lower_rank - self.zero, side="left"))
+            lower = self.bucket_edges(index)[0]
+        upper: float | None = None
+        if upper_rank is not None:
+            upper = 0.0
+            if upper_rank > self.zero:
+                index = int(np.searchsorted(cumulative, upper_rank - self.zero, side="left"))
+                edge = self.bucket_edges(index)[1]
+                upper = edge if edge < math.inf else None
+        return (lower, upper)
+
+    def p99_ci_ms(self) -> list[float | None]:
+        """``[lower, upper]`` of the p99 in milliseconds (``quantile_bounds`` at 97.5%), rounded
+        outward to the 6 decimals of ``percentiles_ms``; upper None while unbounded."""
+        lower, upper = self.quantile_bounds(0.99)
+        return [
+            math.floor(lower * 1e9) / 1e6,
+            None if upper is None else math.ceil(upper * 1e9) / 1e6,
+        ]
+
     def quantile(self, q: float) -> float:
         """The value at rank ``ceil(q * count)`` (like ``numpy.quantile(method="inverted_cdf")``),
         within 1% relative error; 0.0 when empty."""
@@ -320,20 +367,11 @@ class Summary:
         return s
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n == 0."""
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lower = 0.0 if k == 0 else max(0.0, center - half)
-    upper = 1.0 if k == n else min(1.0, center + half)
-    return (lower, upper)
+def _latency_ms(h: LogHistogram) -> dict[str, Any]:
+    """A latency block of ``/shadow/stats``: the percentiles, and ``p99_ci`` beside them."""
+    out: dict[str, Any] = dict(h.percentiles_ms())
+    out["p99_ci"] = h.p99_ci_ms()
+    return out
 
 
 class _Target:
@@ -345,7 +383,7 @@ class _Target:
         self.latency = LogHistogram()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "latency_ms": self.latency.percentiles_ms()}
+        return {"requests": self.requests, "errors": self.errors, "latency_ms": _latency_ms(self.latency)}
 
     def to_state(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.errors, "latency": self.latency.to_state()}
@@ -518,8 +556,8 @@ class ShadowStats:
             },
             "mirrored": {
                 "pairs": self.mirrored_production.count,
-                "production_latency_ms": self.mirrored_production.percentiles_ms(),
-                "candidate_latency_ms": self.mirrored_candidate.percentiles_ms(),
+                "production_latency_ms": _latency_ms(self.mirrored_production),
+                "candidate_latency_ms": _latency_ms(self.mirrored_candidate),
             },
             "latency_diff_ms": self.latency_diff.percentiles_ms(),
             "confusion": self._confusion_matrix(),

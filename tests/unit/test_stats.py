@@ -204,7 +204,8 @@ def test_wilson_ends_are_exact_at_the_extremes() -> None:
 
 def test_fresh_snapshot_has_the_documented_layout() -> None:
     snap = ShadowStats().snapshot()
-    zeros = {"p50": 0, "p90": 0, "p95": 0, "p99": 0, "p999": 0}
+    # No upper bound for the p99 before 437 values (see test_intervals.py).
+    zeros = {"p50": 0, "p90": 0, "p95": 0, "p99": 0, "p999": 0, "p99_ci": [0.0, None]}
     assert snap["production"] == {"requests": 0, "errors": 0, "latency_ms": zeros}
     assert snap["candidate"] == {"requests": 0, "errors": 0, "latency_ms": zeros}
     assert snap["mirror"] == {"sampled": 0, "sent": 0, "dropped": 0, "skipped": 0, "error": 0, "in_flight": 0}
