@@ -3,7 +3,7 @@
 The project's metadata lives in pyproject.toml; this file only adds the compiled modules, which
 setuptools cannot declare there. mypyc turns the type-annotated classes of the request path into
 native classes (attributes in C structs, direct calls between methods); docs/performance.md's
-hotpath row shows what that is worth.
+row "Python per request, production only" shows what that is worth.
 
     SHADOWPROXY_PURE_PYTHON=1 pip install -e .   # build nothing: every module runs as Python
 
