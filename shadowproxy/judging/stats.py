@@ -20,7 +20,7 @@ from typing import Any, Final
 import numpy as np
 
 from shadowproxy.judging.compare import Comparison
-from shadowproxy.judging.intervals import quantile_rank_bounds, wilson_interval
+from shadowproxy.judging.intervals import newcombe_interval, quantile_rank_bounds, wilson_interval
 
 __all__ = [
     "LogHistogram",
@@ -569,6 +569,7 @@ class ShadowStats:
                 "candidate_error_rate": cand_rate,
                 "production_error_rate": prod_rate,
                 "error_rate_delta": cand_rate - prod_rate,
+                "error_rate_delta_ci95": list(newcombe_interval(min(cand_err, sent), sent, min(prod_err, sent), sent)),
             },
         }
         if full:

@@ -1,23 +1,30 @@
 """Promotion gates: a ``/shadow/stats`` snapshot and the ``[gates]`` config -> pass / fail / wait.
 
-Each gate answers ``passed`` True, False, or None while it waits for data. The verdict is
+Each gate answers ``passed`` True, False, or None while it waits for data, and carries the 95%
+``interval`` it decided on (None for ``min_samples``). Past ``min_samples``, every other gate
+decides three ways on its interval: it passes when the whole interval is on the good side of the
+threshold, fails when the whole interval is on the bad side, and otherwise keeps waiting, so that
+``fail`` means "confidently worse" and ``insufficient_data`` "not yet known". The verdict is
 ``fail`` when any gate failed (a failing gate is final even while others wait), else
 ``insufficient_data`` when any gate waits, else ``pass``.
 
-| gate | value | judged once |
-|---|---|---|
-| ``min_samples`` | compared predictions | always (waits below ``min_samples``) |
-| ``max_disagreement_rate`` | upper end of the Wilson 95% interval | ``min_samples`` predictions compared |
-| ``max_p99_latency_ratio`` | candidate p99 / production p99 on mirrored requests | ``min_samples`` sent |
-| ``max_error_rate_delta`` | candidate_error / sent - production errors / sent | ``min_samples`` sent |
-| ``min_accuracy_delta`` | ``ground_truth.accuracy_delta`` (candidate - production accuracy on the \
-labelled pairs) >= threshold | only when set, and left out until ``min_labels`` labelled pairs exist |
+| gate | value | interval | judged once |
+|---|---|---|---|
+| ``min_samples`` | compared predictions | None | always (waits below ``min_samples``) |
+| ``max_disagreement_rate`` | upper end of the Wilson interval | Wilson | ``min_samples`` predictions compared |
+| ``max_p99_latency_ratio`` | candidate p99 / production p99 on mirrored requests | \
+``[lo_c / hi_p, hi_c / lo_p]`` from each p99's ``p99_ci`` | ``min_samples`` sent |
+| ``max_error_rate_delta`` | candidate_error / sent - production errors / sent | Newcombe | ``min_samples`` sent |
+| ``min_accuracy_delta`` | ``ground_truth.accuracy_delta`` | ``ground_truth.accuracy_delta_ci95`` \
+| only when set, and left out until ``min_labels`` labelled pairs exist |
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Protocol
+
+from shadowproxy.judging.intervals import newcombe_interval
 
 __all__ = ["GatesLike", "evaluate"]
 
@@ -40,9 +47,21 @@ def _pct(x: float) -> str:
 
 
 def _gate(
-    name: str, value: float | None, threshold: float, passed: bool | None, reason: str
+    name: str,
+    value: float | None,
+    threshold: float,
+    passed: bool | None,
+    reason: str,
+    interval: list[float | None] | None,
 ) -> dict[str, Any]:
-    return {"name": name, "value": value, "threshold": threshold, "passed": passed, "reason": reason}
+    return {
+        "name": name,
+        "value": value,
+        "threshold": threshold,
+        "passed": passed,
+        "reason": reason,
+        "interval": interval,
+    }
 
 
 def _get(snapshot: Mapping[str, Any], *keys: str, default: Any = 0) -> Any:
@@ -52,6 +71,25 @@ def _get(snapshot: Mapping[str, Any], *keys: str, default: Any = 0) -> Any:
             return default
         node = node[key]
     return node
+
+
+def _interval(value: Any) -> list[float | None] | None:
+    """A ``[lower, upper]`` pair from the snapshot (upper may be null: unbounded), else None."""
+    if not isinstance(value, list | tuple) or len(value) != 2 or value[0] is None:
+        return None
+    return [float(value[0]), None if value[1] is None else float(value[1])]
+
+
+def _three_way(lower: float, upper: float | None, limit: float, higher_is_worse: bool) -> bool | None:
+    """Pass when the whole interval is on the good side of the limit (the limit itself is good),
+    fail when the whole interval is on the bad side, else None: not decided yet."""
+    if higher_is_worse:
+        if upper is not None and upper <= limit:
+            return True
+        return False if lower > limit else None
+    if lower >= limit:
+        return True
+    return False if upper is not None and upper < limit else None
 
 
 def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
@@ -80,25 +118,51 @@ def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
 
 def _min_samples_gate(total: int, min_samples: int) -> dict[str, Any]:
     if total >= min_samples:
-        return _gate(
-            "min_samples", total, min_samples, True, f"{total} predictions compared >= {min_samples}"
-        )
-    return _gate("min_samples", total, min_samples, None, f"{total} of {min_samples} predictions compared")
+        reason = f"{total} predictions compared >= {min_samples}"
+        return _gate("min_samples", total, min_samples, True, reason, None)
+    return _gate("min_samples", total, min_samples, None, f"{total} of {min_samples} predictions compared", None)
 
 
 def _disagreement_gate(
     snapshot: Mapping[str, Any], total: int, min_samples: int, limit: float
 ) -> dict[str, Any]:
     name = "max_disagreement_rate"
-    ci = _get(snapshot, "comparisons", "disagreement_rate_ci95", default=[0.0, 1.0])
-    upper = float(ci[1])
+    ci = _interval(_get(snapshot, "comparisons", "disagreement_rate_ci95", default=None)) or [0.0, 1.0]
+    lower, upper = float(ci[0] or 0.0), float(1.0 if ci[1] is None else ci[1])
     rate = float(_get(snapshot, "comparisons", "disagreement_rate", default=0.0))
     if total < min_samples:
-        return _gate(name, upper, limit, None, f"waiting: {total} of {min_samples} predictions compared")
-    passed = upper <= limit
-    op = "<=" if passed else ">"
-    reason = f"upper 95% bound {_pct(upper)} {op} {_pct(limit)} (observed {_pct(rate)} of {total})"
-    return _gate(name, upper, limit, passed, reason)
+        return _gate(name, upper, limit, None, f"waiting: {total} of {min_samples} predictions compared", ci)
+    passed = _three_way(lower, upper, limit, higher_is_worse=True)
+    observed = f"(observed {_pct(rate)} of {total})"
+    if passed is True:
+        reason = f"upper 95% bound {_pct(upper)} <= {_pct(limit)} {observed}"
+    elif passed is False:
+        reason = f"lower 95% bound {_pct(lower)} > {_pct(limit)} {observed}"
+    else:
+        reason = (
+            f"disagreement not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} "
+            f"{observed}"
+        )
+    return _gate(name, upper, limit, passed, reason, ci)
+
+
+def _ratio_interval(snapshot: Mapping[str, Any]) -> list[float | None] | None:
+    """``[lo_c / hi_p, hi_c / lo_p]`` from the two p99 intervals: both hold with 97.5% each, so
+    both together, and with them this interval, with at least 95% (Bonferroni)."""
+    prod = _interval(_get(snapshot, "mirrored", "production_latency_ms", "p99_ci", default=None))
+    cand = _interval(_get(snapshot, "mirrored", "candidate_latency_ms", "p99_ci", default=None))
+    if prod is None or cand is None:
+        return None
+    lo_p, hi_p = prod
+    lo_c, hi_c = cand
+    assert lo_p is not None and lo_c is not None
+    lower = lo_c / hi_p if hi_p is not None and hi_p > 0 else 0.0
+    upper = hi_c / lo_p if hi_c is not None and lo_p > 0 else None
+    return [lower, upper]
+
+
+def _ratio_text(x: float | None) -> str:
+    return "unbounded" if x is None else f"{x:.2f}"
 
 
 def _latency_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit: float) -> dict[str, Any]:
@@ -107,18 +171,30 @@ def _latency_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limi
     prod_p99 = float(_get(snapshot, "mirrored", "production_latency_ms", "p99"))
     cand_p99 = float(_get(snapshot, "mirrored", "candidate_latency_ms", "p99"))
     ratio = cand_p99 / prod_p99 if prod_p99 > 0 else None
+    interval = _ratio_interval(snapshot) if pairs else None
     if sent < min_samples:
-        return _gate(name, ratio, limit, None, f"waiting: {sent} of {min_samples} mirrored requests sent")
+        reason = f"waiting: {sent} of {min_samples} mirrored requests sent"
+        return _gate(name, ratio, limit, None, reason, interval)
     if pairs == 0 or ratio is None:
         # Every mirrored request failed on one side: there is no latency to compare; the error
         # gate is the one that speaks then.
-        return _gate(name, None, limit, None, "no mirrored request answered by both models yet")
-    passed = ratio <= limit
-    op = "<=" if passed else ">"
-    reason = (
-        f"candidate p99 {cand_p99:.1f} ms / production p99 {prod_p99:.1f} ms = {ratio:.2f} {op} {limit:g}"
-    )
-    return _gate(name, ratio, limit, passed, reason)
+        return _gate(name, None, limit, None, "no mirrored request answered by both models yet", interval)
+    point = f"(candidate p99 {cand_p99:.1f} ms / production p99 {prod_p99:.1f} ms = {ratio:.2f} on {pairs} pairs)"
+    if interval is None:
+        return _gate(name, ratio, limit, None, f"latency not yet decided: no p99 interval {point}", None)
+    lower, upper = interval
+    assert lower is not None
+    passed = _three_way(lower, upper, limit, higher_is_worse=True)
+    if passed is True:
+        reason = f"upper 95% bound of the ratio {_ratio_text(upper)} <= {limit:g} {point}"
+    elif passed is False:
+        reason = f"lower 95% bound of the ratio {_ratio_text(lower)} > {limit:g} {point}"
+    else:
+        reason = (
+            f"latency not yet decided: 95% interval of the ratio {_ratio_text(lower)} - {_ratio_text(upper)} "
+            f"holds {limit:g} {point}"
+        )
+    return _gate(name, ratio, limit, passed, reason, interval)
 
 
 def _error_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit: float) -> dict[str, Any]:
@@ -130,21 +206,31 @@ def _error_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit:
     cand_rate = cand_err / sent if sent else 0.0
     prod_rate = prod_err / sent if sent else 0.0
     delta = cand_rate - prod_rate
+    lower, upper = newcombe_interval(min(cand_err, sent), sent, min(prod_err, sent), sent)
+    interval: list[float | None] = [lower, upper]
     if sent < min_samples:
-        return _gate(name, delta, limit, None, f"waiting: {sent} of {min_samples} mirrored requests sent")
-    passed = delta <= limit
-    op = "<=" if passed else ">"
-    rates = f"candidate errors {_pct(cand_rate)} - production {_pct(prod_rate)}"
-    reason = f"{rates} = {_pct(delta)} {op} {_pct(limit)}"
-    return _gate(name, delta, limit, passed, reason)
+        reason = f"waiting: {sent} of {min_samples} mirrored requests sent"
+        return _gate(name, delta, limit, None, reason, interval)
+    passed = _three_way(lower, upper, limit, higher_is_worse=True)
+    rates = f"(candidate errors {_pct(cand_rate)} - production {_pct(prod_rate)} = {_pct(delta)} of {sent})"
+    if passed is True:
+        reason = f"upper 95% bound {_pct(upper)} <= {_pct(limit)} {rates}"
+    elif passed is False:
+        reason = f"lower 95% bound {_pct(lower)} > {_pct(limit)} {rates}"
+    else:
+        reason = (
+            f"error rate not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} {rates}"
+        )
+    return _gate(name, delta, limit, passed, reason, interval)
 
 
 def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any] | None:
-    """Ground truth: absent unless ``min_accuracy_delta`` is set and ``min_labels``
-    labelled pairs exist, so a proxy without labels is not held at insufficient_data by it."""
+    """Ground truth: absent unless ``min_accuracy_delta`` is set and ``min_labels`` labelled
+    pairs exist, so a proxy without labels is not held at insufficient_data by it."""
     threshold = getattr(gates, "min_accuracy_delta", None)
     if threshold is None:
         return None
+    limit = float(threshold)
     min_labels = int(getattr(gates, "min_labels", 100))
     labeled = int(_get(snapshot, "ground_truth", "candidate_labeled"))
     if labeled < min_labels:
@@ -153,10 +239,14 @@ def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, A
     cand = float(_get(snapshot, "ground_truth", "candidate_accuracy", default=0.0))
     prod = float(_get(snapshot, "ground_truth", "production_accuracy_paired",
                       default=_get(snapshot, "ground_truth", "production_accuracy", default=0.0)))
-    passed = delta >= float(threshold)
-    op = ">=" if passed else "<"
-    reason = (
-        f"candidate accuracy {_pct(cand)} - production {_pct(prod)} = {_pct(delta)} {op} "
-        f"{_pct(float(threshold))} on {labeled} labelled predictions"
-    )
-    return _gate("min_accuracy_delta", delta, float(threshold), passed, reason)
+    interval = _interval(_get(snapshot, "ground_truth", "accuracy_delta_ci95", default=None)) or [-1.0, 1.0]
+    lower, upper = float(interval[0] or 0.0), float(1.0 if interval[1] is None else interval[1])
+    passed = _three_way(lower, upper, limit, higher_is_worse=False)
+    point = f"(candidate accuracy {_pct(cand)} - production {_pct(prod)} = {_pct(delta)} on {labeled} labelled)"
+    if passed is True:
+        reason = f"lower 95% bound {_pct(lower)} >= {_pct(limit)} {point}"
+    elif passed is False:
+        reason = f"upper 95% bound {_pct(upper)} < {_pct(limit)} {point}"
+    else:
+        reason = f"accuracy not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} {point}"
+    return _gate("min_accuracy_delta", delta, limit, passed, reason, interval)

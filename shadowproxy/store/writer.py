@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from shadowproxy.config import Config
-from shadowproxy.judging.stats import wilson_interval
+from shadowproxy.judging.intervals import newcombe_interval, wilson_interval
 from shadowproxy.shadow.metrics import Metrics, StoreMetrics
 from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
 from shadowproxy.shadow.routes import json_response, requires_token
@@ -349,7 +349,7 @@ class AuditStore:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/shadow/requests/{request_id}", self.get_request),
+            web.get("/shadow/requests/{request_id}", requires_token(self.get_request)),
             web.post("/shadow/labels", requires_token(self.post_labels)),
         ]
 
@@ -391,4 +391,10 @@ def ground_truth(t: Totals) -> dict[str, Any]:
         "candidate_accuracy_ci95": list(wilson_interval(t.candidate_correct, t.candidate_labeled)),
         "production_accuracy_paired": paired_prod,
         "accuracy_delta": cand - paired_prod,
+        # Newcombe's interval treats the two accuracies as independent proportions. On the same
+        # labelled set they are usually positively correlated, which makes it wider than a paired
+        # interval would be (that one needs the discordant counts, which the totals do not keep).
+        "accuracy_delta_ci95": list(newcombe_interval(
+            t.candidate_correct, t.candidate_labeled, t.production_correct_paired, t.candidate_labeled
+        )),
     }
