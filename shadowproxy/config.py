@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -36,12 +37,14 @@ __all__ = [
     "ListenConfig",
     "MirrorConfig",
     "ProductionConfig",
+    "Secret",
     "UpstreamConfig",
     "StoreConfig",
     "UpstreamURL",
     "load_config",
     "parse_config",
     "parse_upstream_url",
+    "read_token_file",
 ]
 
 PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json")
@@ -199,6 +202,81 @@ def _bearer_token(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret the config names rather than holds: `"env:NAME"` (read once, at load) or
+    `"file:PATH"` (a mounted Kubernetes Secret, say); any other string is the secret itself.
+    `path` stays set for a `file:` secret, so whoever uses it can read the file again when it
+    changes (as `read_token_file` does for `admin.token`)."""
+
+    value: str = field(default="", repr=False)
+    path: str = ""
+
+
+_SECRET_FILE_MAX_BYTES = 4096  # a token is short; this keeps a wrong path (a log, /dev/zero) cheap
+
+
+def _read_secret_file(path: str, validate: Callable[[str], str]) -> str:
+    """The secret in a file, trailing line breaks removed (`echo token > file` adds one);
+    ValueError says what is wrong, naming the file."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_SECRET_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read file {path}: {exc.strerror or exc}") from None
+    if len(data) > _SECRET_FILE_MAX_BYTES:
+        raise ValueError(f"file {path} is longer than {_SECRET_FILE_MAX_BYTES} bytes")
+    try:
+        text = data.decode().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"file {path} is not UTF-8") from None
+    if not text:
+        raise ValueError(f"file {path} is empty")
+    try:
+        return validate(text)
+    except _Invalid as exc:
+        raise ValueError(f"file {path}: {exc}") from None
+
+
+def read_token_file(path: str) -> str:
+    """`admin.token` from its `file:`, checked as at load; what a rotation reads."""
+    return _read_secret_file(path, _bearer_token)
+
+
+def _secret(validate: Callable[[str], str]) -> _Check:
+    """A `Secret` from a string: `env:NAME`, `file:PATH` or the secret written out. A variable
+    that is missing or empty, or a file that cannot be read or is empty, is a problem here, at
+    load, not a secret that quietly turns out empty."""
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a string, got {_describe(value)}")
+        if value.startswith("env:"):
+            name = value[4:]
+            if not name:
+                raise _Invalid('"env:" must be followed by the name of an environment variable')
+            text = os.environ.get(name)
+            if text is None:
+                raise _Invalid(f"environment variable {name} is not set")
+            if not text:
+                raise _Invalid(f"environment variable {name} is empty")
+            try:
+                return Secret(validate(text))
+            except _Invalid as exc:
+                raise _Invalid(f"environment variable {name}: {exc}") from None
+        if value.startswith("file:"):
+            path = value[5:]
+            if not path:
+                raise _Invalid('"file:" must be followed by the path of a file')
+            try:
+                return Secret(_read_secret_file(path, validate), path)
+            except ValueError as exc:
+                raise _Invalid(str(exc)) from None
+        return Secret(validate(value))
+
+    return check
+
+
 def _pointer(text: str) -> str:
     if not text.startswith("/"):
         raise _Invalid(f'must be a JSON pointer (RFC 6901) starting with "/", got {_quote(text)}')
@@ -257,7 +335,35 @@ class AdminConfig:
 
     host: str = _key("127.0.0.1", _string(_non_empty))
     port: int = _key(9090, _PORT)
-    token: str = field(default="", repr=False, metadata={"check": _string(_bearer_token)})
+    token: Secret = _key(Secret(), _secret(_bearer_token))
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the admin port: `host` is a loopback address or
+        `localhost`. A name that merely resolves to one does not count."""
+        return is_loopback(self.host)
+
+    def open_warning(self) -> str | None:
+        """The one-line warning for an admin port reachable from other machines without a
+        token, or None."""
+        if self.token.value or self.loopback:
+            return None
+        return (
+            f"admin.host {_quote(self.host)} is not loopback and admin.token is not set: request data "
+            f"and changes on the admin port answer 403 until it is ({TOKEN_HINT})"
+        )
+
+
+TOKEN_HINT = 'set admin.token = "env:NAME" or "file:PATH"'
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,7 +223,12 @@ async def raw_exchange(host: str, port: int, data: bytes, *, read_timeout: float
     return b"".join(chunks)
 
 
-def write_config(path: Path, production: str, *, listen_port: int, admin_port: int, extra: str = "") -> Path:
+def write_config(
+    path: Path, production: str, *, listen_port: int, admin_port: int, extra: str = "",
+    admin_host: str = "127.0.0.1", admin: str = "",
+) -> Path:
+    """A config for `serve` on the given ports; `admin` is more lines for that table, `extra`
+    more tables."""
     path.write_text(
         f"""
 [listen]
@@ -233,8 +238,9 @@ shutdown_delay_s = 0.0
 drain_timeout_s = 5.0
 
 [admin]
-host = "127.0.0.1"
+host = "{admin_host}"
 port = {admin_port}
+{admin}
 
 [production]
 url = "{production}"
@@ -256,14 +262,15 @@ class ServeProcess:
         self.first_line = ""
 
 
-async def start_serve(config: Path, listen_port: int, admin_port: int) -> ServeProcess:
+async def start_serve(config: Path, listen_port: int, admin_port: int, *args: str) -> ServeProcess:
+    """`serve --config CONFIG [args]`, once it has printed its first line (it listens then)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config),
+        sys.executable, "-m", "shadowproxy", "serve", "--config", str(config), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     serving = ServeProcess(proc, listen_port, admin_port)
     assert proc.stdout is not None
-    serving.first_line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    serving.first_line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     return serving
 
 

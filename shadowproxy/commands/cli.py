@@ -101,7 +101,14 @@ def _check_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{args.file}: OK")
     print(summary(config))
+    _warn_if_open(config)
     return EXIT_OK
+
+
+def _warn_if_open(config: Config) -> None:
+    warning = config.admin.open_warning()
+    if warning is not None:
+        print(f"shadowproxy: warning: {warning}", file=sys.stderr)
 
 
 def summary(config: Config) -> str:
@@ -154,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
+    if not args.worker:  # a worker's admin is private (loopback); the supervisor warns for all
+        _warn_if_open(config)
     # Imported here: the server stack is not needed by the other commands.
     from shadowproxy.control.app import run
 

@@ -27,6 +27,7 @@ class AdminBackend(Protocol):
     config: Config
     draining: bool
     components: list[Component]
+    guard: TokenGuard  # one per process, so SIGHUP can make it read a `file:` token again
 
     async def production_reachable(self) -> bool: ...
 
@@ -92,7 +93,7 @@ async def get_sample_rate(request: web.Request) -> web.Response:
 def make_admin_app(proxy: AdminBackend) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[PROXY_KEY] = proxy
-    app[GUARD_KEY] = TokenGuard(proxy.config.admin.token)
+    app[GUARD_KEY] = proxy.guard
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

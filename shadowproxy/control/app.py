@@ -25,6 +25,7 @@ from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.mirror import Mirror
 from shadowproxy.shadow.observers import Component, Observer
 from shadowproxy.shadow.proxy import Proxy
+from shadowproxy.shadow.routes import TokenGuard
 
 log = logging.getLogger("shadowproxy")
 
@@ -68,6 +69,7 @@ class ShadowProxy:
         self.server: Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self.readiness = Readiness(config.production)
+        self.guard = TokenGuard(config.admin)
 
     async def start(self) -> None:
         cfg = self.config
@@ -202,6 +204,7 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # kept: a second signal must not kill a draining proxy
+    loop.add_signal_handler(signal.SIGHUP, proxy.guard.reload)
     lh, lp = proxy.listen_address
     ah, ap = proxy.admin_address
     if worker:
@@ -223,7 +226,7 @@ async def serve(config: Config, *, worker: bool = False) -> int:
         # the signal to SIG_DFL, and a signal landing between the two calls killed the worker (a
         # rare CI failure). uvloop leaves the disposition alone when the loop closes (its
         # remove_signal_handler returns early once the loop has stopped listening).
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
     return 0
 

@@ -12,6 +12,7 @@ keep their own in-process registries, and the parent reads them only when it is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import signal
@@ -34,7 +35,7 @@ from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import DriftCollector
 from shadowproxy.shadow.observers import Component
-from shadowproxy.shadow.routes import json_response
+from shadowproxy.shadow.routes import TokenGuard, json_response, requires_token
 
 if TYPE_CHECKING:
     from shadowproxy.drift.profile import Profile
@@ -114,13 +115,15 @@ class _Fixed:
 class _Forward:
     """The component endpoints of the workers on the supervisor's admin port. `/shadow/requests/{id}`
     and `/shadow/labels` are answered by the first live worker: the audit store is one file all
-    workers write, so any worker can answer for any request. `/shadow/drift` is merged from every
-    worker when they share a baseline file, else answered by the first."""
+    workers write, so any worker can answer for any request. The supervisor guards them itself:
+    a worker's private admin is on loopback, where no token is needed. `/shadow/drift` is merged
+    from every worker when they share a baseline file, else answered by the first."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
     def routes(self) -> list[web.RouteDef]:
+        data = web.route("*", r"/shadow/{tail:(requests/.+|labels)}", requires_token(self.forward))
         if self.supervisor.drift_baseline is not None:  # merged from every worker (see drift_snapshot)
             async def drift(request: web.Request) -> web.StreamResponse:
                 doc = await self.supervisor.drift_snapshot()
@@ -128,11 +131,8 @@ class _Forward:
                     return json_response({"error": "no worker is running"}, 503)
                 return json_response(doc)
 
-            return [
-                web.route("*", r"/shadow/{tail:(requests/.+|labels)}", self.forward),
-                web.get("/shadow/drift", drift),
-            ]
-        return [web.route("*", r"/shadow/{tail:(requests/.+|labels|drift)}", self.forward)]
+            return [data, web.get("/shadow/drift", drift)]
+        return [data, web.route("*", "/shadow/drift", self.forward)]
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         live = [w for w in self.supervisor.workers if w.ready.is_set()]
@@ -205,7 +205,7 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
-        self._headers = {"Authorization": f"Bearer {config.admin.token}"} if config.admin.token else {}
+        self.guard = TokenGuard(config.admin)
 
     # -- processes --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -291,17 +291,31 @@ class Supervisor:
             await self._session.close()
         return 0 if all(code == 0 for code in codes) else 1
 
+    def hangup(self) -> None:
+        """SIGHUP: read a `file:` admin.token again, here and in every worker."""
+        self.guard.reload()
+        for worker in self.workers:
+            # Only a ready worker: it handles SIGHUP before it reports its admin address.
+            if worker.ready.is_set() and worker.proc is not None and worker.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it exited a moment ago
+                    worker.proc.send_signal(signal.SIGHUP)
+
     # -- talking to workers -----------------------------------------------------------------------
+    def _auth(self) -> dict[str, str]:
+        # The workers read the same token (and the same `file:`), so the one in force here is theirs.
+        token = self.guard.current()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     async def _get(self, worker: Worker, path: str) -> bytes:
         assert self._session is not None
-        async with self._session.get(worker.admin_url + path, headers=self._headers) as response:
+        async with self._session.get(worker.admin_url + path, headers=self._auth()) as response:
             response.raise_for_status()
             return await response.read()
 
     async def _put_rate(self, worker: Worker, rate: float) -> None:
         assert self._session is not None
         async with self._session.put(
-            worker.admin_url + "/shadow/sample_rate", data=orjson.dumps({"sample_rate": rate}), headers=self._headers
+            worker.admin_url + "/shadow/sample_rate", data=orjson.dumps({"sample_rate": rate}), headers=self._auth()
         ) as response:
             response.raise_for_status()
 
@@ -369,6 +383,7 @@ async def supervise(config: Config, config_path: str, workers: int) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.hangup)
     try:
         await supervisor.start()
     except WorkerRefused as exc:

@@ -17,6 +17,7 @@ from shadowproxy.config import (
     DriftConfig,
     GatesConfig,
     ProductionConfig,
+    Secret,
     StoreConfig,
     UpstreamURL,
     load_config,
@@ -74,7 +75,7 @@ def test_defaults_are_the_documented_values() -> None:
             "keepalive_timeout_s": 75.0,
             "shutdown_delay_s": 0.0,
         },
-        "admin": {"host": "127.0.0.1", "port": 9090, "token": ""},
+        "admin": {"host": "127.0.0.1", "port": 9090, "token": {"value": "", "path": ""}},
         "production": {
             "url": "http://127.0.0.1:8001",
             "timeout_s": 10.0,
@@ -197,8 +198,77 @@ def test_config_is_frozen() -> None:
 
 def test_admin_token_is_not_in_repr() -> None:
     config = parse_config(with_urls(admin={"token": "s3cret"}))
-    assert config.admin.token == "s3cret"
+    assert config.admin.token.value == "s3cret"
     assert "s3cret" not in repr(config)
+
+
+def test_admin_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHADOWPROXY_TEST_TOKEN", "s3cret")
+    config = parse_config(with_urls(admin={"token": "env:SHADOWPROXY_TEST_TOKEN"}))
+    assert config.admin.token == Secret("s3cret")
+    assert "s3cret" not in repr(config)
+
+
+def test_admin_token_from_a_missing_environment_variable_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHADOWPROXY_TEST_TOKEN", raising=False)
+    assert only_problem(with_urls(admin={"token": "env:SHADOWPROXY_TEST_TOKEN"})) == (
+        "admin.token: environment variable SHADOWPROXY_TEST_TOKEN is not set"
+    )
+
+
+def test_admin_token_from_an_empty_environment_variable_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHADOWPROXY_TEST_TOKEN", "")
+    assert only_problem(with_urls(admin={"token": "env:SHADOWPROXY_TEST_TOKEN"})) == (
+        "admin.token: environment variable SHADOWPROXY_TEST_TOKEN is empty"
+    )
+
+
+def test_admin_token_from_a_file_drops_the_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    config = parse_config(with_urls(admin={"token": f"file:{path}"}))
+    assert config.admin.token == Secret("s3cret", str(path))
+
+
+def test_admin_token_from_a_file_that_cannot_be_read_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "missing"
+    assert only_problem(with_urls(admin={"token": f"file:{path}"})) == (
+        f"admin.token: cannot read file {path}: No such file or directory"
+    )
+
+
+def test_admin_token_from_an_empty_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("\n")
+    assert only_problem(with_urls(admin={"token": f"file:{path}"})) == f"admin.token: file {path} is empty"
+
+
+def test_admin_token_from_a_file_is_checked_as_a_written_token(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("two words\n")
+    assert only_problem(with_urls(admin={"token": f"file:{path}"})) == (
+        f"admin.token: file {path}: must be visible ASCII characters without spaces"
+    )
+
+
+@pytest.mark.parametrize("token", ["env:", "file:"])
+def test_admin_token_source_without_a_name_is_reported(token: str) -> None:
+    assert only_problem(with_urls(admin={"token": token})).startswith(f'admin.token: "{token}" must be followed by')
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("localhost", True), ("LOCALHOST", True),
+     ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("proxy.internal", False)],
+)
+def test_admin_host_is_loopback_only_for_loopback_addresses_and_localhost(host: str, loopback: bool) -> None:
+    config = parse_config(with_urls(admin={"host": host}))
+    assert config.admin.loopback is loopback
+    assert (config.admin.open_warning() is None) is loopback
+
+
+def test_a_token_silences_the_open_admin_warning() -> None:
+    assert parse_config(with_urls(admin={"host": "0.0.0.0", "token": "s3cret"})).admin.open_warning() is None
 
 
 # --- problems, one line each, naming the key ---------------------------------------------------------

@@ -32,6 +32,8 @@ def defaults(cls: type[Any]) -> dict[str, object]:
 
 
 def as_toml(value: object) -> object:
+    if isinstance(value, config_module.Secret):
+        return value.value  # the default is a secret written out, not `env:` or `file:`
     return list(value) if isinstance(value, tuple) else value
 
 
