@@ -26,7 +26,7 @@ from shadowproxy.shadow.metrics import Metrics
 from tests.helpers import DASHBOARD, PROMETHEUS_DIR, ROOT, dashboard_panels, require_binary
 
 KUBERNETES_DIR = ROOT / "config" / "kubernetes"
-MANIFESTS = ("configmap.yaml", "deployment.yaml", "service.yaml")
+MANIFESTS = ("configmap.yaml", "deployment.yaml", "service.yaml", "networkpolicy.yaml")
 # The newest Kubernetes release whose schemas the installed kubernetes-validate ships.
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 
@@ -56,9 +56,11 @@ def exported_series_names() -> set[str]:
 
 
 def configmap_config() -> tuple[dict[str, Any], Config]:
+    """The ConfigMap's TOML, and the config it makes with its `file:` token read from a stand-in
+    (the Secret exists only in the pod)."""
     (configmap,) = load_yaml_documents(KUBERNETES_DIR / "configmap.yaml")
     data = tomllib.loads(configmap["data"]["shadowproxy.toml"])
-    return data, parse_config(data)
+    return data, parse_config({**data, "admin": {**data["admin"], "token": "stand-in"}})
 
 
 def deployment() -> dict[str, Any]:
@@ -236,3 +238,35 @@ def test_service_selects_the_pods_and_names_the_admin_port_for_scraping() -> Non
     prometheus_yml = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     assert "__meta_kubernetes_endpoint_port_name]\n  #       regex: admin" in prometheus_yml
     assert service["metadata"]["labels"]["app.kubernetes.io/name"] == "shadowproxy"
+
+
+def test_admin_token_is_read_from_the_mounted_secret() -> None:
+    data, _ = configmap_config()
+    source = data["admin"]["token"]
+    assert source.startswith("file:")
+    path = Path(source.removeprefix("file:"))
+    pod = deployment()["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # A subPath mount never sees an updated Secret, so a rotated token would not arrive.
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert "subPath" not in mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert {item["path"] for item in volume["secret"]["items"]} == {path.name}
+
+
+def test_network_policy_admits_the_admin_port_only_from_the_monitoring_namespace() -> None:
+    (policy,) = load_yaml_documents(KUBERNETES_DIR / "networkpolicy.yaml")
+    pod = deployment()["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (container,) = pod["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    admitted: dict[str, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("ports"), "a rule without ports admits every port, the admin port too"
+        for port in rule["ports"]:
+            assert port["port"] in port_names
+            admitted.setdefault(port["port"], []).append(rule.get("from"))
+    assert admitted["http"] == [None]  # clients from anywhere
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert admitted["admin"] == [[monitoring]]
