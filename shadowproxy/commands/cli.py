@@ -212,7 +212,7 @@ def _add_demo(subparsers: _Subparsers) -> None:
         "traffic through it, print the comparison report and stop everything.",
     )
     parser.add_argument(
-        "--requests", type=_positive_int, default=3000, metavar="N", help="requests to send (default 3000)"
+        "--requests", type=_positive_int, default=10_000, metavar="N", help="requests to send (default 10000)"
     )
     parser.add_argument(
         "--flip-rate",

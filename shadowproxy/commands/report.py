@@ -228,6 +228,15 @@ def _gate_number(name: str, value: Any) -> str:
     return f"{float(value):.2f}"
 
 
+def _gate_interval(name: str, interval: Any) -> str:
+    """``[lower, upper]`` in the gate's own unit; an upper bound still unknown reads ``inf)``."""
+    if not isinstance(interval, list | tuple) or len(interval) != 2:
+        return "-"
+    lower, upper = interval
+    high = "inf)" if upper is None else _gate_number(name, upper) + "]"
+    return f"[{_gate_number(name, lower)}, {high}"
+
+
 def _ms(value: Any, signed: bool = False) -> str:
     number = float(value)
     return f"{number:+.2f}" if signed else f"{number:.2f}"
@@ -257,7 +266,7 @@ def _verdict_lines(report: Report, paint: _Painter) -> list[str]:
     what = {
         "pass": "every gate passed: the candidate may be promoted",
         "fail": "at least one gate failed: do not promote",
-        "insufficient_data": "not enough mirrored traffic yet to judge",
+        "insufficient_data": "not enough mirrored traffic yet to decide every gate",
     }.get(verdict, "")
     n = len(report.sources)
     return [
@@ -267,7 +276,7 @@ def _verdict_lines(report: Report, paint: _Painter) -> list[str]:
 
 
 def _gate_lines(report: Report, paint: _Painter) -> list[str]:
-    header = ["gate", "value", "threshold", "passed", "reason"]
+    header = ["gate", "value", "95% interval", "threshold", "passed", "reason"]
     rows: list[list[str]] = []
     for gate in report.verdict["gates"]:
         name = str(gate["name"])
@@ -276,13 +285,14 @@ def _gate_lines(report: Report, paint: _Painter) -> list[str]:
             [
                 name,
                 _gate_number(name, gate["value"]),
+                _gate_interval(name, gate.get("interval")),
                 _gate_number(name, gate["threshold"]),
                 "yes" if passed is True else "NO" if passed is False else "waiting",
                 str(gate["reason"]),
             ]
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = [False, True, True, False, False]
+    right = [False, True, True, True, False, False]
     lines = ["Gates", paint(_pad(header, widths, right), "dim")]
     for row, gate in zip(rows, report.verdict["gates"], strict=True):
         passed = gate["passed"]
@@ -291,8 +301,9 @@ def _gate_lines(report: Report, paint: _Painter) -> list[str]:
             row[0].ljust(widths[0]),
             row[1].rjust(widths[1]),
             row[2].rjust(widths[2]),
-            _paint_cell(row[3], widths[3], False, paint, style),
-            row[4],
+            row[3].rjust(widths[3]),
+            _paint_cell(row[4], widths[4], False, paint, style),
+            row[5],
         ]
         lines.append("  " + "  ".join(cells).rstrip())
     return lines

@@ -39,6 +39,7 @@ def test_demo_prints_verdict_and_expected_next_to_measured_disagreement() -> Non
     assert process.returncode == 0, err
     assert_group_gone("demo", process.pid)
     assert re.search(r"^Verdict: (PASS|FAIL|INSUFFICIENT DATA)", out, re.MULTILINE)
+    assert re.search(r"^  max_error_rate_delta .* \[-?\d+\.\d\d%, \d+\.\d\d%\] ", out, re.MULTILINE), out
     expected = re.search(r"expected disagreement (\d+\.\d\d)%", out)
     measured = re.search(r"measured disagreement (\d+\.\d\d)%", out)
     assert expected and measured, out
@@ -59,6 +60,24 @@ def test_demo_json_measures_exactly_the_flips_it_built_in() -> None:
     # The candidate flips a stable hash-chosen set of instances, every one of them mirrored.
     assert demo["measured_disagree"] == demo["expected_disagree"] > 0
     assert report["stats"]["mirror"]["sent"] == 600
+
+
+def test_default_demo_ends_with_a_decided_verdict() -> None:
+    # The candidate flips 3% of instances against the default 2% limit, and answers 2 ms later:
+    # with the default traffic, the intervals are narrow enough to say "fail", not "not yet known".
+    process = demo_process("--json")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    assert report["verdict"] == "fail"
+    gates = {g["name"]: g for g in report["gates"]}
+    disagreement = gates["max_disagreement_rate"]
+    assert disagreement["passed"] is False
+    assert disagreement["interval"][0] > disagreement["threshold"]
+    assert gates["max_error_rate_delta"]["passed"] is True
+    # A slower candidate never passes; on a quiet machine its interval decides "fail" too.
+    assert gates["max_p99_latency_ratio"]["passed"] is not True
+    assert report["stats"]["mirror"]["sent"] == 10_000
 
 
 def test_sigint_stops_the_demo_cleanly_with_exit_130() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 from shadowproxy.commands import cli as cli
 from shadowproxy.commands.report import Report, collect, gates_from_verdict, render, report_main, use_color
 from shadowproxy.config import GatesConfig
+from shadowproxy.judging.intervals import newcombe_interval
 from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.judging.verdict import evaluate
 from shadowproxy.models import ModelBehaviour, RunningModel, generate_instances, start_model
 from tests.helpers import RunningProxy, Upstream, closed_port_url
 
@@ -52,6 +55,20 @@ async def send(proxy: RunningProxy, requests: list[list[list[float]]]) -> None:
     await proxy.settle()
 
 
+async def send_concurrently(proxy: RunningProxy, requests: list[list[list[float]]], clients: int = 8) -> None:
+    pending = iter(requests)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for batch in pending:
+            async with session.post(proxy.url + PREDICT, json={"instances": batch}) as response:
+                assert response.status == 200
+                await response.read()
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    await proxy.settle()
+
+
 async def mirrored_proxy(models: StartModel, start_proxy: StartProxy, **gates: Any) -> tuple[RunningProxy, str]:
     """A proxy mirroring everything; both models answer in ~5 ms so latency is never 0 ms."""
     production = await models(role="production", delay_ms=5.0)
@@ -71,13 +88,17 @@ async def run_cli(*args: str) -> int:
 
 
 async def test_twin_candidate_passes_with_exit_0(models, start_proxy, capsys) -> None:
-    # 120 agreeing predictions: the Wilson upper bound is 3.1%, under the 5% this proxy allows.
+    # 800 mirrored requests: enough for an upper bound on each p99 (437) and for the error-rate
+    # interval to fit under 1% (381); 1600 agreeing predictions put disagreement's under 0.3%.
     proxy, _ = await mirrored_proxy(models, start_proxy, max_disagreement_rate=0.05)
-    await send(proxy, batches(60))
+    await send_concurrently(proxy, batches(800))
     assert await run_cli("--admin-url", proxy.admin_url) == 0
     out = capsys.readouterr().out
     assert "Verdict: PASS" in out
     assert "\x1b[" not in out  # not a terminal: no colour
+    # Each gate's interval is printed: the error-rate delta's is Newcombe's for 0 of 800 each side.
+    lower, upper = newcombe_interval(0, 800, 0, 800)
+    assert f"[{lower * 100:.2f}%, {upper * 100:.2f}%]" in out
 
 
 async def test_candidate_flipping_a_fifth_fails_on_disagreement_with_exit_1(models, start_proxy, capsys) -> None:
@@ -217,9 +238,42 @@ async def test_two_replicas_merge_to_the_stats_of_one_proxy_that_saw_all_traffic
     assert report.verdict["verdict"] == "fail"  # 15% flipped on 240 predictions
 
 
-def union_verdict(stats: ShadowStats, gates: GatesConfig) -> dict[str, Any]:
-    from shadowproxy.judging.verdict import evaluate
+async def test_two_replicas_give_the_p99_bounds_of_one_proxy_that_saw_every_pair(
+    upstream: Upstream, candidate_upstream: Upstream
+) -> None:
+    # Two admin ports serving the stats of a known split of 3000 latency pairs: the merged bounds
+    # must be those of one aggregator that recorded every pair.
+    rng = random.Random(8)
+    whole, halves = ShadowStats(), (ShadowStats(), ShadowStats())
+    for i in range(3000):
+        production, candidate = rng.lognormvariate(-5.0, 0.5), rng.lognormvariate(-4.8, 0.5)
+        for stats in (whole, halves[i % 2]):
+            stats.record_mirror("sent")
+            stats.record_pair_latency(production, candidate)
+    gates = GatesConfig(min_samples=100)
+    for server, half in zip((upstream, candidate_upstream), halves, strict=True):
+        full, verdict = half.snapshot(full=True), evaluate(half.snapshot(), gates)
 
+        def answer(seen: dict[str, Any], full: Any = full, verdict: Any = verdict) -> Any:
+            return verdict if seen["path"].startswith("/shadow/verdict") else full
+
+        server.answer = answer
+    report = await collect([upstream.url, candidate_upstream.url])
+    single = whole.snapshot()
+    for side in ("production_latency_ms", "candidate_latency_ms"):
+        merged_ci = report.stats["mirrored"][side]["p99_ci"]
+        assert merged_ci == single["mirrored"][side]["p99_ci"]
+        assert None not in merged_ci
+    latency = [g for g in report.verdict["gates"] if g["name"] == "max_p99_latency_ratio"]
+    expected = [g for g in evaluate(single, gates)["gates"] if g["name"] == "max_p99_latency_ratio"]
+    assert latency == expected
+    # Each half alone (1500 pairs) is known less precisely than the two together.
+    half_ci = halves[0].snapshot()["mirrored"]["production_latency_ms"]["p99_ci"]
+    merged_ci = report.stats["mirrored"]["production_latency_ms"]["p99_ci"]
+    assert half_ci[1] - half_ci[0] > merged_ci[1] - merged_ci[0]
+
+
+def union_verdict(stats: ShadowStats, gates: GatesConfig) -> dict[str, Any]:
     return evaluate(stats.snapshot(), gates)
 
 
