@@ -327,6 +327,11 @@ class ListenConfig:
     header_timeout_s: float = _key(10.0, _POSITIVE)
     keepalive_timeout_s: float = _key(75.0, _POSITIVE)
     shutdown_delay_s: float = _key(0.0, _NON_NEGATIVE)
+    # Reading and dropping what a client still sends after an answer that closes the connection
+    # before its request was read (like nginx's lingering_time / lingering_timeout); 0 is allowed,
+    # and lingering_time_s = 0 turns it off.
+    lingering_time_s: float = _key(30.0, _NON_NEGATIVE)
+    lingering_timeout_s: float = _key(5.0, _NON_NEGATIVE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,8 @@ class ShadowProxy:
                 max_body_bytes=listen.max_body_bytes,
                 header_timeout_s=listen.header_timeout_s,
                 keepalive_timeout_s=listen.keepalive_timeout_s,
+                lingering_time_s=listen.lingering_time_s,
+                lingering_timeout_s=listen.lingering_timeout_s,
             ),
             on_client_error=lambda reason: self.metrics.client_errors.labels(reason).inc(),
         )

@@ -84,6 +84,11 @@ class ServerLimits:
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
+    # After an answer sent before the request was read to its end: how long to keep reading and
+    # dropping what the client still sends, in all and since its last bytes (see close_lingering).
+    # 0 for lingering_time_s: close at once.
+    lingering_time_s: float = 30.0
+    lingering_timeout_s: float = 5.0
 
 
 class _Reject(Exception):
@@ -234,7 +239,7 @@ class Cycle:
         HTTP/1.1 client, or delimited by closing the connection for an HTTP/1.0 one.
         """
         conn = self.conn
-        if conn.closing or conn.server.draining:
+        if (conn.closing and not conn.pending_rejection) or conn.server.draining:
             self.keep_alive = False
         self.response_started = True
         self._no_body = not has_body or self.method == b"HEAD"
@@ -275,10 +280,11 @@ class Cycle:
             return
         self.response_started = True
         self.response_complete = True
-        if close or self.conn.closing or not self.request_complete:
+        conn = self.conn
+        if close or (conn.closing and not conn.pending_rejection) or not self.request_complete:
             self.keep_alive = False
-        self.conn.write(simple_response(status, message, close=not self.keep_alive))
-        self.conn.cycle_done(self)
+        conn.write(simple_response(status, message, close=not self.keep_alive))
+        conn.cycle_done(self)
 
     def abort(self) -> None:
         """Give up mid-answer: the only honest signal left is closing the connection."""
@@ -289,6 +295,16 @@ class Cycle:
 
 class ClientConnection(CoalescedWrites):
     """One client connection: parses requests, answers them in order."""
+
+    # Slots, as UpstreamConnection has: run as Python, CPython stops sharing an instance dict's
+    # keys with the class's other instances at about 30 attributes, and every attribute access
+    # on the request path then gets slower.
+    __slots__ = (
+        "server", "limits", "loop", "transport", "parser", "client_ip", "closing", "closed", "active",
+        "parsing", "queue", "_read_pauses", "_out", "_held", "_deadline", "_on_deadline", "_url", "_headers",
+        "_lnames", "_head_size", "_content_length", "_chunked", "_expect_continue", "_connection_tokens",
+        "_saw_connection", "_last_closes", "_head_bytes", "_in_head", "pending_rejection", "_linger_until",
+    )
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -321,6 +337,8 @@ class ClientConnection(CoalescedWrites):
         self._last_closes = False  # the last request read asked to close the connection
         self._head_bytes = 0
         self._in_head = False
+        self.pending_rejection = b""  # the error answer of a bad pipelined request, sent after the answers before it
+        self._linger_until = 0.0  # while lingering (see close_lingering): when it ends, whatever the client does
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -347,6 +365,8 @@ class ClientConnection(CoalescedWrites):
 
     def _data_received(self, data: bytes) -> None:  # under CoalescedWrites.data_received
         if self.closing:
+            if self._linger_until:  # dropped, never parsed: none of it reaches a handler
+                self._deadline = min(self.loop.time() + self.limits.lingering_timeout_s, self._linger_until)
             return
         if self._in_head or self.parsing is None:
             self._head_bytes += len(data)
@@ -363,7 +383,9 @@ class ClientConnection(CoalescedWrites):
             reject = exc.__context__ if isinstance(exc.__context__, _Reject) else None
             if reject is None and self._last_closes and self.parsing is None:
                 # Bytes after a request that asked to close (llhttp refuses them): ignored, as
-                # nginx does; that request is still answered, then the connection closes.
+                # nginx does; that request is still answered, then the connection closes, by
+                # lingering (the client is still sending).
+                self.closing = True
                 return
             if reject is None:
                 self.server.count_client_error("bad_request")
@@ -499,7 +521,12 @@ class ClientConnection(CoalescedWrites):
             # (cycles left for it would make its collections frequent, a cost every request shares).
             cycle.sink = None
         if not cycle.keep_alive or self.closing:
-            self.close()
+            if self.pending_rejection and cycle.keep_alive:
+                self._answer_rejected()
+            elif cycle.request_complete and not self.closing:
+                self.close()
+            else:  # the client may still be sending: it must get the answer, not a reset
+                self.close_lingering()
             return
         if not cycle.request_complete:
             # Answered before the whole body arrived (RFC 9112 §9.3 allows it): read the rest and
@@ -533,9 +560,22 @@ class ClientConnection(CoalescedWrites):
     def idle(self) -> bool:
         return self.active is None and not self._in_head
 
+    @property
+    def lingering(self) -> bool:
+        return self._linger_until > 0.0
+
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we will not serve and close (the stream cannot be trusted after it)."""
         cycle = self.active
+        if cycle is not None and cycle is not self.parsing and not self.closing:
+            # A pipelined request is bad: the ones before it are still answered, and this answer
+            # follows theirs (RFC 9112 §9.3.2); nothing after it is read.
+            if self.parsing is not None and self.parsing in self.queue:
+                self.queue.remove(self.parsing)
+            self.parsing = None
+            self.pending_rejection = simple_response(status, message, close=True)
+            self.closing = True  # from here on, what the client sends is dropped
+            return
         if cycle is not None and cycle.response_started:
             self.abort()
             return
@@ -543,7 +583,16 @@ class ClientConnection(CoalescedWrites):
             cycle.response_complete = True
             cycle.sink.on_client_lost()
         self.write(simple_response(status, message, close=True))
-        self.close()
+        self.close_lingering()
+
+    def _answer_rejected(self) -> None:
+        """The next pipelined request before the rejected one, or the rejection and the close."""
+        if self.queue:
+            self._start(self.queue.popleft())
+            return
+        self.write(self.pending_rejection)
+        self.pending_rejection = b""
+        self.close_lingering()
 
     def _on_header_timeout(self) -> None:
         if self.active is not None:
@@ -573,6 +622,36 @@ class ClientConnection(CoalescedWrites):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def close_lingering(self) -> None:
+        """Close after an answer sent before the client's request was read to its end.
+
+        Closed with unread bytes in its receive queue, a socket sends a reset (RFC 9112 §9.6), and
+        a reset can destroy the answer before the client reads it: a client that sends its whole
+        body before reading (http.client, urllib, requests) then sees ECONNRESET instead of the
+        413. So, as nginx's lingering close does: the answer, then a shutdown of our write side,
+        then whatever the client still sends is read and dropped, never parsed, until the client
+        closes, falls silent for `lingering_timeout_s`, or `lingering_time_s` have passed.
+        Draining does not wait for it."""
+        if self._linger_until:
+            return
+        limits = self.limits
+        transport = self.transport
+        if (
+            self.closed or transport is None or transport.is_closing() or self.server.draining
+            or limits.lingering_time_s <= 0 or not transport.can_write_eof()
+        ):
+            self.close()
+            return
+        self.closing = True
+        self.flush()  # the answer goes to the transport whole, ahead of the end of stream
+        transport.write_eof()
+        if self._read_pauses:
+            self._read_pauses.clear()
+            transport.resume_reading()
+        now = self.loop.time()
+        self._linger_until = now + limits.lingering_time_s
+        self._set_timer(min(limits.lingering_timeout_s, limits.lingering_time_s), self.close)
+
     def abort(self) -> None:
         self.closing = True
         self._cancel_timer()
@@ -600,7 +679,10 @@ class Server:
         self._listener: _Listener | None = None
         self._all_closed: asyncio.Event | None = None
         # Timeouts are checked this often, so they fire at most this late.
-        self.sweep_interval = min(1.0, max(0.02, min(limits.header_timeout_s, limits.keepalive_timeout_s) / 5))
+        shortest = min(limits.header_timeout_s, limits.keepalive_timeout_s)
+        if limits.lingering_timeout_s > 0:
+            shortest = min(shortest, limits.lingering_timeout_s)
+        self.sweep_interval = min(1.0, max(0.02, shortest / 5))
         self._sweeper: asyncio.TimerHandle | None = None
 
     def count_client_error(self, reason: str) -> None:
@@ -628,7 +710,7 @@ class Server:
         self.draining = True
         self.stop_accepting()
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle or conn.lingering:
                 conn.close()
         self._all_closed = asyncio.Event()
         if not self.connections:

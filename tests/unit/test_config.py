@@ -74,6 +74,8 @@ def test_defaults_are_the_documented_values() -> None:
             "header_timeout_s": 10.0,
             "keepalive_timeout_s": 75.0,
             "shutdown_delay_s": 0.0,
+            "lingering_time_s": 30.0,
+            "lingering_timeout_s": 5.0,
         },
         "admin": {"host": "127.0.0.1", "port": 9090, "token": {"value": "", "path": ""}},
         "production": {
@@ -383,7 +385,13 @@ def test_zero_for_positive_number_is_reported(section: str, key: str) -> None:
 
 @pytest.mark.parametrize(
     ("section", "key"),
-    [("listen", "shutdown_delay_s"), ("compare", "abs_tol"), ("compare", "rel_tol")],
+    [
+        ("listen", "shutdown_delay_s"),
+        ("listen", "lingering_time_s"),
+        ("listen", "lingering_timeout_s"),
+        ("compare", "abs_tol"),
+        ("compare", "rel_tol"),
+    ],
 )
 def test_negative_for_non_negative_number_is_reported(section: str, key: str) -> None:
     assert (
@@ -391,8 +399,9 @@ def test_negative_for_non_negative_number_is_reported(section: str, key: str) ->
     )
 
 
-def test_zero_for_non_negative_number_is_accepted() -> None:
-    assert parse_config(with_urls(listen={"shutdown_delay_s": 0})).listen.shutdown_delay_s == 0.0
+@pytest.mark.parametrize("key", ["shutdown_delay_s", "lingering_time_s", "lingering_timeout_s"])
+def test_zero_for_non_negative_number_is_accepted(key: str) -> None:
+    assert getattr(parse_config(with_urls(listen={key: 0})).listen, key) == 0.0
 
 
 @pytest.mark.parametrize(
