@@ -332,6 +332,8 @@ class ListenConfig:
     # and lingering_time_s = 0 turns it off.
     lingering_time_s: float = _key(30.0, _NON_NEGATIVE)
     lingering_timeout_s: float = _key(5.0, _NON_NEGATIVE)
+    # Client connections per process; None: computed from the open-files limit at start.
+    max_connections: int | None = _key(None, _COUNT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
+from shadowproxy.control.descriptors import client_connection_limit, raise_open_files_limit
 from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
@@ -67,6 +68,7 @@ class ShadowProxy:
         self.observers.extend(self.components)
         self.proxy: Proxy | None = None
         self.server: Server | None = None
+        self.max_client_connections: int | None = None  # listen.max_connections, or computed at start
         self._admin_runner: web.AppRunner | None = None
         self.readiness = Readiness(config.production)
         self.guard = TokenGuard(config.admin)
@@ -111,6 +113,7 @@ class ShadowProxy:
         for component in self.components:
             await component.start()
         listen = cfg.listen
+        self.max_client_connections = client_connection_limit(cfg)
         self.server = Server(
             self.proxy.handle,
             ServerLimits(
@@ -120,6 +123,7 @@ class ShadowProxy:
                 keepalive_timeout_s=listen.keepalive_timeout_s,
                 lingering_time_s=listen.lingering_time_s,
                 lingering_timeout_s=listen.lingering_timeout_s,
+                max_connections=self.max_client_connections,
             ),
             on_client_error=lambda reason: self.metrics.client_errors.labels(reason).inc(),
         )
@@ -192,12 +196,16 @@ async def serve(config: Config, *, worker: bool = False) -> int:
         die_with_parent()
         # The configured admin port belongs to the supervisor; a worker's admin is private.
         config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, host="127.0.0.1", port=0))
+    open_files = raise_open_files_limit()  # before start: listen.max_connections may follow from it
     proxy = ShadowProxy(config, reuse_port=worker)
     try:
         await proxy.start()
     except OSError as exc:
         print(f"shadowproxy: cannot listen: {exc}", file=sys.stderr)
         return 1
+    cap = proxy.max_client_connections
+    how = "as set" if config.listen.max_connections is not None else "from the open-files limit"
+    log.info("%s; listen.max_connections %s (%s)", open_files.describe(), "unlimited" if cap is None else cap, how)
     # Everything loaded so far lives as long as the process: out of the collector's way, so the
     # full collections that per-request garbage triggers do not walk it again and again.
     gc.collect()

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
+from shadowproxy.control.descriptors import raise_open_files_limit
 from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import DriftCollector
@@ -378,6 +379,9 @@ class Supervisor:
 
 
 async def supervise(config: Config, config_path: str, workers: int) -> int:
+    # The supervisor's admin port needs descriptors too; each worker raises its own limit, and
+    # computes its own listen.max_connections from it (see control/descriptors.py).
+    open_files = raise_open_files_limit()
     supervisor = Supervisor(config, config_path, workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -394,6 +398,7 @@ async def supervise(config: Config, config_path: str, workers: int) -> int:
         print(f"shadowproxy: {exc}", file=sys.stderr)
         await supervisor.shutdown()
         return 1
+    log.info("supervisor %s", open_files.describe())
     listen, admin = config.listen, config.admin
     print(
         f"shadowproxy listening on http://{listen.host}:{listen.port} with {workers} workers "

@@ -13,6 +13,7 @@ import collections
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
@@ -89,6 +90,7 @@ class ServerLimits:
     # 0 for lingering_time_s: close at once.
     lingering_time_s: float = 30.0
     lingering_timeout_s: float = 5.0
+    max_connections: int | None = None  # client connections open at once; None: no cap
 
 
 class _Reject(Exception):
@@ -678,6 +680,11 @@ class Server:
         self._on_client_error = on_client_error
         self._listener: _Listener | None = None
         self._all_closed: asyncio.Event | None = None
+        # Client connections accepted and not yet closed, those being set up included: beyond
+        # `max_connections`, new ones are closed at once, so the process keeps the descriptors its
+        # upstream pools and admin port need.
+        self.open_connections = 0
+        self.max_connections = limits.max_connections if limits.max_connections is not None else sys.maxsize
         # Timeouts are checked this often, so they fire at most this late.
         shortest = min(limits.header_timeout_s, limits.keepalive_timeout_s)
         if limits.lingering_timeout_s > 0:
@@ -724,6 +731,7 @@ class Server:
             return False
 
     def connection_closed(self) -> None:
+        self.open_connections -= 1
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
             if self._sweeper is not None:
@@ -790,6 +798,7 @@ class _Listener:
         self.sockets = sockets
         self.closed = False
         self.starved = False  # accept() failed for want of descriptors or memory; logged once
+        self.full = False  # new connections are being closed at `max_connections`; logged once
         self._adopting: set[asyncio.Task[None]] = set()
         for sock in sockets:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
@@ -817,6 +826,21 @@ class _Listener:
             if self.starved:
                 self.starved = False
                 log.warning("accepting connections again")
+            server = self.server
+            if server.open_connections >= server.max_connections:
+                # Closed before any byte is read: established connections keep their requests,
+                # and the descriptors left serve the upstream pools and the admin port.
+                sock.close()
+                server.count_client_error("max_connections")
+                if not self.full:
+                    self.full = True
+                    log.warning("%d client connections open, the most allowed: closing new ones at once",
+                                server.open_connections)
+                continue
+            if self.full:
+                self.full = False
+                log.warning("below the client connection limit again: accepting")
+            server.open_connections += 1
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -827,11 +851,13 @@ class _Listener:
     async def _adopt(self, sock: socket.socket) -> None:
         if self.closed:
             sock.close()
+            self.server.open_connections -= 1
             return
         try:
             await self.loop.connect_accepted_socket(lambda: as_protocol(ClientConnection(self.server)), sock)
         except OSError:  # the client left before its transport was made
             sock.close()
+            self.server.open_connections -= 1
 
     def _resume(self, listening: socket.socket) -> None:
         if not self.closed:

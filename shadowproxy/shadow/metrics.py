@@ -28,8 +28,9 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 TARGETS = ("production", "candidate")
 MIRROR_RESULTS = ("sent", "dropped", "skipped", "error")
 OUTCOMES = ("agree", "disagree", "candidate_error", "unparseable", "too_large")
-# "accept": a connection the kernel queued that could not be accepted (out of file descriptors)
-CLIENT_ERRORS = ("bad_request", "header_too_large", "body_too_large", "header_timeout", "accept")
+# "accept": a connection the kernel queued that could not be accepted (out of file descriptors);
+# "max_connections": a new connection closed at once, listen.max_connections being open
+CLIENT_ERRORS = ("bad_request", "header_too_large", "body_too_large", "header_timeout", "accept", "max_connections")
 UPSTREAM_FAILURES = ("connect", "timeout", "reset", "malformed")
 SKIP_REASONS = ("method", "body_too_large")
 DROP_REASONS = ("in_flight_full", "backoff", "client_gone")

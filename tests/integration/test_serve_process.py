@@ -155,9 +155,11 @@ async def test_out_of_file_descriptors_is_counted_and_serving_resumes(
     tmp_path: Path, upstream: Upstream, processes: list
 ) -> None:
     # The kernel completes handshakes the proxy cannot accept (no descriptor left): it counts them,
-    # backs off instead of spinning, and accepts again once descriptors are free.
+    # backs off instead of spinning, and accepts again once descriptors are free. A
+    # listen.max_connections set above the descriptors there are is what lets it run out.
     lp, ap = free_port(), free_port()
     config = write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap)
+    config.write_text(config.read_text().replace("[admin]", "max_connections = 1000\n\n[admin]"))
 
     def few_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))

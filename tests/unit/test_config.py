@@ -76,6 +76,7 @@ def test_defaults_are_the_documented_values() -> None:
             "shutdown_delay_s": 0.0,
             "lingering_time_s": 30.0,
             "lingering_timeout_s": 5.0,
+            "max_connections": None,
         },
         "admin": {"host": "127.0.0.1", "port": 9090, "token": {"value": "", "path": ""}},
         "production": {
@@ -404,11 +405,17 @@ def test_zero_for_non_negative_number_is_accepted(key: str) -> None:
     assert getattr(parse_config(with_urls(listen={key: 0})).listen, key) == 0.0
 
 
+def test_listen_max_connections_is_unset_by_default_and_a_count_when_set() -> None:
+    assert parse_config(URLS).listen.max_connections is None
+    assert parse_config(with_urls(listen={"max_connections": 5000})).listen.max_connections == 5000
+
+
 @pytest.mark.parametrize(
     ("section", "key"),
     [
         ("listen", "max_body_bytes"),
         ("listen", "max_header_bytes"),
+        ("listen", "max_connections"),
         ("production", "max_connections"),
         ("candidate", "max_in_flight"),
         ("candidate", "backoff_after"),
