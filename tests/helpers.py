@@ -225,10 +225,10 @@ async def raw_exchange(host: str, port: int, data: bytes, *, read_timeout: float
 
 def write_config(
     path: Path, production: str, *, listen_port: int, admin_port: int, extra: str = "",
-    admin_host: str = "127.0.0.1", admin: str = "",
+    admin_host: str = "127.0.0.1", admin: str = "", candidate: str = "",
 ) -> Path:
     """A config for `serve` on the given ports; `admin` is more lines for that table, `extra`
-    more tables."""
+    more tables; the candidate is `candidate`, or a closed port."""
     path.write_text(
         f"""
 [listen]
@@ -246,7 +246,7 @@ port = {admin_port}
 url = "{production}"
 
 [candidate]
-url = "{closed_port_url()}"
+url = "{candidate or closed_port_url()}"
 {extra}
 """
     )
@@ -281,6 +281,22 @@ PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 
 
 DASHBOARD = ROOT / "config" / "grafana" / "shadowproxy-dashboard.json"
+
+
+async def start_model_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m shadowproxy.models --port 0 ARGS...` in a process of its own, and its URL once it
+    serves (the line it prints then names the port it bound)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy.models", "--port", "0", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+    if " serving on " not in line:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"stand-in model did not start: {line!r}")
+    return proc, line.rsplit(" serving on ", 1)[1].strip()
 
 
 def require_binary(name: str) -> str:
