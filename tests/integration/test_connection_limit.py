@@ -37,7 +37,7 @@ async def closed_at_once(port: int, count: int) -> tuple[list[asyncio.StreamWrit
 
     async def closed(reader: asyncio.StreamReader) -> bool:
         try:
-            return await asyncio.wait_for(reader.read(1), 1.0) == b""
+            return await asyncio.wait_for(reader.read(1), 2.0) == b""
         except TimeoutError:
             return False  # still open: accepted, and waiting for a request head
         except ConnectionError:
