@@ -31,8 +31,8 @@ __all__ = [
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal: two-sided 95%
 
 # The window of the binomial distribution that is summed: mean ± (15 standard deviations + 40).
-# By the Chernoff bound the mass left outside is below exp(-90) for every n, far under the
-# 1.25% tails the ranks are chosen at, so the sums are those of the whole distribution.
+# By Bernstein's inequality the mass left outside is below 2 * exp(-60) for every n and p, far
+# under the 1.25% tails the ranks are chosen at, so the sums are those of the whole distribution.
 _WINDOW_SDS = 15.0
 _WINDOW_EXTRA = 40
 
