@@ -22,7 +22,7 @@ from shadowproxy.shadow.metrics import Metrics, StoreMetrics
 from shadowproxy.shadow.observers import ExchangeRecord
 from shadowproxy.shadow.proxy import new_request_id
 from shadowproxy.store import writer as store_module
-from shadowproxy.store.database import EXCHANGE, MIGRATIONS, PAIR, Database, connect, redact
+from shadowproxy.store.database import EXCHANGE, MIGRATIONS, PAIR, Database, Totals, connect, redact
 from shadowproxy.store.records import Entries, entries_in, lookup_key, read_request, request_columns
 
 CONFIG = parse_config({"production": {"url": "http://127.0.0.1:1"}, "candidate": {"url": "http://127.0.0.1:2"}})
@@ -205,9 +205,11 @@ def test_redaction_with_wildcards_and_escapes() -> None:
 
 
 def _snapshot(candidate_labeled: int, delta: float) -> dict[str, Any]:
-    return {"ground_truth": {"labeled": candidate_labeled, "candidate_labeled": candidate_labeled,
-                             "production_accuracy": 0.9, "candidate_accuracy": 0.9 + delta,
-                             "production_accuracy_paired": 0.9, "accuracy_delta": delta}}
+    """Production right on 90% of the paired labels, the candidate on 90% + delta."""
+    production = round(0.9 * candidate_labeled)
+    candidate = round((0.9 + delta) * candidate_labeled)
+    totals = Totals(candidate_labeled, production, candidate_labeled, candidate, production)
+    return {"ground_truth": store_module.ground_truth(totals)}
 
 
 def _accuracy_gates(snapshot: dict[str, Any], gates: GatesConfig) -> list[dict[str, Any]]:
@@ -224,14 +226,20 @@ def test_accuracy_gate_is_left_out_before_min_labels() -> None:
     assert evaluate(_snapshot(99, -0.5), gates)["verdict"] == "insufficient_data"  # min_samples waits, not this
 
 
-def test_accuracy_gate_passes_at_or_above_the_threshold_and_fails_below() -> None:
+def test_accuracy_gate_passes_above_the_threshold_fails_below_and_waits_between() -> None:
     gates = GatesConfig(min_samples=1, min_labels=100, min_accuracy_delta=-0.01)
-    (passed,) = _accuracy_gates(_snapshot(100, -0.01), gates)
-    assert (passed["passed"], passed["value"], passed["threshold"]) == (True, -0.01, -0.01)
-    (failed,) = _accuracy_gates(_snapshot(100, -0.05), gates)
-    assert failed["passed"] is False
+    # 20,000 labels: the delta's 95% interval is about +-0.6 points wide.
+    (passed,) = _accuracy_gates(_snapshot(20_000, 0.0), gates)
+    assert (passed["passed"], passed["value"], passed["threshold"]) == (True, 0.0, -0.01)
+    assert passed["interval"][0] >= -0.01
+    (failed,) = _accuracy_gates(_snapshot(20_000, -0.05), gates)
+    assert failed["passed"] is False and failed["interval"][1] < -0.01
     assert "-5%" in failed["reason"]
-    assert evaluate(_snapshot(100, -0.05), gates)["verdict"] == "fail"
+    assert evaluate(_snapshot(20_000, -0.05), gates)["verdict"] == "fail"
+    # 100 labels: -5% cannot be told from -1% yet.
+    (waiting,) = _accuracy_gates(_snapshot(100, -0.05), gates)
+    assert waiting["passed"] is None
+    assert waiting["interval"][0] < -0.01 < waiting["interval"][1]
 
 
 def test_a_batch_of_any_size_is_written_whole(tmp_path: Path) -> None:
