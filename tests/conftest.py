@@ -72,3 +72,12 @@ async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]
         await proxy.shutdown()
 
 
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Subprocesses a test starts, killed at its end if still running."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -258,23 +257,13 @@ def test_check_config_warns_in_one_line_about_an_open_admin_port_off_loopback(
         assert result.stderr == ""
 
 
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for serving in started:
-        if serving.proc.returncode is None:
-            serving.proc.kill()
-            await serving.proc.wait()
-
-
-async def serve(tmp_path: Path, upstream: Upstream, processes: list[ServeProcess], *args: str,
+async def serve(tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process], *args: str,
                 admin_host: str = "127.0.0.1", admin: str = "", extra: str = "") -> ServeProcess:
     lp, ap = free_port(), free_port()
     config = write_config(tmp_path / "c.toml", upstream.url, listen_port=lp, admin_port=ap,
                           admin_host=admin_host, admin=admin, extra=extra)
     serving = await start_serve(config, lp, ap, *args)
-    processes.append(serving)
+    processes.append(serving.proc)
     assert "listening" in serving.first_line
     return serving
 
@@ -307,7 +296,7 @@ async def admin_status(serving: ServeProcess, method: str, path: str, body: byte
 
 
 async def test_serve_warns_once_at_start_about_an_open_admin_port_off_loopback(
-    tmp_path: Path, upstream: Upstream, processes: list[ServeProcess]
+    tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process]
 ) -> None:
     serving = await serve(tmp_path, upstream, processes, admin_host="0.0.0.0")
     assert await admin_status(serving, "PUT", "/shadow/sample_rate", b'{"sample_rate": 0.5}') == 403
@@ -318,7 +307,7 @@ async def test_serve_warns_once_at_start_about_an_open_admin_port_off_loopback(
 
 
 async def test_sighup_reads_the_token_file_again(
-    tmp_path: Path, upstream: Upstream, processes: list[ServeProcess]
+    tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process]
 ) -> None:
     path = tmp_path / "token"
     path.write_text("old-token\n")
@@ -337,7 +326,7 @@ async def test_sighup_reads_the_token_file_again(
 
 
 async def test_workers_sighup_reaches_every_worker_and_the_new_token_works_through_the_supervisor(
-    tmp_path: Path, upstream: Upstream, processes: list[ServeProcess]
+    tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process]
 ) -> None:
     path = kubernetes_secret(tmp_path / "secret", "old-token", 1)
     serving = await serve(tmp_path, upstream, processes, "--workers", "2", admin=f'token = "file:{path}"',
@@ -357,7 +346,7 @@ async def test_workers_sighup_reaches_every_worker_and_the_new_token_works_throu
 
 
 async def test_workers_off_loopback_without_a_token_refuse_data_at_the_supervisor(
-    tmp_path: Path, upstream: Upstream, processes: list[ServeProcess]
+    tmp_path: Path, upstream: Upstream, processes: list[asyncio.subprocess.Process]
 ) -> None:
     # The workers' own admin listeners are on loopback, where no token is needed: the supervisor,
     # which forwards to them, must refuse for them.

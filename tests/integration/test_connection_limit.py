@@ -7,27 +7,15 @@ import asyncio
 import resource
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from shadowproxy.config import parse_config
 from shadowproxy.control.descriptors import RESERVED, client_connection_limit
 from tests.helpers import RunningProxy, Upstream, free_port, write_config
 
 REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for proc in started:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def closed_at_once(port: int, count: int) -> tuple[list[asyncio.StreamWriter], int]:

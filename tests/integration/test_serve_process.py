@@ -7,7 +7,6 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,16 +14,6 @@ import pytest
 
 from shadowproxy.http.server import Server, ServerLimits
 from tests.helpers import RunningProxy, ServeProcess, Upstream, closed_port_url, free_port, start_serve, write_config
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for proc in started:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def serve_example(
