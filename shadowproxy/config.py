@@ -47,7 +47,7 @@ __all__ = [
     "read_token_file",
 ]
 
-PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json")
+PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json", "openai")
 KINDS = ("label", "numeric", "vector", "distribution", "text")
 
 _T = TypeVar("_T")
@@ -426,6 +426,10 @@ class CompareConfig:
     rel_tol: float = _key(1e-3, _NON_NEGATIVE)
     output: str = _key("", _string())
     max_response_bytes: int = _key(1_048_576, _COUNT)
+    # A text pair agrees at this similarity or above (1.0: equal text); kind "text" and "openai".
+    min_similarity: float = _key(1.0, _FRACTION)
+    # An openai embeddings pair agrees at this cosine or above.
+    min_cosine: float = _key(0.99, _number(ge=-1, le=1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,11 @@
 | ``numeric`` | ``|c - p| <= max(rel_tol * max(|p|, |c|), abs_tol)``; NaN == NaN | ``abs_diffs`` |
 | ``vector`` | same shape and every element close as for ``numeric`` | ``abs_diffs`` (max), ``cosine`` |
 | ``distribution`` | same argmax (first index on ties) | ``jsd`` (base 2, in [0, 1]) |
-| ``text`` | equal after collapsing whitespace runs to one space and stripping | ``similarity`` |
+| ``text`` | similarity >= ``min_similarity``; at 1.0 (the default) equal after normalising | ``similarity`` |
 
-``numeric`` reads a one-element list (``[0.7]``, ``[[0.7]]``) as its element, since many
-regressors answer that way; ``text`` needs strings on both sides.
+``text`` normalises by collapsing whitespace runs to one space and stripping, and needs strings
+on both sides; its similarity is difflib's ratio of the normalised texts. ``numeric`` reads a
+one-element list (``[0.7]``, ``[[0.7]]``) as its element, since many regressors answer that way.
 
 Odd values never raise: a value the kind cannot read (a string where a number belongs, a ragged
 vector, a negative probability, ...) is a disagreement. Booleans are not numbers here, as in JSON.
@@ -33,7 +34,15 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-__all__ = ["KINDS", "VECTORISE_MIN", "Comparison", "canonical_label", "compare_predictions"]
+__all__ = [
+    "KINDS",
+    "VECTORISE_MIN",
+    "Comparison",
+    "canonical_label",
+    "compare_predictions",
+    "normalise_text",
+    "text_similarity",
+]
 
 KINDS: tuple[str, ...] = ("label", "numeric", "vector", "distribution", "text")
 VECTORISE_MIN = 32
@@ -51,7 +60,10 @@ BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
 Preds = Sequence[object]
 
 
-_COMPARISON_FIELDS: Final = ("agree", "disagree", "flags", "abs_diffs", "cosine", "jsd", "similarity", "pairs")
+_COMPARISON_FIELDS: Final = (
+    "agree", "disagree", "flags", "abs_diffs", "cosine", "jsd", "similarity", "pairs",
+    "tool_calls_compared", "tool_calls_agree",
+)
 
 
 class Comparison:
@@ -70,6 +82,10 @@ class Comparison:
         self.jsd: list[float] = []
         self.similarity: list[float] = []
         self.pairs: list[tuple[str, str]] = []
+        # OpenAI answers (judging/openai.py): pairs where either side called a tool, and of those
+        # the ones that agree.
+        self.tool_calls_compared = 0
+        self.tool_calls_agree = 0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Comparison):
@@ -85,9 +101,15 @@ class Comparison:
 
 
 def compare_predictions(
-    kind: str, prod: Sequence[object], cand: Sequence[object], abs_tol: float, rel_tol: float
+    kind: str,
+    prod: Sequence[object],
+    cand: Sequence[object],
+    abs_tol: float,
+    rel_tol: float,
+    min_similarity: float = 1.0,
 ) -> Comparison:
     """Compare two equally long prediction lists; ``ValueError`` on unequal lengths or unknown kind.
+    ``min_similarity`` is the ``text`` kind's threshold (1.0: equal after normalising).
 
     The loops below zip without ``strict=True``: compiled, a plain zip is a C loop, while the
     keyword makes it a call of the builtin, once per mirrored request and kind."""
@@ -106,7 +128,7 @@ def compare_predictions(
         if len(prod) < VECTORISE_MIN or not _distribution_np(prod, cand, out):
             _compare_distributions(prod, cand, out)
     elif kind == "text":
-        _compare_texts(prod, cand, out)
+        _compare_texts(prod, cand, min_similarity, out)
     else:
         raise ValueError(f"unknown comparison kind {kind!r}; expected one of {', '.join(KINDS)}")
     out.agree = sum(out.flags)
@@ -437,11 +459,13 @@ def _distribution_np(prod: Preds, cand: Preds, out: Comparison) -> bool:
 # ---------------------------------------------------------------- text
 
 
-def _normalise_text(s: str) -> str:
+def normalise_text(s: str) -> str:
+    """Text as the ``text`` kind compares it: whitespace runs collapsed to one space, stripped."""
     return " ".join(s.split())
 
 
-def _similarity(a: str, b: str) -> float:
+def text_similarity(a: str, b: str) -> float:
+    """difflib's ratio of two (normalised) texts in [0, 1]; 1.0 for equal texts."""
     if a == b:
         return 1.0
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
@@ -450,12 +474,16 @@ def _similarity(a: str, b: str) -> float:
     return matcher.ratio()
 
 
-def _compare_texts(prod: Preds, cand: Preds, out: Comparison) -> None:
+def _compare_texts(prod: Preds, cand: Preds, min_similarity: float, out: Comparison) -> None:
+    # At 1.0 agreement is equality itself: difflib's cheap bound for long texts (quick_ratio)
+    # reaches 1.0 for any rearrangement of the same characters.
+    exact = min_similarity >= 1.0
     for p, c in zip(prod, cand):  # noqa: B905  equal lengths (compare_predictions checks)
         if not (isinstance(p, str) and isinstance(c, str)):
             out.flags.append(False)
             continue
-        np_ = _normalise_text(p)
-        nc = _normalise_text(c)
-        out.flags.append(np_ == nc)
-        out.similarity.append(_similarity(np_, nc))
+        np_ = normalise_text(p)
+        nc = normalise_text(c)
+        similarity = text_similarity(np_, nc)
+        out.flags.append(np_ == nc if exact else similarity >= min_similarity)
+        out.similarity.append(similarity)
