@@ -1,7 +1,8 @@
-"""Bundled stand-in model endpoints: real aiohttp servers speaking the KServe v1 protocol.
+"""The KServe v1 stand-in: a real aiohttp server answering ``:predict`` with a small classifier.
 
-Used by ``shadowproxy demo``, by the README's example config (production on 8001, candidate on
-8002 via ``python -m shadowproxy.models``) and by tests as real upstreams.
+``python -m shadowproxy.models`` serves it (the default ``--protocol kserve-v1``). Used by
+``shadowproxy demo``, by the README's example config (production on 8001, candidate on 8002) and by
+tests as a real upstream.
 
 The model is a linear softmax classifier over 4 features and 3 classes with fixed weights
 (``numpy.random.default_rng(7)``: first ``normal(size=(4, 3))`` weights, then ``normal(size=3)``
@@ -407,6 +408,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m shadowproxy.models",
         description="Serve a bundled stand-in model (KServe v1 protocol) until SIGTERM/SIGINT.",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("kserve-v1",),
+        default="kserve-v1",
+        help="kserve-v1: this classifier (the default)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(
@@ -473,7 +480,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

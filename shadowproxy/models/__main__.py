@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from shadowproxy.models import main
+
+raise SystemExit(main())
