@@ -54,7 +54,7 @@ class ShadowProxy:
         self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.stats = ShadowStats()
-        self.metrics.registry.register(ShadowCollector(self.stats, config.gates))
+        self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)
@@ -154,9 +154,14 @@ class ShadowProxy:
     def stats_snapshot(self, full: bool = False) -> dict[str, Any]:
         snapshot = self.stats.snapshot(full=full)
         snapshot["process"] = {"pid": os.getpid(), "sample_rate": self.current_sample_rate()}
-        for component in self.components:
-            snapshot.update(component.stats_blocks())
+        snapshot.update(self.component_blocks())
         return snapshot
+
+    def component_blocks(self) -> dict[str, Any]:
+        blocks: dict[str, Any] = {}
+        for component in self.components:
+            blocks.update(component.stats_blocks())
+        return blocks
 
     async def production_reachable(self) -> bool:
         ok = await self.readiness.check()

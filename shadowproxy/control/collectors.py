@@ -7,8 +7,8 @@ several workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -30,15 +30,21 @@ class ShadowCollector(Collector):
     FIGURES = ("abs_diff", "jsd", "cosine", "similarity")
     PERCENTILE_NAMES = ("p50", "p90", "p99")
 
-    def __init__(self, stats: ShadowStats, gates: GatesLike) -> None:
+    def __init__(
+        self, stats: ShadowStats, gates: GatesLike, blocks: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self.stats = stats
         self.gates = gates
+        # The components' blocks (ground truth): the verdict here must be the one /shadow/verdict gives.
+        self.blocks = blocks
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterable[Metric]:
         snapshot = self.stats.snapshot()
+        if self.blocks is not None:
+            snapshot.update(self.blocks())
         comparisons = snapshot["comparisons"]
         rate = GaugeMetricFamily(
             "shadowproxy_disagreement_rate", "Share of compared predictions that disagree (0 when none compared)."
@@ -47,7 +53,7 @@ class ShadowCollector(Collector):
         yield rate
         bounds = GaugeMetricFamily(
             "shadowproxy_disagreement_rate_ci95",
-            "Wilson 95% interval of the disagreement rate; the verdict judges the upper bound.",
+            "Wilson 95% interval of the disagreement rate, on which the verdict decides.",
             labels=["bound"],
         )
         lower, upper = comparisons["disagreement_rate_ci95"]

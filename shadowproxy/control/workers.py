@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -111,6 +111,16 @@ class _Fixed:
 
     def snapshot(self) -> dict[str, Any] | None:
         return self.doc
+
+
+class _Families(Collector):
+    """Metric families already built."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 class _Forward:
@@ -358,16 +368,21 @@ class Supervisor:
 
     async def metrics_exposition(self) -> bytes:
         expositions = [body.decode() for body in await self._from_all("/metrics")]
-        merged, _ = await self._merged()
+        merged, extras = await self._merged()
+        blocks = {k: v for k, v in extras.items() if k != "workers"}
         registry = CollectorRegistry(auto_describe=False)
-        skip: frozenset[str] = frozenset()
+        # Workers never answer /readyz (the supervisor does), so their readiness gauges say nothing.
+        ready = GaugeMetricFamily("shadowproxy_production_ready", "1 while production accepts connections.")
+        ready.add_metric([], 1.0 if await self.readiness.check() else 0.0)
+        registry.register(_Families([ready]))
+        skip: frozenset[str] = frozenset({"shadowproxy_production_ready"})
         if self.drift_baseline is not None:
             drift = DriftCollector()
             drift.source = _Fixed(await self.drift_snapshot())
             registry.register(drift)
-            skip = DriftCollector.FAMILIES
+            skip |= DriftCollector.FAMILIES
         registry.register(_Summed(expositions, skip))
-        registry.register(ShadowCollector(merged, self.config.gates))
+        registry.register(ShadowCollector(merged, self.config.gates, lambda: blocks))
         return generate_latest(registry)
 
     def current_sample_rate(self) -> float | None:

@@ -373,3 +373,31 @@ async def test_version_metric_counts_each_target(
     assert 'shadowproxy_model_version_requests_total{target="production",version="prod-7"} 3.0' in text
     assert 'shadowproxy_model_version_requests_total{target="candidate",version="cand-8"} 3.0' in text
     assert "shadowproxy_store_dropped_total 0.0" in text
+
+
+async def test_the_verdict_metric_counts_the_accuracy_gate_as_the_verdict_endpoint_does(
+    models: tuple[RunningModel, RunningModel], start_proxy: Any, tmp_path: Path
+) -> None:
+    production, candidate = models
+    proxy: RunningProxy = await start_proxy(
+        production.url, candidate.url, mirror={"sample_rate": 1.0},
+        store={"path": str(tmp_path / "audit.db"), "sample_rate": 0.0},
+        gates={"min_samples": 1, "min_labels": 1, "min_accuracy_delta": 0.0, "max_disagreement_rate": 1.0},
+    )
+    batches = {f"acc-{i}": generate_instances(5, seed=300 + i) for i in range(30)}
+    async with aiohttp.ClientSession() as s:
+        for rid, instances in batches.items():
+            await predict(s, proxy, instances, rid)
+        await proxy.settle()
+        await asyncio.sleep(0.3)
+        # Production's predictions are the truth: the candidate, wrong on its flips, is worse.
+        labels = [{"request_id": rid, "index": i, "label": p}
+                  for rid, instances in batches.items() for i, p in enumerate(predict_labels(instances))]
+        status, _ = await post_labels(s, proxy, labels)
+        assert status == 200
+        async with s.get(proxy.admin_url + "/shadow/verdict") as r:
+            verdict = (await r.json())["verdict"]
+        async with s.get(proxy.admin_url + "/metrics") as r:
+            exposition = await r.text()
+    assert verdict == "fail"  # the latency gate still waits: only the accuracy gate decides
+    assert f'shadowproxy_promotion_verdict{{verdict="{verdict}"}} 1.0' in exposition

@@ -95,6 +95,8 @@ sample_rate = 0.0
             async with s.get(admin + "/metrics") as r:
                 text = await r.text()
             assert 'shadowproxy_requests_total{status_class="2xx"} 200.0' in text
+            # Production answers, and no probe has asked yet: the gauge says so all the same.
+            assert "shadowproxy_production_ready 1.0" in text
 
             async with s.put(admin + "/shadow/sample_rate", json={"sample_rate": 1.0}) as r:
                 assert r.status == 401
