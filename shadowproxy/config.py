@@ -277,6 +277,52 @@ def _secret(validate: Callable[[str], str]) -> _Check:
     return check
 
 
+# Set by the proxy on every shadow request, or hop-by-hop (RFC 9110 §7.6.1): not configurable.
+_PROXY_HEADERS = frozenset((
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade", "expect", "x-shadow-request",
+))
+
+
+def _field_value(text: str) -> str:
+    # RFC 9110 §5.5: visible characters, spaces and tabs inside; no line breaks (header injection).
+    if not re.fullmatch(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?", text):
+        raise _Invalid("must be visible ASCII characters, with spaces or tabs only between them")
+    return text
+
+
+def _header_table(value: object) -> object:
+    """`[candidate] headers`: name -> value (or `env:NAME` / `file:PATH`, read now) as a mapping
+    of name -> Secret; names are tokens, unique regardless of case, and not ones the proxy sets."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table of header names to values, got {_describe(value)}")
+    secret = _secret(_field_value)
+    items: dict[str, Secret] = {}
+    seen: set[str] = set()
+    lines: list[tuple[str, str]] = []
+    for name, raw in value.items():
+        at = f".{name}"
+        lname = name.lower()
+        if not _TOKEN.fullmatch(name):
+            lines.append((at, "must be an HTTP header name (an RFC 9110 token)"))
+        elif lname in _PROXY_HEADERS:
+            lines.append((at, "set by the proxy; cannot be configured"))
+        elif lname in seen:
+            lines.append((at, "named twice (header names are case-insensitive)"))
+        else:
+            seen.add(lname)
+            try:
+                checked = secret(raw)
+            except _Invalid as exc:
+                lines.extend((at + sub, message) for sub, message in exc.lines)
+                continue
+            assert isinstance(checked, Secret)
+            items[name] = checked
+    if lines:
+        raise _Invalid(lines=lines)
+    return items
+
+
 def _pointer(text: str) -> str:
     if not text.startswith("/"):
         raise _Invalid(f'must be a JSON pointer (RFC 6901) starting with "/", got {_quote(text)}')
@@ -403,6 +449,11 @@ class CandidateConfig(UpstreamConfig):
 
     max_in_flight: int = _key(256, _COUNT)
     backoff_after: int = _key(5, _COUNT)
+    # The candidate's own identity on its copy of a request: the JSON body's "model" ("" keeps
+    # the client's), and header fields replacing the client's of the same name.
+    model: str = _key("", _string())
+    # A dict (copyable, picklable, as `dataclasses.asdict` needs), typed read-only.
+    headers: Mapping[str, Secret] = field(default_factory=dict, metadata={"check": _header_table})
 
 
 @dataclass(frozen=True, slots=True)

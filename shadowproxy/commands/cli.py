@@ -114,17 +114,31 @@ def _warn_if_open(config: Config) -> None:
 def summary(config: Config) -> str:
     """A few lines describing what a config will do."""
     mirror, compare, path = config.mirror, config.compare, config.compare.path
+    candidate = config.candidate
+    identity = [f"model {candidate.model}"] if candidate.model else []
+    if candidate.headers:
+        identity.append(f"headers {', '.join(candidate.headers)}")  # names only: values may be keys
+    if compare.preset == "openai":
+        comparing = (
+            f"preset openai (chat, completions: min_similarity {compare.min_similarity:g}; "
+            f"embeddings: min_cosine {compare.min_cosine:g}); other paths are not mirrored"
+        )
+    else:
+        comparing = f"preset {compare.preset}, kind {compare.kind}" + (f", path {path}" if path else "")
     lines = [
         ("production", str(config.production.target)),
-        ("candidate", str(config.candidate.target)),
+        ("candidate", str(candidate.target) + (f" ({'; '.join(identity)})" if identity else "")),
         ("listen", _address(config.listen.host, config.listen.port)),
         ("admin", _address(config.admin.host, config.admin.port)),
         ("mirror", f"sample_rate {mirror.sample_rate:g}, methods {', '.join(mirror.methods) or '(none)'}"),
-        ("compare", f"preset {compare.preset}, kind {compare.kind}" + (f", path {path}" if path else "")),
+        ("compare", comparing),
         ("store", config.store.path or "off"),
         ("drift", "on" if config.drift is not None else "off"),
     ]
-    return "\n".join(f"  {name:<12}{value}" for name, value in lines)
+    text = "\n".join(f"  {name:<12}{value}" for name, value in lines)
+    if compare.preset == "openai":
+        text += "\n  note: compare.kind, compare.path and compare.output are ignored under preset openai"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------

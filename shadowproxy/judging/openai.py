@@ -41,6 +41,8 @@ from shadowproxy.judging.presets import PresetError
 __all__ = [
     "ENDPOINTS",
     "OpenAIChoice",
+    "answer_endpoint",
+    "answer_predictions",
     "Thresholds",
     "Unparsed",
     "compare_openai",
@@ -247,6 +249,33 @@ def _embedding(item: dict[str, object], index: int) -> OpenAIChoice:
     else:
         raise PresetError(f"data[{index}] has no 'embedding'")
     return OpenAIChoice(index, vector=vector)
+
+
+def answer_endpoint(doc: object) -> str | None:
+    """The endpoint a parsed answer came from, by its ``object`` field (``chat.completion``,
+    ``text_completion``, ``list``), else by its shape; for callers that do not have the path."""
+    if not isinstance(doc, dict):
+        return None
+    kind = doc.get("object")
+    if kind == "chat.completion":
+        return "chat"
+    if kind == "text_completion":
+        return "completions"
+    if isinstance(doc.get("data"), list):
+        return "embeddings"
+    choices = doc.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return "chat" if "message" in choices[0] else "completions"
+    return None
+
+
+def answer_predictions(doc: object) -> list[object]:
+    """One JSON value per choice (`OpenAIChoice.prediction`), the endpoint read off the answer:
+    what the store keeps and `extract_predictions` gives for the ``openai`` preset."""
+    endpoint = answer_endpoint(doc)
+    if endpoint is None:
+        raise PresetError("answer is not an OpenAI chat, completions or embeddings answer")
+    return [choice.prediction() for choice in extract_openai(doc, endpoint)]
 
 
 def extract_usage(doc: object) -> tuple[int | None, int | None]:

@@ -9,8 +9,9 @@ and returns a flat list with one prediction per instance, ready for ``compare.co
 | ``mlflow`` | ``/predictions`` (a list, or a dict of columns -> one dict per row), or a bare top-level list |
 | ``oip-v2`` | ``outputs[*].data`` reshaped by each output's ``shape`` (first dimension = instances) |
 | ``json`` | the RFC 6901 pointer in ``path`` |
+| ``openai`` | one per choice or embedding (``judging/openai.py``, which the mirror calls directly) |
 
-A non-empty ``path`` overrides every preset. Any problem raises ``PresetError`` (a ``ValueError``),
+A non-empty ``path`` overrides every preset but ``openai``. Any problem raises ``PresetError`` (a ``ValueError``),
 which the mirror counts as an unparseable (or candidate_error) answer.
 """
 
@@ -83,6 +84,11 @@ def extract_predictions(doc: object, preset: str, path: str = "", output: str = 
     single prediction. ``output`` selects one ``oip-v2`` output by name; without it a single output
     gives its per-instance values, several outputs give one list of per-output values per instance.
     """
+    if preset == "openai":
+        # Imported here: openai.py imports PresetError from this module.
+        from shadowproxy.judging.openai import answer_predictions
+
+        return answer_predictions(doc)
     if path:
         value = resolve_pointer(doc, parse_pointer(path))
         return list(value) if isinstance(value, list) else [value]

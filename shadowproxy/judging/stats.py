@@ -407,6 +407,8 @@ class ShadowStats:
         self.mirror_in_flight = 0
         self.agree = 0
         self.disagree = 0
+        self.tool_calls_compared = 0  # openai pairs where either side called a tool
+        self.tool_calls_agree = 0
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.mirrored_production = LogHistogram()
         self.mirrored_candidate = LogHistogram()
@@ -458,6 +460,9 @@ class ShadowStats:
     def record_comparison(self, cmp: Comparison, kind: str) -> None:
         self.agree += cmp.agree
         self.disagree += cmp.disagree
+        if cmp.tool_calls_compared:
+            self.tool_calls_compared += cmp.tool_calls_compared
+            self.tool_calls_agree += cmp.tool_calls_agree
         if kind == "label":
             pairs = cmp.pairs
             if len(pairs) == 1:
@@ -553,6 +558,7 @@ class ShadowStats:
                 **self.outcomes,
                 "disagreement_rate": self.disagree / total if total else 0.0,
                 "disagreement_rate_ci95": [lo, hi],
+                "tool_calls": {"compared": self.tool_calls_compared, "agree": self.tool_calls_agree},
             },
             "mirrored": {
                 "pairs": self.mirrored_production.count,
@@ -588,6 +594,7 @@ class ShadowStats:
             "mirror_in_flight": self.mirror_in_flight,
             "agree": self.agree,
             "disagree": self.disagree,
+            "tool_calls": [self.tool_calls_compared, self.tool_calls_agree],
             "outcomes": dict(self.outcomes),
             "mirrored_production": self.mirrored_production.to_state(),
             "mirrored_candidate": self.mirrored_candidate.to_state(),
@@ -611,6 +618,9 @@ class ShadowStats:
         self.mirror_in_flight += int(state["mirror_in_flight"])
         self.agree += int(state["agree"])
         self.disagree += int(state["disagree"])
+        compared, agree = state.get("tool_calls", (0, 0))
+        self.tool_calls_compared += int(compared)
+        self.tool_calls_agree += int(agree)
         for key in OUTCOMES:
             self.outcomes[key] += int(state["outcomes"].get(key, 0))
         self.mirrored_production.merge(LogHistogram.from_state(state["mirrored_production"]))

@@ -32,7 +32,8 @@ OUTCOMES = ("agree", "disagree", "candidate_error", "unparseable", "too_large")
 # "max_connections": a new connection closed at once, listen.max_connections being open
 CLIENT_ERRORS = ("bad_request", "header_too_large", "body_too_large", "header_timeout", "accept", "max_connections")
 UPSTREAM_FAILURES = ("connect", "timeout", "reset", "malformed")
-SKIP_REASONS = ("method", "body_too_large")
+# "path": preset openai, and not a chat, completions or embeddings path
+SKIP_REASONS = ("method", "body_too_large", "path")
 DROP_REASONS = ("in_flight_full", "backoff", "client_gone")
 
 

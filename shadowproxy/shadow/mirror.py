@@ -30,10 +30,12 @@ from shadowproxy.http.upstream import (
     UpstreamPool,
 )
 from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.observers import Observer, PairRecord
+from shadowproxy.shadow.rewrite import CandidateRewrite
 from shadowproxy.shadow.sampling import Sampler
 
 log = logging.getLogger("shadowproxy.shadow.mirror")
@@ -63,6 +65,8 @@ class Mirror:
         self.max_in_flight = candidate.max_in_flight
         self.backoff_after = candidate.backoff_after
         self.compare = compare
+        self.openai = compare.preset == "openai"
+        self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
         self.metrics = metrics
         self.stats = stats
         self.loop = asyncio.get_running_loop()
@@ -121,7 +125,15 @@ class Mirror:
         if reason is not None:
             self.skip(reason)
             return None
-        return MirrorTicket(self, cycle.method, path, request_id.decode("latin-1"))
+        endpoint = ""
+        if self.openai:
+            endpoint = openai_endpoint(path) or ""
+            if not endpoint:
+                self.skip("path")
+                return None
+        ticket = MirrorTicket(self, cycle.method, path, request_id.decode("latin-1"))
+        ticket.endpoint = endpoint
+        return ticket
 
     def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
         """The request body is complete: send the candidate its copy now, or drop it."""
@@ -133,8 +145,13 @@ class Mirror:
             ticket.cancelled = True
             self.drop("backoff")
             return
+        fields = ticket.fields
+        rewrite = self.rewrite
+        if rewrite is not None:
+            fields = rewrite.fields(fields)
+            body = rewrite.body(body)
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%sX-Shadow-Request: true\r\nContent-Length: %d\r\n\r\n" % (
-            ticket.method, self.prefix, ticket.path, self.host_header, ticket.fields, len(body)
+            ticket.method, self.prefix, ticket.path, self.host_header, fields, len(body)
         )
         self._count("sent")
         self._set_in_flight(1)
@@ -208,9 +225,17 @@ class Mirror:
         if status == 0 or status >= 500:
             self.stats.record_production_error_on_mirrored()
         prod_preds: list[object] | None = None
+        prod_choices: list[OpenAIChoice] | None = None
         if 200 <= status < 300 and prod_body is not None:
-            prod_preds = self._predictions(prod_body)
-        outcome, cand_preds, flags = self._compare(status, prod_body, prod_preds, candidate)
+            if self.openai:
+                prod_choices = self._choices(prod_body, ticket.endpoint)
+                if prod_choices is not None:
+                    prod_preds = [choice.prediction() for choice in prod_choices]
+            else:
+                prod_preds = self._predictions(prod_body)
+        outcome, cand_preds, flags = self._compare(
+            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices
+        )
         if outcome not in ("agree", "disagree", "not_compared"):  # agreements are counted per prediction
             self._outcome(outcome, 1)
         if self.observers:
@@ -238,12 +263,21 @@ class Mirror:
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             return None
 
+    def _choices(self, body: bytes, endpoint: str) -> list[OpenAIChoice] | None:
+        """An OpenAI answer's choices (judging/openai.py), or None when it is not one."""
+        try:
+            return extract_openai(_loads(body), endpoint)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            return None
+
     def _compare(
         self,
         status: int,
         prod_body: bytes | None,
         prod_preds: list[object] | None,
         candidate: BufferedResponse | None,
+        endpoint: str = "",
+        prod_choices: list[OpenAIChoice] | None = None,
     ) -> tuple[str, list[object] | None, list[bool] | None]:
         """The request's outcome, the candidate's predictions and per-prediction agreement."""
         if candidate is None or candidate.status >= 500:
@@ -256,16 +290,34 @@ class Mirror:
             return "too_large", None, None
         if prod_preds is None:
             return "unparseable", None, None
+        if prod_choices is not None:
+            return self._compare_openai(prod_choices, candidate.body, endpoint)
         cand_preds = self._predictions(candidate.body)
         if cand_preds is None or len(prod_preds) != len(cand_preds):
             return "candidate_error", cand_preds, None
         cfg = self.compare
-        result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol)
+        result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
             self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
         if result.disagree:
             self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+        return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
+
+    def _compare_openai(
+        self, prod_choices: list[OpenAIChoice], cand_body: bytes, endpoint: str
+    ) -> tuple[str, list[object] | None, list[bool] | None]:
+        """Choice by choice (judging/openai.py): a choice only one side has is a disagreement."""
+        cand_choices = self._choices(cand_body, endpoint)
+        if cand_choices is None:
+            return "candidate_error", None, None
+        result = compare_openai(prod_choices, cand_choices, self.compare)
+        self.stats.record_comparison(result, "vector" if endpoint == "embeddings" else "text")
+        if result.agree:
+            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+        if result.disagree:
+            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+        cand_preds = [choice.prediction() for choice in cand_choices]
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
     async def drain(self, timeout_s: float) -> None:
@@ -406,7 +458,7 @@ class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
-                 "dispatched", "production", "candidate", "candidate_in")
+                 "dispatched", "production", "candidate", "candidate_in", "endpoint")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -414,6 +466,7 @@ class MirrorTicket:
         self.method = method
         self.path = path
         self.fields = b""  # the request's header fields as production got them, rendered
+        self.endpoint = ""  # preset openai: "chat", "completions" or "embeddings"
         self.chunks: list[bytes] = []
         self.size = 0
         self.cancelled = False

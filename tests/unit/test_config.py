@@ -94,6 +94,8 @@ def test_defaults_are_the_documented_values() -> None:
             "backoff_after": 5,
             "ca_file": "",
             "tls_verify": True,
+            "model": "",
+            "headers": {},
         },
         "mirror": {"sample_rate": 0.1, "sticky_header": "", "methods": ("POST",), "max_body_bytes": 1048576},
         "compare": {
@@ -103,6 +105,8 @@ def test_defaults_are_the_documented_values() -> None:
             "abs_tol": 1e-6,
             "rel_tol": 1e-3,
             "output": "",
+            "min_similarity": 1.0,
+            "min_cosine": 0.99,
             "max_response_bytes": 1048576,
         },
         "gates": {
