@@ -410,9 +410,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--protocol",
-        choices=("kserve-v1",),
+        choices=("kserve-v1", "openai"),
         default="kserve-v1",
-        help="kserve-v1: this classifier (the default)",
+        help="kserve-v1: this classifier (the default); openai: an LLM (see --protocol openai --help)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
