@@ -3,6 +3,7 @@
 - `upstream`: a scriptable aiohttp model server (echo, status, delay, gzip, chunked, hang...).
 - `raw_upstream`: an asyncio server whose answer is exact bytes, for framing edge cases.
 - `start_proxy`: a ShadowProxy in front of given URLs, with any config override.
+- `openai_pair`: the OpenAI-compatible stand-ins (production, candidate) with their defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 import uvloop
 
 from shadowproxy.control.app import ShadowProxy
-from tests.helpers import RawUpstream, RunningProxy, Upstream, closed_port_url, make_config
+from shadowproxy.models import RunningOpenAIModel
+from tests.helpers import RawUpstream, RunningProxy, Upstream, closed_port_url, make_config, openai_models
 
 
 def pytest_asyncio_loop_factories(
@@ -70,6 +72,12 @@ async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]
     yield start
     for proxy in proxies:
         await proxy.shutdown()
+
+
+@pytest.fixture
+async def openai_pair() -> AsyncIterator[tuple[RunningOpenAIModel, RunningOpenAIModel]]:
+    async with openai_models() as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ Fixtures that wrap these are in conftest.py; test modules import from here, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -13,7 +14,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from shadowproxy.config import Config, parse_config
 from shadowproxy.control.app import ShadowProxy
+from shadowproxy.models import OpenAIBehaviour, RunningOpenAIModel, start_openai_model
 
 
 def free_port() -> int:
@@ -297,6 +299,22 @@ async def start_model_process(*args: str) -> tuple[asyncio.subprocess.Process, s
         await proc.wait()
         raise AssertionError(f"stand-in model did not start: {line!r}")
     return proc, line.rsplit(" serving on ", 1)[1].strip()
+
+
+@contextlib.asynccontextmanager
+async def openai_models(
+    production: OpenAIBehaviour | None = None, candidate: OpenAIBehaviour | None = None
+) -> AsyncIterator[tuple[RunningOpenAIModel, RunningOpenAIModel]]:
+    """The OpenAI-compatible stand-ins in the running loop on free loopback ports: production and
+    candidate (their defaults unless given), stopped on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        prod = await stack.enter_async_context(await start_openai_model(production or OpenAIBehaviour.production()))
+        cand = await stack.enter_async_context(await start_openai_model(candidate or OpenAIBehaviour.candidate()))
+        yield prod, cand
+
+
+# A proxy judging OpenAI-compatible traffic, every request mirrored: `start_proxy(url, url, **OPENAI_PROXY)`.
+OPENAI_PROXY: dict[str, dict[str, Any]] = {"compare": {"preset": "openai"}, "mirror": {"sample_rate": 1.0}}
 
 
 def require_binary(name: str) -> str:
