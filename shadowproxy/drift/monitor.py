@@ -316,7 +316,8 @@ class DriftMonitor:
             baseline_predictions = profile.predictions
         self.features = Stream(config.window, features, config.warmup, config.max_features, config.features)
         self.predictions: Stream | None = None
-        kind = {"label": "label", "numeric": "numeric"}.get(compare.kind)
+        # Under preset openai compare.kind is ignored, and free text makes no label distribution.
+        kind = None if compare.preset == "openai" else {"label": "label", "numeric": "numeric"}.get(compare.kind)
         if baseline_predictions is not None:
             self.predictions = Stream(config.window, {PREDICTION: baseline_predictions}, 0, 1)
         elif kind is not None:

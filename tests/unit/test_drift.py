@@ -232,6 +232,12 @@ def test_a_bad_baseline_file_is_a_config_error(tmp_path: Path) -> None:
         monitor(tmp_path, BASE_ROWS, features=("nope",))
 
 
+def test_predictions_are_not_watched_under_the_openai_preset() -> None:
+    # compare.kind is ignored there, and generated text is no label distribution.
+    assert DriftMonitor(DriftConfig(), CompareConfig(preset="openai")).predictions is None
+    assert DriftMonitor(DriftConfig(), CompareConfig(preset="kserve-v1")).predictions is not None
+
+
 def test_instances_per_preset() -> None:
     assert extract_instances({"instances": [[1, "a"]], "feature_names": ["x", "y"]}, "kserve-v1") == [
         {"x": 1, "y": "a"}
