@@ -22,6 +22,7 @@ from shadowproxy.judging.openai import (
     parse_arguments,
 )
 from shadowproxy.judging.presets import PresetError, extract_predictions
+from shadowproxy.judging.stats import ShadowStats
 
 
 @dataclass(frozen=True)
@@ -337,3 +338,17 @@ def test_long_rearranged_texts_never_agree_at_one() -> None:
     assert out.flags == [False]
     assert out.similarity == [1.0]
     assert compare_predictions("text", [a], [b], 0, 0, 0.99).flags == [True]
+
+
+def test_tool_call_counts_reach_the_stats_and_merge_by_adding() -> None:
+    prod = chat(message(0, None, ("f", "{}")), message(1, None, ("f", "{}")), message(2, "plain"))
+    cand = chat(message(0, None, ("f", "{}")), message(1, None, ("g", "{}")), message(2, "plain"))
+    result = compare_chat(prod, cand)
+    one, two = ShadowStats(), ShadowStats()
+    one.record_comparison(result, "text")
+    two.record_comparison(result, "text")
+    two.record_comparison(result, "text")
+    assert one.snapshot()["comparisons"]["tool_calls"] == {"compared": 2, "agree": 1}
+    merged = ShadowStats.from_states([one.snapshot(full=True), two.snapshot(full=True)])
+    assert merged.snapshot()["comparisons"]["tool_calls"] == {"compared": 6, "agree": 3}
+    assert (merged.agree, merged.disagree) == (6, 3)
