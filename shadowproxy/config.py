@@ -36,6 +36,7 @@ __all__ = [
     "GatesConfig",
     "ListenConfig",
     "MirrorConfig",
+    "Price",
     "ProductionConfig",
     "Secret",
     "UpstreamConfig",
@@ -323,6 +324,39 @@ def _header_table(value: object) -> object:
     return items
 
 
+@dataclass(frozen=True, slots=True)
+class Price:
+    """`price = {input = X, output = Y}`: US dollars per million prompt (input) and completion
+    (output) tokens, as providers publish them."""
+
+    input: float
+    output: float
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+def _price(value: object) -> object:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table {{input = X, output = Y}} (USD per million tokens), got {_describe(value)}")
+    rates: dict[str, float] = {}
+    lines: list[tuple[str, str]] = []
+    for key, raw in value.items():
+        if key not in ("input", "output"):
+            lines.append((f".{key}", 'unknown key (expected "input" and "output")'))
+            continue
+        try:
+            rates[key] = float(_NON_NEGATIVE(raw))  # type: ignore[arg-type]
+        except _Invalid as exc:
+            lines.extend((f".{key}{at}", message) for at, message in exc.lines)
+    for key in ("input", "output"):
+        if key not in value:
+            lines.append((f".{key}", "required"))
+    if lines:
+        raise _Invalid(lines=lines)
+    return Price(rates["input"], rates["output"])
+
+
 def _pointer(text: str) -> str:
     if not text.startswith("/"):
         raise _Invalid(f'must be a JSON pointer (RFC 6901) starting with "/", got {_quote(text)}')
@@ -429,6 +463,8 @@ class UpstreamConfig:
     timeout_s: float = _key(10.0, _POSITIVE)
     ca_file: str = _key("", _string())
     tls_verify: bool = _key(True, _boolean)
+    # LLM answers (compare.preset "openai"): what a token costs, for the cost figures; None: not counted.
+    price: Price | None = _key(None, _price)
 
     @property
     def target(self) -> UpstreamURL:
@@ -449,6 +485,8 @@ class CandidateConfig(UpstreamConfig):
 
     max_in_flight: int = _key(256, _COUNT)
     backoff_after: int = _key(5, _COUNT)
+    # A streamed answer (text/event-stream) may take this long in all; timeout_s then bounds its first byte.
+    stream_timeout_s: float = _key(600.0, _POSITIVE)
     # The candidate's own identity on its copy of a request: the JSON body's "model" ("" keeps
     # the client's), and header fields replacing the client's of the same name.
     model: str = _key("", _string())
@@ -491,6 +529,7 @@ class GatesConfig:
     max_disagreement_rate: float = _key(0.02, _FRACTION)
     max_p99_latency_ratio: float = _key(1.25, _POSITIVE)
     max_error_rate_delta: float = _key(0.01, _FRACTION)
+    max_ttft_p99_ratio: float = _key(1.25, _POSITIVE)  # streamed LLM answers: candidate p99 / production p99
     min_labels: int = _key(100, _COUNT)
     min_accuracy_delta: float | None = _key(None, _number(ge=-1, le=1))  # None: no accuracy gate
 

@@ -22,6 +22,7 @@ from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.llm import LlmMeter
 from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.mirror import Mirror
 from shadowproxy.shadow.observers import Component, Observer
@@ -109,6 +110,11 @@ class ShadowProxy:
             mirror=self.mirror,
             observers=self.observers,
             capture_limit=cfg.compare.max_response_bytes,
+            llm=(
+                LlmMeter("production", self.stats.llm.production, self.metrics, prod.price,
+                         cfg.compare.max_response_bytes)
+                if cfg.compare.preset == "openai" else None
+            ),
         )
         for component in self.components:
             await component.start()

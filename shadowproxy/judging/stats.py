@@ -418,6 +418,10 @@ class ShadowStats:
         self._confusion_labels: set[str] = set()
         self.abs_diff = LogHistogram(1e-12, 1e12)
         self.summaries: dict[str, Summary] = {name: Summary() for name in ("jsd", "cosine", "similarity")}
+        # Imported here, not at the top: llmstats builds on this module's histograms.
+        from shadowproxy.judging.llmstats import LlmStats
+
+        self.llm = LlmStats()  # the "llm" block: figures of OpenAI-compatible answers
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -578,6 +582,7 @@ class ShadowStats:
                 "error_rate_delta_ci95": list(newcombe_interval(min(cand_err, sent), sent, min(prod_err, sent), sent)),
             },
         }
+        out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
         if full:
             out["state"] = self.to_state()
         return out
@@ -603,6 +608,7 @@ class ShadowStats:
             "confusion": [[p, c, n] for (p, c), n in self.confusion.items()],
             "abs_diff": self.abs_diff.to_state(),
             "summaries": {name: s.to_state() for name, s in self.summaries.items()},
+            "llm": self.llm.to_state(),
         }
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
@@ -633,6 +639,8 @@ class ShadowStats:
         self.abs_diff.merge(LogHistogram.from_state(state["abs_diff"]))
         for name, s in self.summaries.items():
             s.merge(Summary.from_state(state["summaries"][name]))
+        if "llm" in state:  # absent from a proxy that predates the block
+            self.llm.merge_state(state["llm"])
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:

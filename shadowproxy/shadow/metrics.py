@@ -19,11 +19,22 @@ from shadowproxy.shadow.hotmetrics import PlainCounter, PlainGauge, PlainHistogr
 if TYPE_CHECKING:
     pass
 
-# Model latencies run from about a millisecond (a small tree model) to tens of seconds (an LLM).
+# Model latencies run from about a millisecond (a small tree model) to minutes (a long LLM
+# answer, up to candidate.stream_timeout_s's default).
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 30.0,
+    1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )
+# Time to first token: tens of milliseconds (a small model, a cached prefix) to tens of seconds
+# (a long prompt queued behind others).
+TTFT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# Gaps between streamed events: a few milliseconds per token on a fast GPU, seconds when stalled.
+INTER_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "other")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 TARGETS = ("production", "candidate")
 MIRROR_RESULTS = ("sent", "dropped", "skipped", "error")
@@ -103,6 +114,41 @@ class Metrics:
             "outcome", OUTCOMES, r,
         )
         self.comparisons_by_outcome = self.comparisons.children
+        # LLM answers (compare.preset "openai"): production's over every answer, the candidate's
+        # over its mirrored ones; updated per streamed event, so plain numbers too.
+        self.time_to_first_token = PlainHistogram(
+            "shadowproxy_time_to_first_token_seconds",
+            "Streamed LLM answers: request sent upstream to the first event carrying output.",
+            "target", TARGETS, TTFT_BUCKETS, r,
+        )
+        self.ttft_by_target = self.time_to_first_token.children
+        self.inter_token_latency = PlainHistogram(
+            "shadowproxy_inter_token_latency_seconds",
+            "Streamed LLM answers: the gap before each event carrying output after the first.",
+            "target", TARGETS, INTER_TOKEN_BUCKETS, r,
+        )
+        self.inter_token_by_target = self.inter_token_latency.children
+        self.output_tokens = PlainCounter(
+            "shadowproxy_output_tokens_total",
+            "LLM output tokens: the answer's usage.completion_tokens, else an estimate.",
+            "target", TARGETS, r,
+        )
+        self.output_tokens_by_target = self.output_tokens.children
+        self.llm_cost = PlainCounter(
+            "shadowproxy_llm_cost_usd_total",
+            "Cost of LLM answers in US dollars at the target's configured price (0 without one).",
+            "target", TARGETS, r,
+        )
+        self.llm_cost_by_target = self.llm_cost.children
+        self.llm_finish_reasons = Counter(
+            "shadowproxy_llm_finish_reasons_total",
+            "Choices of LLM answers by why generation ended (normalised).",
+            ["target", "reason"],
+            registry=r,
+        )
+        self.finish_reasons_by_target = {
+            t: {reason: self.llm_finish_reasons.labels(t, reason) for reason in FINISH_REASONS} for t in TARGETS
+        }
         self.ready = Gauge(
             "shadowproxy_production_ready", "1 while production accepts connections.", registry=r
         )

@@ -33,6 +33,7 @@ from shadowproxy.judging.compare import compare_predictions
 from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
 from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.llm import LlmMeter, LlmWatch, is_event_stream
 from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.observers import Observer, PairRecord
 from shadowproxy.shadow.rewrite import CandidateRewrite
@@ -62,10 +63,16 @@ class Mirror:
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.sampler = Sampler(mirror)
         self.timeout_s = candidate.timeout_s
+        self.stream_timeout_s = candidate.stream_timeout_s
         self.max_in_flight = candidate.max_in_flight
         self.backoff_after = candidate.backoff_after
         self.compare = compare
         self.openai = compare.preset == "openai"
+        # The candidate's LLM figures, over its mirrored answers.
+        self.llm = (
+            LlmMeter("candidate", stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
+            if self.openai else None
+        )
         self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
         self.metrics = metrics
         self.stats = stats
@@ -77,7 +84,7 @@ class Mirror:
         self.active: set[ShadowExchange] = set()  # candidate exchanges in flight
         self.unjudged = 0  # dispatched tickets whose pair has not been judged yet
         # Candidate deadlines are checked this often (a timeout fires at most this late).
-        self.sweep_interval = min(0.5, max(0.01, self.timeout_s / 20))
+        self.sweep_interval = min(0.5, max(0.01, min(self.timeout_s, self.stream_timeout_s) / 20))
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         self._failures = 0
         self._backoff_s = 0.0
@@ -226,16 +233,31 @@ class Mirror:
             self.stats.record_production_error_on_mirrored()
         prod_preds: list[object] | None = None
         prod_choices: list[OpenAIChoice] | None = None
+        prod_llm = ticket.production_llm
+        cand_llm = ticket.candidate_llm
         if 200 <= status < 300 and prod_body is not None:
             if self.openai:
-                prod_choices = self._choices(prod_body, ticket.endpoint)
+                if prod_llm is not None and prod_llm.asm is not None:
+                    # A stream that broke off or carried an error is not read: production's
+                    # answer counts as unparseable, as a whole answer that cannot be read would.
+                    prod_choices = prod_llm.asm.openai_choices() if prod_llm.asm.complete else None
+                else:
+                    prod_choices = self._choices(prod_body, ticket.endpoint)
                 if prod_choices is not None:
                     prod_preds = [choice.prediction() for choice in prod_choices]
             else:
                 prod_preds = self._predictions(prod_body)
         outcome, cand_preds, flags = self._compare(
-            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices
+            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm
         )
+        if (
+            outcome in ("agree", "disagree")
+            and prod_llm is not None
+            and cand_llm is not None
+            and prod_llm.ttft > 0
+            and cand_llm.ttft > 0
+        ):
+            self.stats.llm.record_ttft_pair(prod_llm.ttft, cand_llm.ttft)
         if outcome not in ("agree", "disagree", "not_compared"):  # agreements are counted per prediction
             self._outcome(outcome, 1)
         if self.observers:
@@ -278,6 +300,7 @@ class Mirror:
         candidate: BufferedResponse | None,
         endpoint: str = "",
         prod_choices: list[OpenAIChoice] | None = None,
+        cand_llm: LlmWatch | None = None,
     ) -> tuple[str, list[object] | None, list[bool] | None]:
         """The request's outcome, the candidate's predictions and per-prediction agreement."""
         if candidate is None or candidate.status >= 500:
@@ -291,7 +314,7 @@ class Mirror:
         if prod_preds is None:
             return "unparseable", None, None
         if prod_choices is not None:
-            return self._compare_openai(prod_choices, candidate.body, endpoint)
+            return self._compare_openai(prod_choices, candidate.body, endpoint, cand_llm)
         cand_preds = self._predictions(candidate.body)
         if cand_preds is None or len(prod_preds) != len(cand_preds):
             return "candidate_error", cand_preds, None
@@ -305,10 +328,15 @@ class Mirror:
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
     def _compare_openai(
-        self, prod_choices: list[OpenAIChoice], cand_body: bytes, endpoint: str
+        self, prod_choices: list[OpenAIChoice], cand_body: bytes, endpoint: str, cand_llm: LlmWatch | None = None
     ) -> tuple[str, list[object] | None, list[bool] | None]:
-        """Choice by choice (judging/openai.py): a choice only one side has is a disagreement."""
-        cand_choices = self._choices(cand_body, endpoint)
+        """Choice by choice (judging/openai.py): a choice only one side has is a disagreement.
+        A candidate stream that broke off or carried an error is the candidate's error."""
+        if cand_llm is not None and cand_llm.asm is not None:
+            asm = cand_llm.asm
+            cand_choices = asm.openai_choices() if asm.complete else None
+        else:
+            cand_choices = self._choices(cand_body, endpoint)
         if cand_choices is None:
             return "candidate_error", None, None
         result = compare_openai(prod_choices, cand_choices, self.compare)
@@ -336,7 +364,7 @@ class ShadowExchange(ResponseSink):
 
     __slots__ = (
         "mirror", "ticket", "head", "body", "conn", "task", "deadline", "status", "headers", "chunks",
-        "size", "truncated", "t_sent", "retried", "done",
+        "size", "truncated", "t_sent", "retried", "done", "started", "llm",
     )
 
     def __init__(self, mirror: Mirror, ticket: MirrorTicket, head: bytes, body: bytes) -> None:
@@ -346,7 +374,10 @@ class ShadowExchange(ResponseSink):
         self.body = body
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.deadline = mirror.loop.time() + mirror.timeout_s  # the whole exchange, connect included
+        self.started = mirror.loop.time()
+        # The whole exchange, connect included; a streamed answer's head moves it to stream_timeout_s.
+        self.deadline = self.started + mirror.timeout_s
+        self.llm: LlmWatch | None = None  # an answer to an OpenAI-compatible request (preset openai)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -386,8 +417,15 @@ class ShadowExchange(ResponseSink):
     ) -> None:
         self.status = status
         self.headers = headers
-        if content_length is not None and content_length > self.mirror.compare.max_response_bytes:
+        mirror = self.mirror
+        if content_length is not None and content_length > mirror.compare.max_response_bytes:
             self.truncated = True
+        llm = mirror.llm
+        if llm is not None and 200 <= status < 300 and self.ticket.endpoint:
+            stream = is_event_stream(headers, lnames)
+            self.llm = llm.watch(self.ticket.endpoint, self.t_sent, stream)
+            if stream:
+                self.deadline = self.started + mirror.stream_timeout_s
 
     def on_response_body(self, data: bytes) -> None:
         if self.truncated:
@@ -398,6 +436,9 @@ class ShadowExchange(ResponseSink):
             self.chunks = []
         else:
             self.chunks.append(data)
+        llm = self.llm
+        if llm is not None:
+            llm.feed(data)
 
     def on_response_complete(self) -> None:
         latency = _perf_counter() - self.t_sent
@@ -406,6 +447,8 @@ class ShadowExchange(ResponseSink):
         if conn is not None:
             self.mirror.pool.release(conn)
         body = b"".join(self.chunks) if not self.truncated else b""
+        if self.llm is not None:
+            self.llm.end(None if self.truncated else body)
         self._end(BufferedResponse(self.status, self.headers, body, self.truncated, latency), "")
 
     def on_response_failed(self, exc: BaseException) -> None:
@@ -442,6 +485,11 @@ class ShadowExchange(ResponseSink):
             return
         self.done = True
         self.body = b""
+        llm = self.llm
+        if llm is not None:
+            if response is None:
+                llm.fail(failure)
+            self.ticket.candidate_llm = llm
         self.mirror.candidate_done(self, response, failure)
 
 
@@ -458,7 +506,8 @@ class MirrorTicket:
     """One sampled exchange as the mirror sees it: bytes and outcomes, never transports."""
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
-                 "dispatched", "production", "candidate", "candidate_in", "endpoint")
+                 "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
+                 "candidate_llm")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -474,6 +523,9 @@ class MirrorTicket:
         self.production: tuple[int, bytes | None, float | None] | None = None
         self.candidate: BufferedResponse | None = None
         self.candidate_in = False
+        # Preset openai: what each side's answer said as it passed (a stream's assembled choices).
+        self.production_llm: LlmWatch | None = None
+        self.candidate_llm: LlmWatch | None = None
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:

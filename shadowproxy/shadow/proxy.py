@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Final
 
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import ResponseSink, UpstreamConnection, UpstreamPool
+from shadowproxy.judging.openai import openai_endpoint
+from shadowproxy.shadow.llm import LlmMeter, LlmWatch, is_event_stream
 from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.observers import ExchangeRecord, Observer
 
@@ -113,8 +115,10 @@ class Proxy:
         mirror: Mirror | None = None,
         observers: list[Observer] | None = None,
         capture_limit: int = 1 << 20,
+        llm: LlmMeter | None = None,
     ) -> None:
         self.pool = pool
+        self.llm = llm  # compare.preset "openai": production's LLM figures, else None
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.capture_limit = capture_limit
         self.timeout_s = timeout_s
@@ -241,7 +245,7 @@ class Exchange(ResponseSink):
         "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "deadline", "pending",
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
         "capture", "capture_size", "t_body_done", "body_seen", "wants", "request_capture",
-        "request_capture_size", "started_at", "path", "response_headers", "mirrored",
+        "request_capture_size", "started_at", "path", "response_headers", "mirrored", "llm",
     )
 
     def __init__(
@@ -277,6 +281,7 @@ class Exchange(ResponseSink):
         self.path = b""
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.mirrored = False
+        self.llm: LlmWatch | None = None  # an answer to an OpenAI-compatible request (preset openai)
 
     def observe(self, path: bytes) -> None:
         """Ask each observer once whether it wants this request's bodies."""
@@ -432,7 +437,23 @@ class Exchange(ResponseSink):
             self.capture = []
         if self.wants >= 0:
             self.response_headers = headers
+        llm = self.proxy.llm
+        if llm is not None and 200 <= status < 300:
+            self._watch_llm(llm, headers, lnames, content_length)
         self.cycle.start_response(status, reason, parts, content_length, has_body)
+
+    def _watch_llm(
+        self, llm: LlmMeter, headers: list[tuple[bytes, bytes]], lnames: list[bytes], content_length: int | None
+    ) -> None:
+        endpoint = openai_endpoint(self.cycle.target)
+        if endpoint is None:
+            return
+        stream = is_event_stream(headers, lnames)
+        if not stream and self.capture is None and (
+            content_length is None or content_length <= self.proxy.capture_limit
+        ):
+            self.capture = []  # a whole answer is read for its usage once complete
+        self.llm = llm.watch(endpoint, self.t_sent, stream)
 
     def on_response_body(self, data: bytes) -> None:
         if self.done:
@@ -444,6 +465,9 @@ class Exchange(ResponseSink):
             self.capture_size += len(data)
             if self.capture_size > self.proxy.capture_limit:
                 self.capture = None
+        llm = self.llm
+        if llm is not None:
+            llm.feed(data)  # after the piece was handed on: it is never held for this
 
     def on_response_complete(self) -> None:
         if self.done:
@@ -460,7 +484,11 @@ class Exchange(ResponseSink):
         self.cycle.conn.resume_reading("upstream")
         self.cycle.end()
         body = b"".join(self.capture) if self.capture is not None else None
+        llm = self.llm
+        if llm is not None:
+            llm.end(body)
         if self.ticket is not None:
+            self.ticket.production_llm = llm
             self.ticket.production_done(self.status, body, latency)
             self.ticket = None
         self._finish(self.status, latency, body)
@@ -471,6 +499,8 @@ class Exchange(ResponseSink):
         conn = self.conn
         self.conn = None
         if self.cycle.response_started:
+            if self.llm is not None:
+                self.llm.fail("production broke off the answer")
             self.proxy.metrics.upstream_failures.labels("production", "reset").inc()
             self.cycle.abort()
             self._finish(502, None)

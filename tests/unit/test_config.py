@@ -86,6 +86,7 @@ def test_defaults_are_the_documented_values() -> None:
             "pool_idle_timeout_s": 4.0,
             "ca_file": "",
             "tls_verify": True,
+            "price": None,
         },
         "candidate": {
             "url": "http://127.0.0.1:8002",
@@ -94,6 +95,8 @@ def test_defaults_are_the_documented_values() -> None:
             "backoff_after": 5,
             "ca_file": "",
             "tls_verify": True,
+            "price": None,
+            "stream_timeout_s": 600.0,
             "model": "",
             "headers": {},
         },
@@ -114,6 +117,7 @@ def test_defaults_are_the_documented_values() -> None:
             "max_disagreement_rate": 0.02,
             "max_p99_latency_ratio": 1.25,
             "max_error_rate_delta": 0.01,
+            "max_ttft_p99_ratio": 1.25,
             "min_labels": 100,
             "min_accuracy_delta": None,
         },
@@ -379,7 +383,9 @@ def test_port_out_of_range_is_reported(section: str, value: int) -> None:
         ("production", "timeout_s"),
         ("production", "pool_idle_timeout_s"),
         ("candidate", "timeout_s"),
+        ("candidate", "stream_timeout_s"),
         ("gates", "max_p99_latency_ratio"),
+        ("gates", "max_ttft_p99_ratio"),
         ("store", "flush_interval_s"),
         ("store", "max_age_days"),
     ],
@@ -407,6 +413,32 @@ def test_negative_for_non_negative_number_is_reported(section: str, key: str) ->
 @pytest.mark.parametrize("key", ["shutdown_delay_s", "lingering_time_s", "lingering_timeout_s"])
 def test_zero_for_non_negative_number_is_accepted(key: str) -> None:
     assert getattr(parse_config(with_urls(listen={key: 0})).listen, key) == 0.0
+
+
+@pytest.mark.parametrize("section", ["production", "candidate"])
+def test_price_is_an_inline_table_of_two_rates(section: str) -> None:
+    config = parse_config(with_urls(**{section: {"price": {"input": 0.15, "output": 0}}}))
+    price = getattr(config, section).price
+    assert (price.input, price.output) == (0.15, 0.0)
+    # USD per million tokens: a million prompt tokens and two million completion tokens
+    assert price.cost_usd(1_000_000, 2_000_000) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize(
+    ("price", "expected"),
+    [
+        (1.5, ["production.price: expected a table {input = X, output = Y} (USD per million tokens), got float 1.5"]),
+        ({"input": 1}, ["production.price.output: required"]),
+        ({"input": -1, "output": 2}, ["production.price.input: must be at least 0, got -1"]),
+        ({"input": 1, "output": "2"}, ["production.price.output: expected a number, got string \"2\""]),
+        (
+            {"input": 1, "output": 2, "cached": 0.5},
+            ['production.price.cached: unknown key (expected "input" and "output")'],
+        ),
+    ],
+)
+def test_bad_price_is_reported_naming_the_key(price: object, expected: list[str]) -> None:
+    assert problems_of(with_urls(production={"price": price})) == expected
 
 
 def test_listen_max_connections_is_unset_by_default_and_a_count_when_set() -> None:
