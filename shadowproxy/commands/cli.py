@@ -223,41 +223,77 @@ def _add_demo(subparsers: _Subparsers) -> None:
         "demo",
         help="run a self-contained demo: two model servers, the proxy, traffic and the report",
         description="Start a production and a candidate demo model and the proxy on free ports, send "
-        "traffic through it, print the comparison report and stop everything.",
+        "traffic through it, print the comparison report and stop everything. With --llm the models "
+        "are OpenAI-compatible LLMs and the traffic chat, completions and embeddings, streamed and not.",
     )
     parser.add_argument(
-        "--requests", type=_positive_int, default=10_000, metavar="N", help="requests to send (default 10000)"
+        "--llm", action="store_true", help="OpenAI-compatible LLM stand-ins judged with compare.preset = openai"
+    )
+    parser.add_argument(
+        "--requests", type=_positive_int, default=None, metavar="N",
+        help="requests to send (default 10000; 1500 with --llm)",
     )
     parser.add_argument(
         "--flip-rate",
         type=float,
-        default=0.03,
+        default=None,
         metavar="X",
         help="share of instances the candidate answers differently (default 0.03)",
     )
     parser.add_argument(
         "--delay-ms",
         type=float,
-        default=2.0,
+        default=None,
         metavar="MS",
         help="latency the candidate adds to every answer (default 2)",
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=16, metavar="N", help="client connections (default 16)"
+        "--differ-rate", type=float, default=None, metavar="X",
+        help="with --llm: share of prompts the candidate answers differently (default 0.05)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the instances and batch sizes (default 0)")
+    parser.add_argument(
+        "--first-token-ms", type=float, default=None, metavar="MS",
+        help="with --llm: the candidate's delay before its first token (default 80; production's is 50)",
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=None, metavar="N",
+        help="client connections (default 16; 32 with --llm)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the traffic (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shadowproxy.commands.demo import run_demo
+    # Each mode's own options; one meant for the other mode is a mistake worth saying.
+    other = ("--differ-rate", "--first-token-ms") if not args.llm else ("--flip-rate", "--delay-ms")
+    given = [flag for flag in other if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        mode = "only with --llm" if not args.llm else "not with --llm"
+        for flag in given:
+            print(f"shadowproxy demo: {flag}: {mode}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.llm:
+        from shadowproxy.commands.demo_llm import LLMDemoOptions, run_demo_llm
+
+        defaults = LLMDemoOptions()
+        return run_demo_llm(
+            LLMDemoOptions(
+                requests=args.requests or defaults.requests,
+                differ_rate=defaults.differ_rate if args.differ_rate is None else args.differ_rate,
+                first_token_ms=defaults.first_token_ms if args.first_token_ms is None else args.first_token_ms,
+                concurrency=args.concurrency or defaults.concurrency,
+                seed=args.seed,
+                as_json=args.json,
+            )
+        )
+    from shadowproxy.commands.demo import DEMO_REQUESTS, run_demo
 
     return run_demo(
-        requests=args.requests,
-        flip_rate=args.flip_rate,
-        delay_ms=args.delay_ms,
-        concurrency=args.concurrency,
+        requests=args.requests or DEMO_REQUESTS,
+        flip_rate=0.03 if args.flip_rate is None else args.flip_rate,
+        delay_ms=2.0 if args.delay_ms is None else args.delay_ms,
+        concurrency=args.concurrency or 16,
         seed=args.seed,
         as_json=args.json,
     )

@@ -21,9 +21,9 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import aiohttp
 import orjson
@@ -33,7 +33,21 @@ from shadowproxy.config import Config, parse_config
 from shadowproxy.control.app import ShadowProxy
 from shadowproxy.models import ModelBehaviour, RunningModel, candidate_flips, generate_instances, start_model
 
-__all__ = ["DemoOptions", "DemoResult", "demo", "demo_config", "run_demo"]
+__all__ = [
+    "DemoOptions",
+    "DemoResult",
+    "Interrupted",
+    "Progress",
+    "address_url",
+    "demo",
+    "demo_config",
+    "run_demo",
+    "run_loop",
+    "settle",
+    "until_signalled",
+]
+
+R = TypeVar("R")
 
 EXIT_USAGE = 2
 MIN_SAMPLES = 500  # the [gates] default: the demo judges as a fresh deployment would
@@ -144,7 +158,7 @@ def _batches(requests: int, seed: int) -> list[list[list[float]]]:
     return batches
 
 
-class _Progress:
+class Progress:
     """One line rewritten in place on a terminal; a few plain lines (each quarter) otherwise."""
 
     def __init__(self, total: int, stream: TextIO, live: Callable[[], str]) -> None:
@@ -183,7 +197,7 @@ class _Progress:
 
 
 async def _drive(
-    url: str, batches: Sequence[list[list[float]]], concurrency: int, progress: _Progress
+    url: str, batches: Sequence[list[list[float]]], concurrency: int, progress: Progress
 ) -> _Traffic:
     traffic = _Traffic()
     queue = iter(range(len(batches)))
@@ -227,7 +241,7 @@ async def _drive(
     return traffic
 
 
-async def _settle(proxy: ShadowProxy, timeout_s: float = _SETTLE_TIMEOUT_S) -> None:
+async def settle(proxy: ShadowProxy, timeout_s: float = _SETTLE_TIMEOUT_S) -> None:
     """Wait until every shadow exchange has finished and been counted."""
     mirror = proxy.mirror
     assert mirror is not None
@@ -238,7 +252,7 @@ async def _settle(proxy: ShadowProxy, timeout_s: float = _SETTLE_TIMEOUT_S) -> N
     await asyncio.sleep(0)
 
 
-def _url(address: tuple[str, int]) -> str:
+def address_url(address: tuple[str, int]) -> str:
     host, port = address
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -258,11 +272,11 @@ async def demo(options: DemoOptions, progress_stream: TextIO) -> DemoResult:
         proxy = ShadowProxy(config)
         stack.push_async_callback(proxy.shutdown)  # copes with a start that failed half-way
         await proxy.start()
-        admin_url = _url(proxy.admin_address)
+        admin_url = address_url(proxy.admin_address)
         print(
             f"demo: production model {production.url}, candidate {candidate.url} "
             f"(flip_rate {options.flip_rate:g}, +{options.delay_ms:g} ms), "
-            f"proxy {_url(proxy.listen_address)} (admin {admin_url}), mirroring every request",
+            f"proxy {address_url(proxy.listen_address)} (admin {admin_url}), mirroring every request",
             file=progress_stream,
             flush=True,
         )
@@ -273,15 +287,15 @@ async def demo(options: DemoOptions, progress_stream: TextIO) -> DemoResult:
             rate = f"{stats.disagree / compared:.2%}" if compared else "-"
             return f"mirrored {stats.mirror['sent']}, disagreement {rate}"
 
-        progress = _Progress(options.requests, progress_stream, live)
+        progress = Progress(options.requests, progress_stream, live)
         started = time.monotonic()
         try:
             traffic = await _drive(
-                _url(proxy.listen_address) + PREDICT_PATH, batches, options.concurrency, progress
+                address_url(proxy.listen_address) + PREDICT_PATH, batches, options.concurrency, progress
             )
         finally:
             progress.close()
-        await _settle(proxy)
+        await settle(proxy)
         seconds = time.monotonic() - started
         snapshot = proxy.stats_snapshot()
         report = make_report(snapshot, config.gates, [admin_url])
@@ -316,9 +330,22 @@ def render_demo(result: DemoResult, color: bool = False) -> str:
     return "\n".join(lines)
 
 
-async def _main(options: DemoOptions, out: TextIO, err: TextIO) -> int:
+class Interrupted(Exception):
+    """SIGINT or SIGTERM cancelled the demo; everything it started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def report(self, err: TextIO) -> int:
+        print(f"demo: interrupted ({signal.Signals(self.signum).name}); everything stopped", file=err)
+        return 128 + self.signum
+
+
+async def until_signalled(work: Coroutine[Any, Any, R]) -> R:
+    """``work``'s result; the first SIGINT or SIGTERM cancels it and raises ``Interrupted``."""
     loop = asyncio.get_running_loop()
-    work = asyncio.create_task(demo(options, err))
+    task = asyncio.create_task(work)
     received: list[int] = []
 
     def on_signal(signum: int) -> None:
@@ -326,7 +353,7 @@ async def _main(options: DemoOptions, out: TextIO, err: TextIO) -> int:
         # signals must not interrupt that cleanup.
         if not received:
             received.append(signum)
-            work.cancel()
+            task.cancel()
 
     handled: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -334,20 +361,35 @@ async def _main(options: DemoOptions, out: TextIO, err: TextIO) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
             handled.append(sig)
     try:
-        result = await work
+        return await task
     except asyncio.CancelledError:
         if not received:
             raise
-        print(f"demo: interrupted ({signal.Signals(received[0]).name}); everything stopped", file=err)
-        return 128 + received[0]
+        raise Interrupted(received[0]) from None
     finally:
         for handled_sig in handled:
             loop.remove_signal_handler(handled_sig)
+
+
+async def _main(options: DemoOptions, out: TextIO, err: TextIO) -> int:
+    try:
+        result = await until_signalled(demo(options, err))
+    except Interrupted as exc:
+        return exc.report(err)
     if options.as_json:
         print(to_json_text(result.to_json()), file=out)
     else:
         print(render_demo(result, color=use_color(out)), file=out)
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """``main`` in a fresh event loop: uvloop, as the proxy runs in production."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def run_demo(
@@ -377,8 +419,4 @@ def run_demo(
         for problem in problems:
             print(f"shadowproxy demo: {problem}", file=err)
         return EXIT_USAGE
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        return asyncio.run(_main(options, out, err))
-    return uvloop.run(_main(options, out, err))
+    return run_loop(_main(options, out, err))

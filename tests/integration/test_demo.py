@@ -101,3 +101,51 @@ def test_bad_option_is_one_line_and_exit_2() -> None:
     out, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert err.strip().splitlines() == ["shadowproxy demo: --flip-rate: must be between 0 and 1, got 1.5"]
+
+
+def test_llm_demo_reports_a_verdict_and_the_differences_it_built_in() -> None:
+    process = demo_process("--llm", "--requests", "300")
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 0, err
+    assert_group_gone("demo --llm", process.pid)
+    assert re.search(r"^Verdict: (PASS|FAIL|INSUFFICIENT DATA)", out, re.MULTILINE), out
+    assert "Demo (LLM)" in out
+    assert re.search(r"sent 300 requests in .*, 0 failed; answered: chat \d+, completions \d+, embeddings \d+, "
+                     r"tool_call \d+; \d+ streamed", out), out
+    assert re.search(r"expected disagreement \d+\.\d\d% \(\d+ of \d+ choices and vectors", out), out
+    assert "Traceback" not in err
+    assert err.startswith("demo: production LLM http://127.0.0.1:")
+    assert "demo: 300/300 requests" in err
+
+
+def test_llm_demo_json_sends_every_kind_of_request_and_mirrors_each() -> None:
+    process = demo_process("--llm", "--requests", "300", "--json", "--seed", "3")
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    assert report["verdict"] in ("pass", "fail", "insufficient_data")
+    demo = report["demo"]
+    assert demo["requests"] == 300 and demo["failed"] == 0 and demo["seed"] == 3
+    assert set(demo["answered"]) == {"chat", "completions", "embeddings", "tool_call"}
+    assert sum(demo["answered"].values()) == 300
+    assert 0 < demo["streamed"] < 300
+    assert demo["first_token_ms"] == {"production": 50.0, "candidate": 80.0}
+    assert 0 < demo["expected_disagree"] < demo["items"]
+    assert report["stats"]["mirror"]["sent"] == 300
+
+
+def test_llm_demo_options_belong_to_their_mode() -> None:
+    process = demo_process("--differ-rate", "0.1")
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == ["shadowproxy demo: --differ-rate: only with --llm"]
+    process = demo_process("--llm", "--flip-rate", "0.1", "--delay-ms", "3")
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == [
+        "shadowproxy demo: --flip-rate: not with --llm", "shadowproxy demo: --delay-ms: not with --llm",
+    ]
+    process = demo_process("--llm", "--differ-rate", "2")
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == ["shadowproxy demo: --differ-rate: must be between 0 and 1, got 2.0"]
