@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -51,7 +51,9 @@ EXIT_UNREACHABLE = 2
 DEFAULT_TIMEOUT_S = 5.0
 
 # The verdict's gate names are the [gates] keys they are judged against.
-_GATE_KEYS = ("min_samples", "max_disagreement_rate", "max_p99_latency_ratio", "max_error_rate_delta")
+_GATE_KEYS = (
+    "min_samples", "max_disagreement_rate", "max_p99_latency_ratio", "max_error_rate_delta", "max_ttft_p99_ratio"
+)
 
 
 class ReportError(ShadowProxyError):
@@ -356,6 +358,77 @@ def _comparison_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     return lines
 
 
+def _llm_number(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def _llm_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    """The LLM figures per upstream, when any OpenAI-compatible answer was seen."""
+    llm = stats.get("llm")
+    if not isinstance(llm, Mapping):
+        return []
+    sides = [(name, block) for name, block in llm.items() if isinstance(block, Mapping)]
+    if not any(block.get("answers") or block.get("errors") or block.get("too_large") for _, block in sides):
+        return []
+
+    def row(label: str, read: Callable[[Mapping[str, Any]], str]) -> list[str]:
+        return [label, *(read(block) for _, block in sides)]
+
+    def percentile(key: str, q: str, digits: int = 2) -> Callable[[Mapping[str, Any]], str]:
+        return lambda b: _llm_number(b.get(key, {}).get(q, 0), digits)
+
+    def finished(reason: str) -> Callable[[Mapping[str, Any]], str]:
+        return lambda b: str(b.get("finish_reasons", {}).get(reason, 0))
+
+    def cost_total(b: Mapping[str, Any]) -> str:
+        cost = b.get("cost_usd", {})
+        return "-" if cost.get("per_request") is None else _llm_number(cost.get("total"), 6)  # "-": no price
+
+    def tokens(b: Mapping[str, Any]) -> str:
+        counted = b.get("output_tokens", {})
+        return f"{counted.get('total', 0)} ({counted.get('estimated', 0)})"
+
+    rows = [
+        row("answers (streamed)", lambda b: f"{b.get('answers', 0)} ({b.get('streams', 0)})"),
+        row("stream errors, too large", lambda b: f"{b.get('errors', 0)}, {b.get('too_large', 0)}"),
+        row("time to first token p50 (ms)", percentile("ttft_ms", "p50")),
+        row("time to first token p99 (ms)", percentile("ttft_ms", "p99")),
+        row("inter-token p50 (ms)", percentile("inter_token_ms", "p50")),
+        row("inter-token p99 (ms)", percentile("inter_token_ms", "p99")),
+        row("tokens/s p50", percentile("tokens_per_s", "p50", 1)),
+        row("output tokens (estimated)", tokens),
+    ]
+    reasons: list[str] = []
+    for _, block in sides:
+        counts = block.get("finish_reasons", {})
+        reasons.extend(r for r in counts if counts[r] and r not in reasons)
+    rows.extend(row(f"finish: {reason}", finished(reason)) for reason in reasons)
+    rows.append(row("cost (USD)", cost_total))
+    rows.append(row("cost per request (USD)", lambda b: _llm_number(b.get("cost_usd", {}).get("per_request"), 6)))
+    table = _table(["", *(name for name, _ in sides)], rows, [False] + [True] * len(sides))
+    note = "production over every answer, the candidate over its mirrored ones"
+    lines = [f"LLM  {paint(note, 'dim')}", paint(table[0], "dim"), *table[1:]]
+    for name, block in sides:
+        pairs = block.get("pairs")
+        if not isinstance(pairs, Mapping):
+            continue
+        streamed = int(pairs.get("streamed", 0))
+        similarity = pairs.get("similarity", {})
+        tools = pairs.get("tool_calls", {})
+        text = f"  {name} vs production: {streamed} streamed pairs"
+        if streamed:
+            text += (
+                f", p99 time to first token {_llm_number(pairs['candidate_ttft_ms'].get('p99', 0))} ms "
+                f"vs {_llm_number(pairs['production_ttft_ms'].get('p99', 0))} ms"
+            )
+        if similarity.get("count"):
+            text += f"; text similarity mean {float(similarity.get('mean', 0)):.3f} over {similarity['count']}"
+        if tools.get("compared"):
+            text += f"; tool calls agree {tools.get('agree', 0)} of {tools['compared']}"
+        lines.append(text)
+    return lines
+
+
 def _label_key(label: str) -> tuple[int, float, str]:
     if label == OTHER:
         return (2, 0.0, label)
@@ -418,6 +491,7 @@ def render(report: Report, color: bool = False) -> str:
         _gate_lines(report, paint),
         _latency_lines(stats, paint),
         _comparison_lines(stats, paint),
+        _llm_lines(stats, paint),
         _confusion_lines(stats, paint),
         _mirror_lines(stats, paint),
     ]

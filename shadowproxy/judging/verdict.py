@@ -17,6 +17,9 @@ threshold, fails when the whole interval is on the bad side, and otherwise keeps
 | ``max_error_rate_delta`` | candidate_error / sent - production errors / sent | Newcombe | ``min_samples`` sent |
 | ``min_accuracy_delta`` | ``ground_truth.accuracy_delta`` | ``ground_truth.accuracy_delta_ci95`` \
 | only when set, and left out until ``min_labels`` labelled pairs exist |
+| ``max_ttft_p99_ratio`` | candidate p99 / production p99 of the time to first token on mirrored \
+streams | as ``max_p99_latency_ratio``, from ``llm.candidate.pairs`` | left out until ``min_samples`` \
+streamed pairs exist |
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
     accuracy = _accuracy_gate(snapshot, gates)
     if accuracy is not None:
         results.append(accuracy)
+    ttft = _ttft_gate(snapshot, gates, min_samples)
+    if ttft is not None:
+        results.append(ttft)
     outcomes = [g["passed"] for g in results]
     if any(p is False for p in outcomes):
         verdict = "fail"
@@ -149,8 +155,15 @@ def _disagreement_gate(
 def _ratio_interval(snapshot: Mapping[str, Any]) -> list[float | None] | None:
     """``[lo_c / hi_p, hi_c / lo_p]`` from the two p99 intervals: both hold with 97.5% each, so
     both together, and with them this interval, with at least 95% (Bonferroni)."""
-    prod = _interval(_get(snapshot, "mirrored", "production_latency_ms", "p99_ci", default=None))
-    cand = _interval(_get(snapshot, "mirrored", "candidate_latency_ms", "p99_ci", default=None))
+    return _p99_ratio_interval(
+        _get(snapshot, "mirrored", "production_latency_ms", "p99_ci", default=None),
+        _get(snapshot, "mirrored", "candidate_latency_ms", "p99_ci", default=None),
+    )
+
+
+def _p99_ratio_interval(prod_ci: Any, cand_ci: Any) -> list[float | None] | None:
+    prod = _interval(prod_ci)
+    cand = _interval(cand_ci)
     if prod is None or cand is None:
         return None
     lo_p, hi_p = prod
@@ -250,3 +263,43 @@ def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, A
     else:
         reason = f"accuracy not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} {point}"
     return _gate("min_accuracy_delta", delta, limit, passed, reason, interval)
+
+
+def _ttft_gate(snapshot: Mapping[str, Any], gates: GatesLike, min_samples: int) -> dict[str, Any] | None:
+    """Time to first token on mirrored streams, decided like the latency gate; absent until
+    ``min_samples`` streamed pairs exist, so traffic without streams is not held back by it."""
+    threshold = getattr(gates, "max_ttft_p99_ratio", None)
+    if threshold is None:
+        return None
+    limit = float(threshold)
+    pairs_block = _get(snapshot, "llm", "candidate", "pairs", default={})
+    pairs = int(_get(pairs_block, "streamed"))
+    if pairs < min_samples:
+        return None
+    name = "max_ttft_p99_ratio"
+    prod_p99 = float(_get(pairs_block, "production_ttft_ms", "p99"))
+    cand_p99 = float(_get(pairs_block, "candidate_ttft_ms", "p99"))
+    ratio = cand_p99 / prod_p99 if prod_p99 > 0 else None
+    interval = _p99_ratio_interval(
+        _get(pairs_block, "production_ttft_ms", "p99_ci", default=None),
+        _get(pairs_block, "candidate_ttft_ms", "p99_ci", default=None),
+    )
+    point = (
+        f"(candidate p99 TTFT {cand_p99:.1f} ms / production p99 TTFT {prod_p99:.1f} ms = "
+        f"{_ratio_text(ratio)} on {pairs} streamed pairs)"
+    )
+    if interval is None or ratio is None:
+        return _gate(name, ratio, limit, None, f"time to first token not yet decided: no p99 interval {point}", None)
+    lower, upper = interval
+    assert lower is not None
+    passed = _three_way(lower, upper, limit, higher_is_worse=True)
+    if passed is True:
+        reason = f"upper 95% bound of the ratio {_ratio_text(upper)} <= {limit:g} {point}"
+    elif passed is False:
+        reason = f"lower 95% bound of the ratio {_ratio_text(lower)} > {limit:g} {point}"
+    else:
+        reason = (
+            f"time to first token not yet decided: 95% interval of the ratio {_ratio_text(lower)} - "
+            f"{_ratio_text(upper)} holds {limit:g} {point}"
+        )
+    return _gate(name, ratio, limit, passed, reason, interval)
