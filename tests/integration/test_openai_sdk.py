@@ -200,3 +200,130 @@ async def test_tool_calls_agree_exactly_where_the_candidates_arguments_are_produ
     comparisons = llm.proxy.stats()["comparisons"]
     assert comparisons["tool_calls"] == {"compared": len(prompts), "agree": len(same)}
     assert comparisons["disagree"] == len(prompts) - len(same)
+
+
+async def test_streamed_answers_are_compared_choice_by_choice_like_whole_ones(llm: Setup) -> None:
+    prompts = [f"Stream question {i} about tail latency" for i in range(30)]
+    batch = [f"Batched prompt {i}" for i in range(6)]
+
+    async def ask(prompt: str) -> None:
+        stream = await llm.via_proxy.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        async for _ in stream:
+            pass
+
+    await asyncio.gather(*(ask(p) for p in prompts))
+    stream = await llm.via_proxy.completions.create(model="m", prompt=batch, n=2, stream=True)
+    async for _ in stream:
+        pass
+    await llm.proxy.settle()
+    comparisons = llm.proxy.stats()["comparisons"]
+    differing = sum(openai_differs(p, llm.differ_rate) for p in prompts) + 2 * sum(
+        openai_differs(p, llm.differ_rate) for p in batch
+    )
+    assert differing > 0
+    assert comparisons["unparseable"] == 0
+    assert (comparisons["total"], comparisons["disagree"]) == (len(prompts) + 2 * len(batch), differing)
+
+
+async def test_streamed_tool_calls_agree_where_the_arguments_are_the_same(llm: Setup) -> None:
+    prompts = [f"Use the tool on ticket {i}" for i in range(30)]
+    same = sum(openai_tool_arguments(p) == openai_tool_arguments(p, llm.differ_rate) for p in prompts)
+    assert 0 < same < len(prompts)
+
+    async def ask(prompt: str) -> None:
+        stream = await llm.via_proxy.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], tools=TOOLS, stream=True
+        )
+        async for _ in stream:
+            pass
+
+    await asyncio.gather(*(ask(p) for p in prompts))
+    await llm.proxy.settle()
+    assert llm.proxy.stats()["comparisons"]["tool_calls"] == {"compared": len(prompts), "agree": same}
+
+
+async def test_llm_figures_are_the_stand_ins_known_tokens_finish_reasons_and_delays(llm: Setup) -> None:
+    with_usage = [f"Count my tokens {i}" for i in range(8)]
+    without_usage = [f"Estimate my tokens {i}" for i in range(8)]
+    whole = [f"Answer me whole {i}" for i in range(4)]
+    cut = "Cut this answer short"
+    tool = "Use a tool to find the answer"
+    assert len(openai_text(cut).split()) > 4  # so max_tokens=4 does cut it
+
+    async def stream(prompt: str, **extra: Any) -> None:
+        answer = await llm.via_proxy.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], stream=True, **extra
+        )
+        async for _ in answer:
+            pass
+
+    async def ask(prompt: str, **extra: Any) -> None:
+        await llm.via_proxy.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], **extra)
+
+    await asyncio.gather(
+        *(stream(p, stream_options={"include_usage": True}) for p in with_usage),
+        *(stream(p) for p in without_usage),
+        *(ask(p) for p in whole),
+        ask(cut, max_tokens=4),
+        ask(tool, tools=TOOLS),
+    )
+    await llm.proxy.settle()
+    figures = llm.proxy.stats()["llm"]
+    streamed = with_usage + without_usage
+    answered = streamed + whole
+    for side, rate, first_token_ms in (
+        ("production", 0.0, llm.production.behaviour.first_token_ms),
+        ("candidate", llm.differ_rate, llm.candidate.behaviour.first_token_ms),
+    ):
+        block = figures[side]
+        assert (block["answers"], block["streams"], block["errors"]) == (len(answered) + 2, len(streamed), 0)
+        tokens = sum(len(openai_text(p, rate).split()) for p in answered) + 4
+        tokens += len(openai_tool_arguments(tool, rate).split())
+        assert block["output_tokens"] == {
+            "total": tokens,
+            # A stream without a usage event is counted by its content events: one per word here.
+            "estimated": sum(len(openai_text(p, rate).split()) for p in without_usage),
+        }
+        assert block["finish_reasons"] == {"stop": len(answered), "length": 1, "tool_calls": 1,
+                                           "content_filter": 0, "other": 0}
+        # Time to first token: the stand-in's delay, measured through real sockets on a busy
+        # machine (later, never earlier, beyond the histogram's bucket width).
+        ttft = block["ttft_ms"]
+        assert first_token_ms * 0.97 <= ttft["p50"] <= first_token_ms + 150.0
+        assert 10.0 * 0.97 <= block["inter_token_ms"]["p50"] <= 10.0 + 50.0
+        assert 50.0 <= block["tokens_per_s"]["p50"] <= 100.0 * 1.05  # one token per 10 ms at most
+    pairs = figures["candidate"]["pairs"]
+    assert pairs["streamed"] == len(streamed)
+    assert pairs["candidate_ttft_ms"]["p50"] >= pairs["production_ttft_ms"]["p50"] + 20.0  # 80 ms against 50
+
+
+async def test_cost_per_request_is_the_priced_usage_of_the_answers(
+    openai_pair: tuple[RunningOpenAIModel, RunningOpenAIModel],
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+) -> None:
+    production, candidate = openai_pair
+    proxy = await start_proxy(
+        production.url, candidate.url, **OPENAI_PROXY,
+        production={"price": {"input": 2.5, "output": 10.0}}, candidate={"price": {"input": 0.5, "output": 1.5}},
+    )
+    prompts = [f"Price this answer {i}" for i in range(10)]
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="test", max_retries=0) as client:
+        for prompt in prompts[:5]:
+            await client.completions.create(model="m", prompt=prompt)
+        for prompt in prompts[5:]:
+            answer = await client.completions.create(
+                model="m", prompt=prompt, stream=True, stream_options={"include_usage": True}
+            )
+            async for _ in answer:
+                pass
+    await proxy.settle()
+    figures = proxy.stats()["llm"]
+    prompt_tokens = sum(len(p.split()) for p in prompts)
+    for side, rate, (price_in, price_out) in (("production", 0.0, (2.5, 10.0)), ("candidate", 0.1, (0.5, 1.5))):
+        completion_tokens = sum(len(openai_text(p, rate).split()) for p in prompts)
+        total = (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+        assert figures[side]["cost_usd"]["total"] == pytest.approx(total, rel=1e-9)
+        assert figures[side]["cost_usd"]["per_request"] == pytest.approx(total / len(prompts), rel=1e-9)
+        assert figures[side]["output_tokens"] == {"total": completion_tokens, "estimated": 0}
