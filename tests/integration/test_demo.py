@@ -149,3 +149,18 @@ def test_llm_demo_options_belong_to_their_mode() -> None:
     _, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert err.strip().splitlines() == ["shadowproxy demo: --differ-rate: must be between 0 and 1, got 2.0"]
+
+
+def test_llm_demo_measures_exactly_the_differences_it_built_in_streams_included() -> None:
+    process = demo_process("--llm", "--requests", "400", "--differ-rate", "0.2", "--json")
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    demo, comparisons = report["demo"], report["stats"]["comparisons"]
+    assert demo["streamed"] > 100
+    assert comparisons["unparseable"] == comparisons["candidate_error"] == 0
+    assert comparisons["total"] == demo["items"]
+    assert comparisons["disagree"] == demo["measured_disagree"] == demo["expected_disagree"] > 0
+    llm = report["stats"]["llm"]
+    assert llm["candidate"]["pairs"]["streamed"] == demo["streamed"]
+    assert llm["candidate"]["ttft_ms"]["p50"] > llm["production"]["ttft_ms"]["p50"] + 20  # 80 ms against 50
