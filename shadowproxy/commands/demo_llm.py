@@ -3,11 +3,11 @@
 
 The production stand-in starts its first token after 50 ms, the candidate after ``--first-token-ms``
 (80), both 10 ms between tokens; the candidate answers a known share of prompts differently
-(``--differ-rate``). The client sends a mix of chat (a part of it asking for a tool call),
-completions (some batched, some with ``n`` = 2 or a ``max_tokens`` cut) and embeddings, more than
-half of the chat and completions streamed. Then the report is printed on the proxy's own stats,
-with the disagreement the candidate was built to show (computed from the stand-ins' known answers
-for what was actually answered) next to the measured one.
+(``--differ-rate``) and is priced as a smaller model. The client sends a mix of chat (a part of it
+asking for a tool call), completions (some batched, some with ``n`` = 2 or a ``max_tokens`` cut) and
+embeddings, more than half of the chat and completions streamed. Then the report is printed on the
+proxy's own stats, with the disagreement the candidate was built to show (computed from the
+stand-ins' known answers for what was actually answered) next to the measured one.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ __all__ = ["LLMCall", "LLMDemoOptions", "LLMDemoResult", "demo_llm", "llm_calls"
 
 LLM_REQUESTS = 1500  # enough streamed pairs (more than half) for the time-to-first-token gate to decide
 LLM_CONCURRENCY = 32
+# US dollars per million prompt and completion tokens: a large model against a small one, so the
+# report's cost lines have something to compare.
+PRODUCTION_PRICE = {"input": 2.5, "output": 10.0}
+CANDIDATE_PRICE = {"input": 0.5, "output": 1.5}
 _TOOLS = [{"type": "function", "function": {"name": "search_docs", "parameters": {
     "type": "object", "properties": {"query": {"type": "string"}, "words": {"type": "integer"}},
 }}}]
@@ -191,14 +195,15 @@ class LLMDemoResult:
 
 
 def llm_demo_config(production_url: str, candidate_url: str, min_samples: int = MIN_SAMPLES) -> Config:
-    """The LLM demo proxy's config: the openai preset, every request mirrored, free loopback ports."""
+    """The LLM demo proxy's config: the openai preset, both prices, every request mirrored, free
+    loopback ports."""
     config = parse_config(
         {
             # Placeholder ports, replaced by 0 (any free port) below, which validation rejects.
             "listen": {"host": "127.0.0.1", "port": 1, "drain_timeout_s": 2.0},
             "admin": {"host": "127.0.0.1", "port": 2},
-            "production": {"url": production_url, "timeout_s": 10.0},
-            "candidate": {"url": candidate_url, "timeout_s": 10.0},
+            "production": {"url": production_url, "timeout_s": 10.0, "price": PRODUCTION_PRICE},
+            "candidate": {"url": candidate_url, "timeout_s": 10.0, "price": CANDIDATE_PRICE},
             "mirror": {"sample_rate": 1.0},
             "compare": {"preset": "openai"},
             "gates": {"min_samples": min_samples},
@@ -308,16 +313,6 @@ async def demo_llm(options: LLMDemoOptions, progress_stream: TextIO) -> LLMDemoR
     )
 
 
-def _ttft_line(stats: dict[str, Any]) -> str | None:
-    llm = stats.get("llm")
-    if not isinstance(llm, dict):
-        return None
-    p50 = [(llm.get(side) or {}).get("ttft_ms", {}).get("p50") for side in ("production", "candidate")]
-    if any(not isinstance(v, int | float) for v in p50):
-        return None
-    return f"  measured time to first token p50: production {p50[0]:.1f} ms, candidate {p50[1]:.1f} ms"
-
-
 def render_demo_llm(result: LLMDemoResult, color: bool = False) -> str:
     """The report, then what the demo sent and the differences it was built to show."""
     comparisons = result.report.stats["comparisons"]
@@ -333,15 +328,14 @@ def render_demo_llm(result: LLMDemoResult, color: bool = False) -> str:
         f"answered: {kinds}; {result.streamed} streamed",
         f"  stand-ins: first token after {prod.first_token_ms:g} ms (production) and {cand.first_token_ms:g} ms "
         f"(candidate), then one token every {prod.inter_token_ms:g} ms; the candidate answers "
-        f"{result.options.differ_rate:.0%} of prompts differently",
+        f"{result.options.differ_rate:.0%} of prompts differently; prices per million input/output tokens: "
+        f"production ${PRODUCTION_PRICE['input']:.2f}/${PRODUCTION_PRICE['output']:.2f}, "
+        f"candidate ${CANDIDATE_PRICE['input']:.2f}/${CANDIDATE_PRICE['output']:.2f}",
         f"  expected disagreement {result.expected_rate:.2%} ({result.expected_disagree} of {result.items} "
         "choices and vectors the candidate answers differently)",
         f"  measured disagreement {comparisons['disagreement_rate']:.2%} ({comparisons['disagree']} of "
         f"{comparisons['total']} compared; 95% interval {lo:.2%} - {hi:.2%})",
     ]
-    ttft = _ttft_line(result.report.stats)
-    if ttft is not None:
-        lines.append(ttft)
     return "\n".join(lines)
 
 

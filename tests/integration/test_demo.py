@@ -164,3 +164,20 @@ def test_llm_demo_measures_exactly_the_differences_it_built_in_streams_included(
     llm = report["stats"]["llm"]
     assert llm["candidate"]["pairs"]["streamed"] == demo["streamed"]
     assert llm["candidate"]["ttft_ms"]["p50"] > llm["production"]["ttft_ms"]["p50"] + 20  # 80 ms against 50
+    assert llm["production"]["cost_usd"]["total"] > llm["candidate"]["cost_usd"]["total"] > 0  # priced lower
+
+
+def test_default_llm_demo_fails_on_disagreement_and_never_passes_the_slower_first_token() -> None:
+    # 5% of prompts answered differently against the default 2% limit; the first token 80 ms
+    # against 50, a ratio of 1.6 against the default 1.25, over more than min_samples streamed pairs.
+    process = demo_process("--llm", "--json")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    assert report["verdict"] == "fail"
+    gates = {g["name"]: g for g in report["gates"]}
+    disagreement = gates["max_disagreement_rate"]
+    assert disagreement["passed"] is False and disagreement["interval"][0] > disagreement["threshold"]
+    assert report["stats"]["llm"]["candidate"]["pairs"]["streamed"] >= 500
+    assert gates["max_ttft_p99_ratio"]["passed"] is not True
+    assert report["demo"]["requests"] == 1500
