@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,60 @@ class RawUpstream:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+class SSEUpstream:
+    """A streaming model: every request is answered with `events` (exact bytes, each written after
+    its delay) as `text/event-stream`. It records each request's body, when it arrived and when
+    each event was written (`time.perf_counter()`, just before the write), so a test can tell
+    what the proxy could have seen when. From event `stall_after` on it sends nothing more."""
+
+    def __init__(self, events: list[tuple[float, bytes]]) -> None:
+        self.events = events
+        self.stall_after: int | None = None
+        self.content_type = "text/event-stream"
+        self.bodies: list[bytes] = []
+        self.arrived: list[float] = []
+        self.sent: list[list[float]] = []
+        self.url = ""
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def body(self) -> bytes:
+        """Every event, as the client must receive them."""
+        return b"".join(data for _, data in self.events)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.append(time.perf_counter())
+        self.bodies.append(await request.read())
+        times: list[float] = []
+        self.sent.append(times)
+        response = web.StreamResponse(headers={"Content-Type": self.content_type, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for i, (delay, data) in enumerate(self.events):
+            if self.stall_after is not None and i >= self.stall_after:
+                await asyncio.sleep(3600)
+            if delay:
+                await asyncio.sleep(delay)
+            times.append(time.perf_counter())
+            await response.write(data)
+        await response.write_eof()
+        return response
+
+    async def start(self) -> SSEUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
 
 def make_config(production_url: str, candidate_url: str, **sections: dict[str, Any]) -> Config:
