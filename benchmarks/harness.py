@@ -645,10 +645,12 @@ class DirectSetup(Setup):
 
 class NginxProxySetup(Setup):
     """nginx in front of production: a plain proxy, or with `mirror` to the candidate at `mirror_rate`
-    (split_clients on $request_id). Upstream keepalive 128."""
+    (split_clients on $request_id). Upstream keepalive 128. `buffering=False` adds
+    `proxy_buffering off`: each piece of an answer is sent on as it arrives (a streaming proxy)."""
 
     def __init__(self, name: str, prod_url: str, cand_url: str | None = None,
-                 mirror_rate: float | None = None, workers: int = 1, keepalive: int = 128) -> None:
+                 mirror_rate: float | None = None, workers: int = 1, keepalive: int = 128,
+                 buffering: bool = True) -> None:
         if mirror_rate is not None and not cand_url:
             raise ValueError("mirroring needs cand_url")
         if mirror_rate is not None and not 0.0 <= mirror_rate <= 1.0:
@@ -659,9 +661,12 @@ class NginxProxySetup(Setup):
         self.mirror_rate = mirror_rate
         self.workers = workers
         self.keepalive = keepalive
+        self.buffering = buffering
 
     def config(self, port: int, d: Path, head: str) -> str:
         up = "proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        if not self.buffering:
+            up += " proxy_buffering off;"
         conf = head + f"  upstream prod {{ server {self.prod}; keepalive {self.keepalive}; }}\n"
         if self.mirror_rate is None:
             conf += (f"  server {{ listen {HOST}:{port} backlog=4096;\n"
