@@ -22,6 +22,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shadowproxy.commands.report import collect, render
+from shadowproxy.judging.stats import ShadowStats
 from tests.helpers import RunningProxy, SSEUpstream
 
 JITTER = 0.05  # seconds a busy event loop may add between a write and its read
@@ -380,3 +382,25 @@ async def test_concurrent_streams_each_arrive_whole(start_proxy, upstreams) -> N
     assert stats["llm"]["production"]["answers"] == 20
     assert stats["comparisons"]["agree"] == 20
     assert stats["llm"]["candidate"]["pairs"]["streamed"] == 20
+
+
+async def test_report_merges_the_llm_figures_of_several_proxies(start_proxy, upstreams) -> None:
+    prod = await upstreams(chat_events(ttft=0.02, gap=0.01))
+    cand = await upstreams(chat_events(ttft=0.04, gap=0.01))
+    proxies = [await openai_proxy(start_proxy, prod, cand) for _ in range(2)]
+    for proxy, n in zip(proxies, (2, 3), strict=True):
+        for _ in range(n):
+            await stream(proxy)
+        await settled(proxy)
+    report = await collect([p.admin_url for p in proxies])
+    merged = report.stats["llm"]
+    assert merged["production"]["answers"] == 5
+    assert merged["production"]["output_tokens"]["total"] == 5 * USAGE["completion_tokens"]
+    assert merged["candidate"]["pairs"]["streamed"] == 5
+    # What travelled as JSON through ?full=1 merges to what the in-memory states add up to.
+    in_memory = ShadowStats()
+    for proxy in proxies:
+        in_memory.merge_state(proxy.proxy.stats.to_state())
+    assert in_memory.llm.production.ttft.count == 5
+    assert merged == in_memory.snapshot()["llm"]
+    assert "LLM" in render(report)
