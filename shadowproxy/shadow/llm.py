@@ -5,8 +5,9 @@ An ``LlmMeter`` per upstream; an ``LlmWatch`` per answer to a chat, completions 
 request. A streamed answer (``text/event-stream``) is fed to a ``StreamAssembler`` piece by piece
 after the piece has been handed on, so nothing is held back: the time to first token is taken
 when the first event with output arrives (from the moment the request was sent upstream), and
-the gap before every later one; the rest (output tokens, finish reasons, tokens per second,
-cost) when the stream ends whole. A whole JSON answer is read once it is complete.
+the gap before every later one. The rest (output tokens, finish reasons, tokens per second,
+cost), and the reading of a whole JSON answer, wait for a callback of their own once the answer
+is complete (``LlmWatch.record``), as a mirrored pair's judgement does.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class LlmMeter:
 
 
 class LlmWatch:
-    """One answer on its way: ``feed`` each piece of its body after handing it on, then ``end``
-    (or ``fail`` when the exchange broke off)."""
+    """One answer on its way: ``feed`` each piece of its body after handing it on; when the
+    answer is complete, ``finish`` at once and ``record`` in a callback of its own (or ``fail``
+    when the exchange broke off)."""
 
     __slots__ = ("meter", "endpoint", "asm", "t_sent", "ttft", "ended")
 
@@ -174,19 +176,24 @@ class LlmWatch:
         for _ in range(new - 1):
             meter.gap(0.0)
 
-    def end(self, body: bytes | None) -> None:
-        """The answer is complete; ``body`` (a whole JSON answer) None when past the size limit."""
+    def finish(self) -> None:
+        """The answer is complete: a stream is whole or in error from here on (cheap: no figures)."""
         if self.ended:
             return
         self.ended = True
+        if self.asm is not None:
+            self.asm.end()
+
+    def record(self, body: bytes | None) -> None:
+        """After ``finish``: the answer's figures; ``body`` (a whole JSON answer) None when past
+        the size limit."""
         try:
             asm = self.asm
             if asm is not None:
-                asm.end()
                 self.meter.stream_done(asm)
             else:
                 self.meter.answer_done(self.endpoint, body)
-        except Exception:  # a bug in the accounting must never break the exchange
+        except Exception:  # a bug in the accounting must never break the proxy
             log.exception("LLM accounting failed")
 
     def fail(self, reason: str) -> None:

@@ -447,8 +447,10 @@ class ShadowExchange(ResponseSink):
         if conn is not None:
             self.mirror.pool.release(conn)
         body = b"".join(self.chunks) if not self.truncated else b""
-        if self.llm is not None:
-            self.llm.end(None if self.truncated else body)
+        llm = self.llm
+        if llm is not None:
+            llm.finish()
+            self.mirror.loop.call_soon(llm.record, None if self.truncated else body)
         self._end(BufferedResponse(self.status, self.headers, body, self.truncated, latency), "")
 
     def on_response_failed(self, exc: BaseException) -> None:

@@ -486,7 +486,8 @@ class Exchange(ResponseSink):
         body = b"".join(self.capture) if self.capture is not None else None
         llm = self.llm
         if llm is not None:
-            llm.end(body)
+            llm.finish()
+            self.proxy.loop.call_soon(llm.record, body)  # reading usage is no work for the hot path
         if self.ticket is not None:
             self.ticket.production_llm = llm
             self.ticket.production_done(self.status, body, latency)
