@@ -20,7 +20,8 @@ each connection sends `--requests-per-conn` requests and the client stops when a
 The summary is one line, `RESULT {json}`: `ttft_ms` (p50, p90, p99, p999, max, n), `events`
 (every `data:` event in the window), `content_events`, `sent` (requests sent in the window),
 `streams` (answers ended in the window or sent in it),
-`complete`, `failed` and the first failure messages, `max_open` (streams open at once).
+`complete`, `failed` and the first failure messages, `max_open` (streams open at once);
+`--samples FILE` also writes every time to first token, in milliseconds, as a JSON list.
 
 Plain asyncio protocols on uvloop, so the client's own cost per event stays small and outside the
 process it measures. The soft open-files limit is raised to the hard one.
@@ -348,7 +349,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             conn.close()
     return {"ttft_ms": percentiles(c.ttft), "events": c.events, "content_events": c.content_events,
             "sent": c.sent, "streams": c.streams, "complete": c.complete, "failed": c.failed, "failures": c.failures,
-            "cut_at_end": cut, "max_open": c.max_open, "elapsed_s": time.perf_counter() - t0}
+            "cut_at_end": cut, "max_open": c.max_open, "elapsed_s": time.perf_counter() - t0,
+            "ttft_samples_ms": [round(v * 1e3, 4) for v in c.ttft]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -361,6 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests-per-conn", type=int, default=0, help="then close it; 0 = no limit")
     p.add_argument("--drain-s", type=float, default=10.0, help="after the window, wait for open streams")
     p.add_argument("--timeout-s", type=float, default=30.0, help="an answer silent this long fails")
+    p.add_argument("--samples", default=None, help="also write every time to first token (ms) here, as JSON")
     p.add_argument("--header", action="append", default=[], help="'Name: value', sent with every request")
     p.add_argument("--body", default='{"model":"standin","messages":[{"role":"user","content":"Say hi"}],'
                                      '"stream":true,"stream_options":{"include_usage":true}}')
@@ -382,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_ = uvloop.run
     result = run_(run(args))
+    if args.samples:
+        with open(args.samples, "w") as f:
+            json.dump(result.pop("ttft_samples_ms"), f)
+    else:
+        result.pop("ttft_samples_ms")
     print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
     return 0
 
