@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -336,12 +336,21 @@ def make_app(behaviour: ModelBehaviour) -> web.Application:
     return app
 
 
-class RunningModel:
-    """A model server listening on a real socket; ``close()`` (or ``async with``) stops it."""
+_B = TypeVar("_B")
 
-    def __init__(self, runner: web.AppRunner, app: web.Application, host: str, port: int) -> None:
+
+class _ServerState(Protocol[_B]):
+    behaviour: _B
+    requests: int
+    received: collections.deque[ReceivedRequest]
+
+
+class RunningServer(Generic[_B]):
+    """A stand-in server listening on a real socket; ``close()`` (or ``async with``) stops it."""
+
+    def __init__(self, runner: web.AppRunner, state: _ServerState[_B], host: str, port: int) -> None:
         self._runner = runner
-        self._state = app[_STATE]
+        self._state = state
         self.host = host
         self.port = port
 
@@ -351,7 +360,7 @@ class RunningModel:
         return f"http://{host}:{self.port}"
 
     @property
-    def behaviour(self) -> ModelBehaviour:
+    def behaviour(self) -> _B:
         return self._state.behaviour
 
     @property
@@ -367,7 +376,7 @@ class RunningModel:
     async def close(self) -> None:
         await self._runner.cleanup()
 
-    async def __aenter__(self) -> RunningModel:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -379,7 +388,24 @@ class RunningModel:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<RunningModel {self.behaviour.role} {self.url}>"
+        return f"<{type(self).__name__} {getattr(self.behaviour, 'role', '')} {self.url}>"
+
+
+async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout: float) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port`` (0 = a free port); the runner and the port it is bound to."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        return runner, int(runner.addresses[0][1])
+    except BaseException:
+        await runner.cleanup()
+        raise
+
+
+class RunningModel(RunningServer[ModelBehaviour]):
+    """A KServe v1 stand-in listening on a real socket."""
 
 
 async def start_model(
@@ -391,16 +417,9 @@ async def start_model(
 ) -> RunningModel:
     """Serve ``behaviour`` on ``host:port`` (0 = a free port, read back into ``.port``)."""
     app = make_app(behaviour)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_port = int(runner.addresses[0][1])
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return RunningModel(runner, app, host, bound_port)
+    runner, bound_port = await serve_app(app, host, port, shutdown_timeout)
+    state = app[_STATE]
+    return RunningModel(runner, state, host, bound_port)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

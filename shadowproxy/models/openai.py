@@ -41,14 +41,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import orjson
 from aiohttp import web
 
-from shadowproxy.models.kserve import ReceivedRequest, request_fails
+from shadowproxy.models.kserve import ReceivedRequest, RunningServer, request_fails, serve_app
 from shadowproxy.models.llm_answers import (
     DEFAULT_DIMENSIONS,
     Choice,
@@ -342,47 +341,8 @@ def make_openai_app(behaviour: OpenAIBehaviour) -> web.Application:
     return app
 
 
-class RunningOpenAIModel:
-    """An OpenAI-compatible stand-in listening on a real socket; ``close()`` (or ``async with``) stops it."""
-
-    def __init__(self, runner: web.AppRunner, app: web.Application, host: str, port: int) -> None:
-        self._runner = runner
-        self._state = app[_STATE]
-        self.host = host
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def behaviour(self) -> OpenAIBehaviour:
-        return self._state.behaviour
-
-    @property
-    def requests(self) -> int:
-        """POST requests received so far."""
-        return self._state.requests
-
-    @property
-    def received(self) -> list[ReceivedRequest]:
-        """The last 10 000 POST requests received, oldest first."""
-        return list(self._state.received)
-
-    async def close(self) -> None:
-        await self._runner.cleanup()
-
-    async def __aenter__(self) -> RunningOpenAIModel:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"<RunningOpenAIModel {self.behaviour.role} {self.url}>"
+class RunningOpenAIModel(RunningServer[OpenAIBehaviour]):
+    """An OpenAI-compatible stand-in listening on a real socket."""
 
 
 async def start_openai_model(
@@ -390,16 +350,9 @@ async def start_openai_model(
 ) -> RunningOpenAIModel:
     """Serve ``behaviour`` on ``host:port`` (0 = a free port, read back into ``.port``)."""
     app = make_openai_app(behaviour)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_port = int(runner.addresses[0][1])
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return RunningOpenAIModel(runner, app, host, bound_port)
+    runner, bound_port = await serve_app(app, host, port, shutdown_timeout)
+    state = app[_STATE]
+    return RunningOpenAIModel(runner, state, host, bound_port)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
