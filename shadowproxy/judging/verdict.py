@@ -24,7 +24,7 @@ streamed pairs exist |
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from shadowproxy.judging.intervals import newcombe_interval
@@ -95,6 +95,35 @@ def _three_way(lower: float, upper: float | None, limit: float, higher_is_worse:
     return False if upper is not None and upper < limit else None
 
 
+def _decide(
+    what: str,
+    lower: float,
+    upper: float | None,
+    limit: float,
+    point: str,
+    *,
+    fmt: Callable[[Any], str] = _pct,
+    limit_fmt: Callable[[float], str] = _pct,
+    of: str = "",
+    higher_is_worse: bool = True,
+) -> tuple[bool | None, str]:
+    """A gate's three-way decision on its interval, and the reason that says which bound decided."""
+    passed = _three_way(lower, upper, limit, higher_is_worse)
+    bound = f"95% bound{of}"
+    if passed is True:
+        side, value, op = ("upper", upper, "<=") if higher_is_worse else ("lower", lower, ">=")
+    elif passed is False:
+        side, value, op = ("lower", lower, ">") if higher_is_worse else ("upper", upper, "<")
+    else:
+        interval = f"95% interval{of} {fmt(lower)} - {fmt(upper)}"
+        return None, f"{what} not yet decided: {interval} holds {limit_fmt(limit)} {point}"
+    return passed, f"{side} {bound} {fmt(value)} {op} {limit_fmt(limit)} {point}"
+
+
+def _limit_text(x: float) -> str:
+    return f"{x:g}"
+
+
 def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
     """The ``/shadow/verdict`` answer for a ``ShadowStats.snapshot()``."""
     min_samples = int(gates.min_samples)
@@ -138,17 +167,7 @@ def _disagreement_gate(
     rate = float(_get(snapshot, "comparisons", "disagreement_rate", default=0.0))
     if total < min_samples:
         return _gate(name, upper, limit, None, f"waiting: {total} of {min_samples} predictions compared", ci)
-    passed = _three_way(lower, upper, limit, higher_is_worse=True)
-    observed = f"(observed {_pct(rate)} of {total})"
-    if passed is True:
-        reason = f"upper 95% bound {_pct(upper)} <= {_pct(limit)} {observed}"
-    elif passed is False:
-        reason = f"lower 95% bound {_pct(lower)} > {_pct(limit)} {observed}"
-    else:
-        reason = (
-            f"disagreement not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} "
-            f"{observed}"
-        )
+    passed, reason = _decide("disagreement", lower, upper, limit, f"(observed {_pct(rate)} of {total})")
     return _gate(name, upper, limit, passed, reason, ci)
 
 
@@ -197,16 +216,9 @@ def _latency_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limi
         return _gate(name, ratio, limit, None, f"latency not yet decided: no p99 interval {point}", None)
     lower, upper = interval
     assert lower is not None
-    passed = _three_way(lower, upper, limit, higher_is_worse=True)
-    if passed is True:
-        reason = f"upper 95% bound of the ratio {_ratio_text(upper)} <= {limit:g} {point}"
-    elif passed is False:
-        reason = f"lower 95% bound of the ratio {_ratio_text(lower)} > {limit:g} {point}"
-    else:
-        reason = (
-            f"latency not yet decided: 95% interval of the ratio {_ratio_text(lower)} - {_ratio_text(upper)} "
-            f"holds {limit:g} {point}"
-        )
+    passed, reason = _decide(
+        "latency", lower, upper, limit, point, fmt=_ratio_text, limit_fmt=_limit_text, of=" of the ratio"
+    )
     return _gate(name, ratio, limit, passed, reason, interval)
 
 
@@ -224,16 +236,8 @@ def _error_gate(snapshot: Mapping[str, Any], sent: int, min_samples: int, limit:
     if sent < min_samples:
         reason = f"waiting: {sent} of {min_samples} mirrored requests sent"
         return _gate(name, delta, limit, None, reason, interval)
-    passed = _three_way(lower, upper, limit, higher_is_worse=True)
     rates = f"(candidate errors {_pct(cand_rate)} - production {_pct(prod_rate)} = {_pct(delta)} of {sent})"
-    if passed is True:
-        reason = f"upper 95% bound {_pct(upper)} <= {_pct(limit)} {rates}"
-    elif passed is False:
-        reason = f"lower 95% bound {_pct(lower)} > {_pct(limit)} {rates}"
-    else:
-        reason = (
-            f"error rate not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} {rates}"
-        )
+    passed, reason = _decide("error rate", lower, upper, limit, rates)
     return _gate(name, delta, limit, passed, reason, interval)
 
 
@@ -254,14 +258,8 @@ def _accuracy_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, A
                       default=_get(snapshot, "ground_truth", "production_accuracy", default=0.0)))
     interval = _interval(_get(snapshot, "ground_truth", "accuracy_delta_ci95", default=None)) or [-1.0, 1.0]
     lower, upper = float(interval[0] or 0.0), float(1.0 if interval[1] is None else interval[1])
-    passed = _three_way(lower, upper, limit, higher_is_worse=False)
     point = f"(candidate accuracy {_pct(cand)} - production {_pct(prod)} = {_pct(delta)} on {labeled} labelled)"
-    if passed is True:
-        reason = f"lower 95% bound {_pct(lower)} >= {_pct(limit)} {point}"
-    elif passed is False:
-        reason = f"upper 95% bound {_pct(upper)} < {_pct(limit)} {point}"
-    else:
-        reason = f"accuracy not yet decided: 95% interval {_pct(lower)} - {_pct(upper)} holds {_pct(limit)} {point}"
+    passed, reason = _decide("accuracy", lower, upper, limit, point, higher_is_worse=False)
     return _gate("min_accuracy_delta", delta, limit, passed, reason, interval)
 
 
@@ -292,14 +290,7 @@ def _ttft_gate(snapshot: Mapping[str, Any], gates: GatesLike, min_samples: int) 
         return _gate(name, ratio, limit, None, f"time to first token not yet decided: no p99 interval {point}", None)
     lower, upper = interval
     assert lower is not None
-    passed = _three_way(lower, upper, limit, higher_is_worse=True)
-    if passed is True:
-        reason = f"upper 95% bound of the ratio {_ratio_text(upper)} <= {limit:g} {point}"
-    elif passed is False:
-        reason = f"lower 95% bound of the ratio {_ratio_text(lower)} > {limit:g} {point}"
-    else:
-        reason = (
-            f"time to first token not yet decided: 95% interval of the ratio {_ratio_text(lower)} - "
-            f"{_ratio_text(upper)} holds {limit:g} {point}"
-        )
+    passed, reason = _decide(
+        "time to first token", lower, upper, limit, point, fmt=_ratio_text, limit_fmt=_limit_text, of=" of the ratio"
+    )
     return _gate(name, ratio, limit, passed, reason, interval)
