@@ -31,7 +31,7 @@ import math
 import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
@@ -477,25 +477,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def _serve(behaviour: ModelBehaviour, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    model = await start_model(behaviour, host, port)
+def run_until_signalled(start: Callable[[], Awaitable[RunningServer[Any]]], label: str, host: str, port: int) -> int:
+    """Serve what ``start`` starts until SIGTERM/SIGINT: 0 then, 1 when the port cannot be bound."""
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        model = await start()
+        try:
+            print(f"{label} serving on {model.url}", file=sys.stderr)
+            await stop.wait()
+        finally:
+            await model.close()
+
     try:
-        print(f"{behaviour.role} model {behaviour.model_version} serving on {model.url}", file=sys.stderr)
-        await stop.wait()
-    finally:
-        await model.close()
+        asyncio.run(serve())
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: 0 after SIGTERM/SIGINT, 1 when the port cannot be bound, 2 for bad arguments."""
     args = _parse_args(argv)
-    try:
-        asyncio.run(_serve(args.behaviour, args.host, args.port))
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+    behaviour: ModelBehaviour = args.behaviour
+    label = f"{behaviour.role} model {behaviour.model_version}"
+    return run_until_signalled(lambda: start_model(behaviour, args.host, args.port), label, args.host, args.port)

@@ -37,8 +37,6 @@ import collections
 import hashlib
 import math
 import random
-import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,7 +45,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from shadowproxy.models.kserve import ReceivedRequest, RunningServer, request_fails, serve_app
+from shadowproxy.models.kserve import ReceivedRequest, RunningServer, request_fails, run_until_signalled, serve_app
 from shadowproxy.models.llm_answers import (
     DEFAULT_DIMENSIONS,
     Choice,
@@ -398,25 +396,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def _serve(behaviour: OpenAIBehaviour, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    model = await start_openai_model(behaviour, host, port)
-    try:
-        print(f"{behaviour.role} model {behaviour.model} (openai) serving on {model.url}", file=sys.stderr)
-        await stop.wait()
-    finally:
-        await model.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: 0 after SIGTERM/SIGINT, 1 when the port cannot be bound, 2 for bad arguments."""
     args = _parse_args(argv)
-    try:
-        asyncio.run(_serve(args.behaviour, args.host, args.port))
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+    behaviour: OpenAIBehaviour = args.behaviour
+    label = f"{behaviour.role} model {behaviour.model} (openai)"
+    return run_until_signalled(
+        lambda: start_openai_model(behaviour, args.host, args.port), label, args.host, args.port
+    )
