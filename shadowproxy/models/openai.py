@@ -16,7 +16,8 @@ Endpoints (under any path prefix, e.g. ``/openai/v1/...``):
   prompt asking for one make a tool call (finish reason ``tool_calls``), ``usage`` counts
   whitespace-separated words. With ``"stream": true`` the answer is Server-Sent Events, one token
   per event per choice: the chat role event at once, the first token after ``first_token_ms`` (plus
-  up to ``jitter_ms``), each next one ``inter_token_ms`` later, then the finish reasons, a ``usage``
+  up to ``jitter_ms``), each next one ``inter_token_ms`` later (and never sooner than that after
+  the one before, even when the server fell behind), then the finish reasons, a ``usage``
   event when ``stream_options.include_usage`` is true, and ``data: [DONE]``. Unstreamed, the answer
   comes when its last token would have.
 - ``POST .../embeddings``: float32 unit vectors (``encoding_format`` ``float`` or ``base64``, the
@@ -197,10 +198,13 @@ class _Exchange:
         b = self.behaviour
         return self.started + (b.first_token_ms + self.jitter_ms + step * b.inter_token_ms) / 1000.0
 
-    async def _wait(self, step: int) -> None:
-        delay = self._due(step) - asyncio.get_running_loop().time()
+    async def _wait(self, step: int, not_before: float = 0.0) -> float:
+        """Sleep until ``step`` is due, and not before ``not_before``; the loop's time when done."""
+        loop = asyncio.get_running_loop()
+        delay = max(self._due(step), not_before) - loop.time()
         if delay > 0.0:
             await asyncio.sleep(delay)
+        return loop.time()
 
     def whole(self) -> dict[str, Any]:
         if self.chat:
@@ -231,8 +235,13 @@ class _Exchange:
                     chunk(c.index, {"delta": {"role": "assistant", "content": "" if c.tool is None else None}})
                     for c in self.choices
                 ))
+            # A token is never sent sooner than inter_token_ms after the one before: a stand-in that
+            # fell behind (a busy machine) catches up at its own pace, as a model generating does,
+            # rather than in one burst that would read as zero gaps.
+            gap = self.behaviour.inter_token_ms / 1000.0
+            sent = -math.inf
             for step in range(steps):
-                await self._wait(step)
+                sent = await self._wait(step, sent + gap)
                 await response.write(b"".join(
                     chunk(c.index, {"delta": _chat_delta(c, step)} if self.chat else {"text": c.pieces[step]})
                     for c in self.choices

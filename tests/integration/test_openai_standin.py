@@ -122,6 +122,25 @@ async def test_streams_send_the_role_at_once_and_tokens_on_the_documented_schedu
     assert "usage" not in chunks[-1]  # not asked for
 
 
+async def test_a_stand_in_that_fell_behind_catches_up_one_gap_at_a_time(session: aiohttp.ClientSession) -> None:
+    behaviour = OpenAIBehaviour.production(first_token_ms=0, inter_token_ms=30)
+    prompt = "a prompt whose answer is long enough to stall in"
+    assert len(openai_text(prompt).split()) >= 6
+    body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    arrivals: list[float] = []
+    async with await start_openai_model(behaviour) as llm, session.post(llm.url + CHAT, data=orjson.dumps(body)) as r:
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 1:
+                    time.sleep(0.2)  # the whole loop, the stand-in's too, stalls past several due tokens
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    assert len(gaps) == len(openai_text(prompt).split()) - 1
+    assert gaps[0] >= 0.2
+    # No burst of overdue tokens: each later one still leaves its inter-token gap.
+    assert min(gaps[1:]) >= 0.03 - 0.005, gaps
+
+
 async def test_stream_usage_event_comes_last_when_asked(session: aiohttp.ClientSession) -> None:
     async with await start_openai_model(OpenAIBehaviour.production(first_token_ms=0, inter_token_ms=0)) as llm:
         body = {"prompt": ["one", "two"], "n": 2, "stream": True, "stream_options": {"include_usage": True}}
