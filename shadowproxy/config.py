@@ -487,6 +487,8 @@ class CandidateConfig(UpstreamConfig):
     backoff_after: int = _key(5, _COUNT)
     # A streamed answer (text/event-stream) may take this long in all; timeout_s then bounds its first byte.
     stream_timeout_s: float = _key(600.0, _POSITIVE)
+    # A streamed answer that sends nothing for this long is given up, its in-flight slot freed.
+    stream_idle_timeout_s: float = _key(60.0, _POSITIVE)
     # The candidate's own identity on its copy of a request: the JSON body's "model" ("" keeps
     # the client's), and header fields replacing the client's of the same name.
     model: str = _key("", _string())

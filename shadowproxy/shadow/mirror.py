@@ -64,6 +64,7 @@ class Mirror:
         self.sampler = Sampler(mirror)
         self.timeout_s = candidate.timeout_s
         self.stream_timeout_s = candidate.stream_timeout_s
+        self.stream_idle_timeout_s = candidate.stream_idle_timeout_s
         self.max_in_flight = candidate.max_in_flight
         self.backoff_after = candidate.backoff_after
         self.compare = compare
@@ -84,7 +85,9 @@ class Mirror:
         self.active: set[ShadowExchange] = set()  # candidate exchanges in flight
         self.unjudged = 0  # dispatched tickets whose pair has not been judged yet
         # Candidate deadlines are checked this often (a timeout fires at most this late).
-        self.sweep_interval = min(0.5, max(0.01, min(self.timeout_s, self.stream_timeout_s) / 20))
+        self.sweep_interval = min(
+            0.5, max(0.01, min(self.timeout_s, self.stream_timeout_s, self.stream_idle_timeout_s) / 20)
+        )
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         self._failures = 0
         self._backoff_s = 0.0
@@ -364,7 +367,7 @@ class ShadowExchange(ResponseSink):
 
     __slots__ = (
         "mirror", "ticket", "head", "body", "conn", "task", "deadline", "status", "headers", "chunks",
-        "size", "truncated", "t_sent", "retried", "done", "started", "llm",
+        "size", "truncated", "t_sent", "retried", "done", "started", "llm", "stream_end",
     )
 
     def __init__(self, mirror: Mirror, ticket: MirrorTicket, head: bytes, body: bytes) -> None:
@@ -378,6 +381,7 @@ class ShadowExchange(ResponseSink):
         # The whole exchange, connect included; a streamed answer's head moves it to stream_timeout_s.
         self.deadline = self.started + mirror.timeout_s
         self.llm: LlmWatch | None = None  # an answer to an OpenAI-compatible request (preset openai)
+        self.stream_end = 0.0  # a streamed answer: its last moment (stream_timeout_s); 0.0 otherwise
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -425,9 +429,18 @@ class ShadowExchange(ResponseSink):
             stream = is_event_stream(headers, lnames)
             self.llm = llm.watch(self.ticket.endpoint, self.t_sent, stream)
             if stream:
-                self.deadline = self.started + mirror.stream_timeout_s
+                self.stream_end = self.started + mirror.stream_timeout_s
+                self._stream_alive()
+
+    def _stream_alive(self) -> None:
+        """A stream's deadline: stream_idle_timeout_s from now, never past stream_timeout_s."""
+        idle = self.mirror.loop.time() + self.mirror.stream_idle_timeout_s
+        end = self.stream_end
+        self.deadline = idle if idle < end else end
 
     def on_response_body(self, data: bytes) -> None:
+        if self.stream_end:
+            self._stream_alive()
         if self.truncated:
             return
         self.size += len(data)

@@ -267,6 +267,37 @@ async def test_a_stalled_candidate_ends_as_candidate_error_after_stream_timeout(
     assert samples[("shadowproxy_upstream_failures_total", (("kind", "timeout"), ("target", "candidate")))] == 1
 
 
+async def test_a_candidate_stream_silent_for_its_idle_timeout_is_given_up_early(start_proxy, upstreams) -> None:
+    prod = await upstreams(chat_events(ttft=0.05, gap=0.05))
+    cand = await upstreams(chat_events(ttft=0.05, gap=0.05))
+    cand.stall_after = FIRST_WORD + 2
+    proxy = await openai_proxy(
+        start_proxy, prod, cand, candidate={"stream_timeout_s": 30.0, "stream_idle_timeout_s": 0.5}
+    )
+    started = time.perf_counter()
+    assert (await stream(proxy)).body == prod.body
+    stats = await settled(proxy)
+    # Freed after half a second of silence, long before stream_timeout_s.
+    assert 0.5 <= time.perf_counter() - started < 5.0
+    assert stats["comparisons"]["candidate_error"] == 1
+    assert stats["mirror"]["in_flight"] == 0
+    samples = metric_samples(proxy)
+    assert samples[("shadowproxy_upstream_failures_total", (("kind", "timeout"), ("target", "candidate")))] == 1
+
+
+async def test_a_slow_candidate_stream_that_keeps_sending_outlives_its_idle_timeout(start_proxy, upstreams) -> None:
+    # Over a second in all, an event every 0.2 s: never 0.5 s silent, so it is read to its end.
+    prod = await upstreams(chat_events(ttft=0.0, gap=0.0))
+    cand = await upstreams(chat_events(ttft=0.1, gap=0.2))
+    proxy = await openai_proxy(
+        start_proxy, prod, cand, candidate={"stream_timeout_s": 30.0, "stream_idle_timeout_s": 0.5}
+    )
+    await stream(proxy)
+    stats = await settled(proxy)
+    assert stats["comparisons"]["agree"] == 1
+    assert stats["mirror"]["error"] == 0
+
+
 async def test_timeout_s_bounds_only_the_first_byte_of_a_candidate_stream(start_proxy, upstreams) -> None:
     # The candidate's stream takes about 1 s in all, twice timeout_s: it is read to its end.
     prod = await upstreams(chat_events(ttft=0.05, gap=0.02))
