@@ -3,6 +3,7 @@ CPU per event, memory with a thousand open streams, and a candidate that stalls 
 
     python benchmarks/llm.py [--reps 3] [--duration 20] [--quick] [--no-rss] [--json FILE] [--build DIR]
     python benchmarks/llm.py --socket-free      # the stream follower's CPU per event, no sockets
+    python benchmarks/llm.py --stall-only       # only the stalled candidate's phase
 
 The models are `sse_standin.py` processes: production, a healthy candidate and one that stalls
 after `--stall-after` events (then sends nothing, its connection left open). Each answers every
@@ -17,7 +18,6 @@ Rows, every one started once per repetition, the order rotated, figures medians:
 - `nginx stream proxy`: nginx, 1 worker, `proxy_buffering off`, upstream keep-alive;
 - `shadowproxy 0`, `shadowproxy 1.0`: `serve` at `mirror.sample_rate` 0 and 1.0, `compare.preset =
   "openai"` (the default preset where this build has no `openai`, as the output then says);
-- `shadowproxy 1.0 stalled candidate`: the same, in front of the stalling candidate;
 - with `--default-preset-row`, `shadowproxy 0, default preset`: no stream followed, so the
   follower's cost shows apart.
 
@@ -32,6 +32,15 @@ window counting one; what the candidate received as a share of the streams; mirr
 proxy's RSS after the run; the machine's busy share over the window (all CPUs, from /proc/stat,
 steal counted as busy). A repetition during which the machine was busier than `--max-machine-cpu`
 percent is void: it reads as a failed repetition and is left out of the medians.
+
+The stalled candidate, a phase of its own: two proxies at sample rate 1.0 side by side, each with
+its own production stand-in and its own client of `--streams` streams, loaded at the same time;
+one mirrors to a healthy candidate, the other to one that stalls. Loaded together, whatever the
+machine does during the window (a neighbour's burst, steal) falls on both alike, which a
+comparison of runs one after the other cannot promise. Both take up to 4096 copies in flight,
+so the stalled exchanges pile up over the whole window (each held open by the candidate) instead
+of filling the default 256 in seconds and leaving the rest of the window to drops. New proxies
+every repetition.
 
 Memory, a phase of its own (`--no-rss` skips it): a proxy at sample rate 1.0 in front of two slow
 stand-ins (`--rss-events` events 1 s apart), warmed up with a few quick streams, then
@@ -48,8 +57,8 @@ Targets, printed as met or not met: at sample rate 1.0 the time to first token a
 at most 1 ms at p50 and 3 ms at p99; CPU per production event at sample rate 0 at most 1.5 x
 nginx's; RSS growth at most 64 MiB with the thousand mirrored streams; the stalled candidate
 moves production's time to first token by less than 1 ms at p50 and 5% at p99 against the healthy
-candidate's row of the same run, both taken over the streams of every valid repetition pooled (a
-5% move of a tail needs every sample; the per-repetition figures are printed too). The extra CPU
+candidate's proxy loaded beside it, both taken over the streams of every valid repetition pooled
+(a 5% move of a tail needs every sample; the per-repetition figures are printed too). The extra CPU
 per mirrored event (rows 1.0 less 0) is reported.
 Exit 0: everything ran and every target was met; 1: a setup failed or a repetition was void; 4:
 a target was not met.
@@ -64,6 +73,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,13 +84,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h  # noqa: E402
 
 PATH = "/v1/chat/completions"
-STALLED = "shadowproxy 1.0 stalled candidate"
 TTFT_P50_MAX_MS = 1.0
 TTFT_P99_MAX_MS = 3.0
 CPU_RATIO_MAX = 1.5
 RSS_GROWTH_MAX_MIB = 64.0
 STALL_P50_MAX_MS = 1.0
 STALL_P99_RATIO_MAX = 1.05
+STALL_IN_FLIGHT = 4096
 # A short drain, so stopping a proxy that still waits on a stalled candidate takes a second.
 DRAIN = {"listen": {"drain_timeout_s": 1.0}}
 
@@ -304,6 +314,85 @@ def streams_measure(args: argparse.Namespace, owner: dict[str, SSEModel | None])
     return measure
 
 
+def stall_phase(args: argparse.Namespace, base: dict[str, dict[str, Any]],
+                build: Path | None) -> dict[str, list[dict[str, Any]]]:
+    """Two proxies at 1.0 loaded at the same time, each by its own client with `--streams` streams:
+    one in front of a healthy candidate, one in front of a candidate that stalls. Each has its own
+    production stand-in, so nothing is shared but the machine, and whatever the machine does (a
+    neighbour's burst, steal) falls on both at once. Fresh proxies every repetition."""
+    flags = ("--events", str(args.events), "--gap-ms", f"{args.gap_ms:g}")
+    # Room for every copy of the window, so the stalled exchanges pile up all along it rather than
+    # fill the default 256 in seconds and leave the rest of the window to cheap drops.
+    extra = merged(base, {"candidate": {"max_in_flight": STALL_IN_FLIGHT}})
+    models: list[SSEModel] = []
+    runs: dict[str, list[dict[str, Any]]] = {"healthy": [], "stalled": []}
+    try:
+        ups: dict[str, tuple[SSEModel, SSEModel]] = {}
+        for side in runs:
+            prod = SSEModel(f"{side}-production", *flags)
+            models.append(prod)
+            cand = SSEModel(f"{side}-candidate", *flags,
+                            *(("--stall-after", str(args.stall_after)) if side == "stalled" else ()))
+            models.append(cand)
+            ups[side] = (prod, cand)
+        for rep in range(args.reps):
+            setups = {side: proxy_setup(f"stall phase, {side}", p.url, c.url, 1.0, extra, build)
+                      for side, (p, c) in ups.items()}
+            out: dict[str, dict[str, Any]] = {}
+            try:
+                urls = {side: s.start() for side, s in setups.items()}
+                box: dict[str, Any] = {}
+                threads = [threading.Thread(target=_load_side, args=(args, side, urls[side], s, box, out))
+                           for side, s in setups.items()]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                for s in setups.values():
+                    s.stop()
+            busy = busy_pct(box["m0"], box["m1"]) if "m0" in box and "m1" in box else None
+            if busy is not None and busy > args.max_machine_cpu:
+                out = {side: {"error": f"void: the machine was {busy:.0f}% busy"} for side in runs}
+            for side in runs:
+                r = out.get(side, {"error": "no result"})
+                r["machine_cpu_pct"] = busy
+                runs[side].append(r)
+            st, he = pooled_ttft([out.get("stalled", {})]), pooled_ttft([out.get("healthy", {})])
+            h.log(f"  stall phase rep {rep + 1}/{args.reps}: p50 {h.fmt(st['p50'], 3)} against "
+                  f"{h.fmt(he['p50'], 3)} ms, p99 {h.fmt(st['p99'], 3)} against {h.fmt(he['p99'], 3)} ms; "
+                  f"stalled copies sent {out.get('stalled', {}).get('mirror_sent')}, "
+                  f"dropped {out.get('stalled', {}).get('mirror_dropped')}; machine {h.fmt(busy, 0)}% busy")
+    finally:
+        for m in models:
+            m.stop()
+    return runs
+
+
+def _load_side(args: argparse.Namespace, side: str, url: str, setup: h.Setup, box: dict[str, Any],
+               out: dict[str, dict[str, Any]]) -> None:
+    """One side of the stall phase: its client's streams, its times to first token in `out[side]`;
+    the healthy side's window also marks the machine's ticks in `box`."""
+    samples = h.workdir() / f"stall-{side}-{time.monotonic_ns()}.json"
+    pids = setup.pids()
+    cpu: dict[str, int] = {}
+
+    def mark(tag: str) -> None:
+        cpu[tag] = h.cpu_ticks(pids)
+        if side == "healthy":
+            box[f"m{tag}"] = machine_ticks()
+
+    try:
+        r = run_client(url, client_flags(args.streams, args.warmup, args.duration) + ["--samples", str(samples)],
+                       on_start=lambda: mark("0"), on_end=lambda: mark("1"),
+                       timeout=args.warmup + args.duration + 60)
+        events = int(r["events"])
+        out[side] = {"ttft_samples_ms": json.loads(samples.read_text()), **mirror_counts(setup), **llm_ttft(setup),
+                     "cpu_us_event": (cpu["1"] - cpu["0"]) / h.CLK_TCK * 1e6 / events if events else None}
+    except h.BenchError as e:
+        out[side] = {"error": str(e).splitlines()[0]}
+
+
 def rss_phase(args: argparse.Namespace, base: dict[str, dict[str, Any]], stream_timeout: bool,
               build: Path | None) -> dict[str, Any]:
     """A proxy at 1.0 holding `--rss-streams` mirrored streams at once; its RSS before and at the peak."""
@@ -460,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", type=Path, default=None,
                    help="run shadowproxy from this build directory (sources and compiled modules)")
     p.add_argument("--json", type=Path, default=None, help="also write every repetition's figures here")
+    p.add_argument("--stall-only", action="store_true", help="only the stall phase")
     p.add_argument("--quick", action="store_true", help="1 repetition of 8 s, 300 streams in the memory phase")
     args = p.parse_args(argv)
     if args.quick:
@@ -482,6 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     build = args.build.resolve() if args.build else None
+    if args.stall_only:
+        h.log(h.machine_summary())
+        h.log(f"shadowproxy: {build_line(build)}; stall phase only, {args.reps} repetition(s)")
+        stall = stall_phase(args, merged(DRAIN, {"compare": {"preset": "openai"}}), build)
+        print()
+        targets = stall_targets(stall_summary(stall))
+        for text, ok in targets:
+            print(f"  {'met    ' if ok else 'NOT MET' if ok is False else 'unknown'}  {text}")
+        if any("error" in r for runs in stall.values() for r in runs):
+            return 1
+        return 4 if any(ok is False for _, ok in targets) else 0
     openai = accepts(merged(DRAIN, {"compare": {"preset": "openai"}}), build)
     stream_timeout = accepts({"candidate": {"stream_timeout_s": 600.0}}, build)
     base = merged(DRAIN, {"compare": {"preset": "openai"}} if openai else {})
@@ -500,17 +601,14 @@ def main(argv: list[str] | None = None) -> int:
         models.append(prod)
         healthy = SSEModel("candidate", *flags)
         models.append(healthy)
-        stalled = SSEModel("stalled", *flags, "--stall-after", str(args.stall_after))
-        models.append(stalled)
         setups: list[h.Setup] = [h.DirectSetup("direct", prod.url)]
         if use_nginx:
             setups.append(h.NginxProxySetup("nginx stream proxy", prod.url, buffering=False))
         else:
             h.log("nginx not installed (or --no-nginx): no nginx row")
         setups += [proxy_setup("shadowproxy 0", prod.url, healthy.url, 0.0, base, build),
-                   proxy_setup("shadowproxy 1.0", prod.url, healthy.url, 1.0, base, build),
-                   proxy_setup(STALLED, prod.url, stalled.url, 1.0, base, build)]
-        owner.update({"shadowproxy 0": healthy, "shadowproxy 1.0": healthy, STALLED: stalled})
+                   proxy_setup("shadowproxy 1.0", prod.url, healthy.url, 1.0, base, build)]
+        owner.update({"shadowproxy 0": healthy, "shadowproxy 1.0": healthy})
         if args.default_preset_row and openai:
             name = "shadowproxy 0, default preset"
             setups.append(proxy_setup(name, prod.url, healthy.url, 0.0, DRAIN, build))
@@ -524,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     med = h.medians(results)
     if args.json:  # written after each phase, so a later failure keeps what was measured
         args.json.write_text(json.dumps({"results": results}, indent=1))
+
+    h.log(f"stall phase: a healthy and a stalling candidate's proxies side by side, {args.reps} repetition(s)")
+    stall = stall_phase(args, base, build)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "stall": stall}, indent=1))
 
     mem: dict[str, Any] = {}
     if not args.no_rss:
@@ -541,12 +644,56 @@ def main(argv: list[str] | None = None) -> int:
         sf = [{"what": "failed", "error": f"{type(e).__name__}: {e}"}]
 
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "memory": mem, "socket_free": sf}, indent=1))
-    return report(args, setups, med, results, mem, sf, version, preset_note)
+        args.json.write_text(json.dumps({"results": results, "stall": stall, "memory": mem, "socket_free": sf},
+                                        indent=1))
+    return report(args, setups, med, results, stall, mem, sf, version, preset_note)
+
+
+def stall_summary(stall: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Print the stall phase's figures; its pooled times to first token, per side."""
+    stalled_runs, healthy_runs = stall["stalled"], stall["healthy"]
+    pairs = [(pooled_ttft([a]), pooled_ttft([b])) for a, b in zip(stalled_runs, healthy_runs, strict=True)
+             if "error" not in a and "error" not in b]
+    if pairs:
+        print("Stall phase, stalled against healthy candidate per repetition (loaded at the same time): p50 "
+              + ", ".join(f"{a['p50'] - b['p50']:+.3f} ms" for a, b in pairs) + "; p99 ÷ "
+              + ", ".join(f"{a['p99'] / b['p99']:.3f}" for a, b in pairs if a["p99"] and b["p99"]))
+        print("Stall phase, the proxies' CPU per production event, stalled against healthy: "
+              + ", ".join(f"{h.fmt(a.get('cpu_us_event'), 2)} against {h.fmt(b.get('cpu_us_event'), 2)} µs"
+                          for a, b in zip(stalled_runs, healthy_runs, strict=True)
+                          if "error" not in a and "error" not in b))
+        print("Stall phase, production's time to first token as the proxies measured it (request sent upstream "
+              "to the first event), p50, stalled against healthy: "
+              + ", ".join(f"{h.fmt(a.get('proxy_production_ttft_p50_ms'), 3)} against "
+                          f"{h.fmt(b.get('proxy_production_ttft_p50_ms'), 3)} ms"
+                          for a, b in zip(stalled_runs, healthy_runs, strict=True)
+                          if "error" not in a and "error" not in b))
+        sent = [r.get("mirror_sent", 0) for r in stalled_runs if "error" not in r]
+        print(f"Stall phase, copies sent to the stalled candidate per repetition, every one still open at the "
+              f"window's end: {sent} (candidate.max_in_flight {STALL_IN_FLIGHT})")
+    pooled = {name: pooled_ttft(runs) for name, runs in (("stalled", stalled_runs), ("healthy", healthy_runs))}
+    if pooled["stalled"]["n"] and pooled["healthy"]["n"]:
+        print(f"Stall phase pooled over the valid repetitions ({pooled['stalled']['n']} and "
+              f"{pooled['healthy']['n']} streams): p50 {pooled['stalled']['p50']:.3f} against "
+              f"{pooled['healthy']['p50']:.3f} ms, p99 {pooled['stalled']['p99']:.3f} against "
+              f"{pooled['healthy']['p99']:.3f} ms")
+    return pooled
+
+
+def stall_targets(pooled: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]:
+    st50 = h.diff(pooled["stalled"]["p50"], pooled["healthy"]["p50"])
+    st99 = h.ratio(pooled["stalled"]["p99"], pooled["healthy"]["p99"])
+    return [
+        (f"stalled candidate moves the pooled p50 by < {STALL_P50_MAX_MS:g} ms (got {h.fmt(st50, 3, sign=True)})",
+         None if st50 is None else st50 < STALL_P50_MAX_MS),
+        (f"stalled candidate moves the pooled p99 by < {(STALL_P99_RATIO_MAX - 1) * 100:.0f}% "
+         f"(got ratio {h.fmt(st99, 3)})", None if st99 is None else st99 < STALL_P99_RATIO_MAX),
+    ]
 
 
 def report(args: argparse.Namespace, setups: Sequence[h.Setup], med: dict[str, dict[str, Any]],
-           results: dict[str, list[dict[str, Any]]], mem: dict[str, Any], sf: list[dict[str, Any]],
+           results: dict[str, list[dict[str, Any]]], stall: dict[str, list[dict[str, Any]]], mem: dict[str, Any],
+           sf: list[dict[str, Any]],
            version: str, preset_note: str) -> int:
     direct = med["direct"]
     print()
@@ -582,18 +729,7 @@ def report(args: argparse.Namespace, setups: Sequence[h.Setup], med: dict[str, d
         print(f"The proxy's own time to first token at 1.0, p50: production "
               f"{h.fmt(sp1.get('proxy_production_ttft_p50_ms'), 2)} ms, candidate "
               f"{h.fmt(sp1.get('proxy_candidate_ttft_p50_ms'), 2)} ms")
-    stalled_runs, healthy_runs = results.get(STALLED, []), results.get("shadowproxy 1.0", [])
-    pairs = [(a, b) for a, b in zip(stalled_runs, healthy_runs, strict=False) if "error" not in a and "error" not in b]
-    if pairs:
-        print("Stalled against healthy candidate per repetition (run back to back): p50 "
-              + ", ".join(f"{a['ttft_p50_ms'] - b['ttft_p50_ms']:+.3f} ms" for a, b in pairs) + "; p99 ÷ "
-              + ", ".join(f"{a['ttft_p99_ms'] / b['ttft_p99_ms']:.3f}" for a, b in pairs
-                          if a["ttft_p99_ms"] and b["ttft_p99_ms"]))
-    pooled = {name: pooled_ttft(runs) for name, runs in (("stalled", stalled_runs), ("healthy", healthy_runs))}
-    if pooled["stalled"]["n"] and pooled["healthy"]["n"]:
-        print(f"Pooled over the valid repetitions ({pooled['stalled']['n']} and {pooled['healthy']['n']} streams): "
-              f"p50 {pooled['stalled']['p50']:.3f} against {pooled['healthy']['p50']:.3f} ms, "
-              f"p99 {pooled['stalled']['p99']:.3f} against {pooled['healthy']['p99']:.3f} ms")
+    pooled = stall_summary(stall)
     if not sf:
         print("Socket-free: this tree has no stream assembler (shadowproxy.judging.sse)")
     for t in sf:
@@ -625,9 +761,6 @@ def report(args: argparse.Namespace, setups: Sequence[h.Setup], med: dict[str, d
     n50 = h.diff(nginx.get("ttft_p50_ms"), direct.get("ttft_p50_ms"))
     n99 = h.diff(nginx.get("ttft_p99_ms"), direct.get("ttft_p99_ms"))
     cpu_ratio = h.ratio(sp0.get("cpu_us_event"), nginx.get("cpu_us_event"))
-    # A 5% move of a tail needs the most samples: both rows' streams of every valid repetition.
-    st50 = h.diff(pooled["stalled"]["p50"], pooled["healthy"]["p50"])
-    st99 = h.ratio(pooled["stalled"]["p99"], pooled["healthy"]["p99"])
     growth = (mem["peak_kib"] - mem["base_kib"]) / 1024 if mem and "error" not in mem else None
     targets: list[tuple[str, bool | None]] = [
         (f"time to first token added at 1.0, p50 <= {TTFT_P50_MAX_MS:g} ms (got {h.fmt(add50, 2, sign=True)}; "
@@ -637,11 +770,8 @@ def report(args: argparse.Namespace, setups: Sequence[h.Setup], med: dict[str, d
         (f"CPU per production event at 0 <= {CPU_RATIO_MAX:g} x nginx's (got {h.fmt(cpu_ratio, 2)}: "
          f"{h.fmt(sp0.get('cpu_us_event'), 2)} against {h.fmt(nginx.get('cpu_us_event'), 2)} µs)",
          within(cpu_ratio, CPU_RATIO_MAX)),
-        (f"stalled candidate moves the pooled p50 by < {STALL_P50_MAX_MS:g} ms (got {h.fmt(st50, 3, sign=True)})",
-         within(st50, STALL_P50_MAX_MS, strict=True)),
-        (f"stalled candidate moves the pooled p99 by < {(STALL_P99_RATIO_MAX - 1) * 100:.0f}% "
-         f"(got ratio {h.fmt(st99, 3)})",
-         within(st99, STALL_P99_RATIO_MAX, strict=True)),
+        # A 5% move of a tail needs the most samples: every valid repetition's streams, pooled.
+        *stall_targets(pooled),
     ]
     if mem:
         targets.append((f"RSS growth with {args.rss_streams} mirrored streams <= {RSS_GROWTH_MAX_MIB:g} MiB "
@@ -652,7 +782,10 @@ def report(args: argparse.Namespace, setups: Sequence[h.Setup], med: dict[str, d
         print(f"  {'met    ' if ok else 'NOT MET' if ok is False else 'unknown'}  {text}")
 
     failed_setups = h.print_failures(med)
-    if failed_setups or (mem and "error" in mem) or any("error" in t for t in sf):
+    stall_failed = [r["error"] for runs in stall.values() for r in runs if "error" in r]
+    for err in stall_failed[:2]:
+        print(f"stall phase: {err}")
+    if failed_setups or stall_failed or (mem and "error" in mem) or any("error" in t for t in sf):
         return 1
     if any(ok is False for _, ok in targets):
         return 4

@@ -4,12 +4,14 @@
 - `raw_upstream`: an asyncio server whose answer is exact bytes, for framing edge cases.
 - `start_proxy`: a ShadowProxy in front of given URLs, with any config override.
 - `openai_pair`: the OpenAI-compatible stand-ins (production, candidate) with their defaults.
+- `frozen_heap`: the heap collected and frozen, as `serve` leaves it, for tests that judge latency.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -89,3 +91,14 @@ async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.fixture
+def frozen_heap() -> Iterator[None]:
+    """The heap as `serve` leaves it after start-up (collected, then frozen): otherwise a full
+    collection over what earlier tests left behind, tens of milliseconds late in a long run,
+    lands in the latencies a test judges."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()

@@ -40,6 +40,9 @@ from shadowproxy.shadow.rewrite import CandidateRewrite
 from shadowproxy.shadow.sampling import Sampler
 
 log = logging.getLogger("shadowproxy.shadow.mirror")
+
+# How long after its request a copy that needs a new connection opens it.
+CONNECT_DELAY_S: Final = 0.002
 _perf_counter: Final = time.perf_counter  # a static read when compiled, not a dict lookup
 
 BACKOFF_START_S = 0.1
@@ -394,8 +397,16 @@ class ShadowExchange(ResponseSink):
     def start(self) -> None:
         conn = self.mirror.pool.acquire_idle()
         if conn is not None:
-            self.attach(conn)
+            self.attach(conn)  # the copy's head is held with production's and sent after it
         else:
+            # Opening a connection takes the loop several callbacks and tens of microseconds, all
+            # of which would fall between production's request and its first answer bytes were
+            # they run now: they run once that moment has passed (for a stalled or closing
+            # candidate, which never leaves an idle connection, that is every copy).
+            self.mirror.loop.call_later(CONNECT_DELAY_S, self._connect)
+
+    def _connect(self) -> None:
+        if not self.done:
             self.task = self.mirror.pool.connect_for(self)
 
     def acquire_failed(self) -> None:

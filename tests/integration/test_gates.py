@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,6 @@ async def admin_json(admin_url: str, path: str) -> Any:
     async with aiohttp.ClientSession() as session, session.get(admin_url + path) as response:
         assert response.status == 200
         return await response.json()
-
-
-@pytest.fixture
-def frozen_heap() -> Iterator[None]:
-    """The heap as `serve` leaves it after start-up (collected, then frozen): otherwise a full
-    collection over what earlier tests left behind lands in the latency tail this test judges."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 def gate(verdict: dict[str, Any], name: str) -> dict[str, Any]:

@@ -365,8 +365,9 @@ async def test_stats_metrics_and_candidate_agree_on_mirror_counts(
         await asyncio.gather(*(post(s, proxy.url + "/slow") for _ in range(4)))
         await proxy.settle()
         candidate_upstream.delay_s = 0.0
-        for _ in range(5):  # sent, answered
+        for _ in range(5):  # sent, answered (one at a time: a copy is in flight until then)
             await post(s, proxy.url + "/ok")
+            await proxy.settle()
         for _ in range(2):  # skipped: method
             async with s.get(proxy.url + "/get") as r:
                 assert r.status == 200

@@ -244,6 +244,7 @@ async def test_streamed_tool_calls_agree_where_the_arguments_are_the_same(llm: S
     assert llm.proxy.stats()["comparisons"]["tool_calls"] == {"compared": len(prompts), "agree": same}
 
 
+@pytest.mark.usefixtures("frozen_heap")
 async def test_llm_figures_are_the_stand_ins_known_tokens_finish_reasons_and_delays(llm: Setup) -> None:
     with_usage = [f"Count my tokens {i}" for i in range(8)]
     without_usage = [f"Estimate my tokens {i}" for i in range(8)]
