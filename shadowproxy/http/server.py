@@ -69,6 +69,11 @@ class RequestSink:
     def on_client_lost(self) -> None:
         raise NotImplementedError
 
+    def on_rejected(self, status: int) -> None:
+        """The engine answered the request itself with `status` (413 for a chunked body that grew
+        past `max_body_bytes`) and closes the connection: the exchange ends with that status."""
+        raise NotImplementedError
+
     def pause_response(self) -> None:
         raise NotImplementedError
 
@@ -130,6 +135,9 @@ class _Discard(RequestSink):
         pass
 
     def on_client_lost(self) -> None:
+        pass
+
+    def on_rejected(self, status: int) -> None:
         pass
 
     def pause_response(self) -> None:
@@ -583,7 +591,7 @@ class ClientConnection(CoalescedWrites):
             return
         if cycle is not None and cycle.sink is not None:
             cycle.response_complete = True
-            cycle.sink.on_client_lost()
+            cycle.sink.on_rejected(status)
         self.write(simple_response(status, message, close=True))
         self.close_lingering()
 

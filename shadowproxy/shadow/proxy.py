@@ -386,6 +386,15 @@ class Exchange(ResponseSink):
         # 499 as nginx logs it: the client closed the connection before the answer was complete.
         self._finish(499, None)
 
+    def on_rejected(self, status: int) -> None:
+        """The engine answered the client itself (a body past `listen.max_body_bytes`): the
+        upstream exchange is cancelled, and the status recorded is the one the client got."""
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.detach()
+        self._finish(status, None)
+
     def pause_response(self) -> None:
         if self.conn is not None:
             self.conn.pause_reading()

@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 
 from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
-from tests.helpers import Upstream
+from tests.helpers import Upstream, raw_exchange
 
 
 class Recorder:
@@ -112,3 +112,19 @@ async def test_a_sampling_observer_hears_only_of_the_requests_it_wanted(upstream
                 assert r.status == 200
     assert len(picky.exchanges) == 3
     assert skipping.exchanges == []
+
+
+async def test_a_chunked_body_cut_off_at_the_limit_is_reported_as_the_413_the_client_got(
+    upstream: Upstream, start_proxy: Any
+) -> None:
+    recorder = Recorder(False)
+    proxy = await _start(start_proxy, upstream.url, upstream.url, [recorder], listen={"max_body_bytes": 1000},
+                         mirror={"sample_rate": 1.0})
+    request = (b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
+    assert (await raw_exchange(proxy.host, proxy.port, request)).startswith(b"HTTP/1.1 413 ")
+    await proxy.settle()
+    (record, _), = recorder.exchanges
+    assert (record.path, record.status, record.mirrored) == ("/big", 413, False)
+    # The copy never went: its request ended before its body was whole.
+    assert (proxy.stats()["mirror"]["sent"], proxy.stats()["mirror"]["dropped"]) == (0, 1)
