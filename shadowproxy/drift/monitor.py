@@ -40,6 +40,7 @@ from shadowproxy.drift.profile import (
     instance_rows,
     is_number,
     load_profile,
+    scalar_predictions,
 )
 from shadowproxy.errors import ConfigError
 from shadowproxy.judging.presets import PresetError, extract_predictions
@@ -436,6 +437,7 @@ class DriftMonitor:
                 self.list_batches_by_value += 1
                 features.add(instance_rows(instances, None), bools)
         if values and self.predictions is not None:
+            values = scalar_predictions(values)
             answers_bools = b"true" in answers or b"false" in answers
             if self.predictions.ready:
                 self.predictions.add_columns(len(values), [values], answers_bools)

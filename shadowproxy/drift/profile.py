@@ -304,6 +304,15 @@ class Profile:
         }
 
 
+def scalar_predictions(values: list[object]) -> list[object]:
+    """``values`` with each one-element list replaced by its element: a model whose output has
+    shape (n, 1) answers one number (or label) per instance as ``[0.7]``. Checked on the first
+    value, so a batch of scalars costs one type test."""
+    if values and type(values[0]) is list:
+        return [v[0] if type(v) is list and len(v) == 1 else v for v in values]
+    return values
+
+
 def build_profile(
     rows: Sequence[Mapping[str, object]],
     bins: int = 10,
@@ -329,7 +338,7 @@ def build_profile(
     features = {name: build_feature(name, (row.get(name, MISSING) for row in rows), bins) for name in names}
     prediction_profile = None
     if predictions:
-        prediction_profile = build_feature("prediction", predictions, bins, prediction_kind)
+        prediction_profile = build_feature("prediction", scalar_predictions(list(predictions)), bins, prediction_kind)
     return Profile(features, prediction_profile, preset=preset, bins=bins, instances=len(rows))
 
 

@@ -199,6 +199,30 @@ def test_label_predictions_drift_against_their_warmup_baseline(tmp_path: Path) -
     assert predictions["psi"] == pytest.approx(expected, abs=1e-9)
 
 
+def test_one_element_numeric_predictions_are_watched_as_their_number(tmp_path: Path) -> None:
+    # A regressor's output of shape (n, 1) answers [[0.7], [0.2], ...]: one number per instance.
+    path = tmp_path / "baseline.json"
+    path.write_bytes(orjson.dumps(build_profile(BASE_ROWS).to_json()))
+    rng = np.random.default_rng(11)
+    scores = [rng.normal(0.0, 1.0, 100).round(6).tolist() for _ in range(20)] + [
+        rng.normal(0.5, 1.0, 100).round(6).tolist() for _ in range(20)
+    ]
+    request = orjson.dumps({"instances": BASE_ROWS[:100]})
+    docs = []
+    for wrap in (False, True):
+        m = DriftMonitor(DriftConfig(baseline=str(path), warmup=2000, window=2000), CompareConfig(kind="numeric"))
+        answers = [orjson.dumps({"predictions": [[v] for v in batch] if wrap else batch}) for batch in scores]
+        docs.append(feed(m, [request] * len(scores), answers)["predictions"])
+    plain, wrapped = docs
+    assert plain["window"] == 2000 and plain["psi"] is not None and plain["kind"] == "numeric"
+    assert wrapped == plain
+    # And so for a profile built from answers.
+    flat = scores[0]
+    assert build_profile(BASE_ROWS[:10], predictions=[[v] for v in flat]).to_json() == build_profile(
+        BASE_ROWS[:10], predictions=flat
+    ).to_json()
+
+
 def test_only_wanted_records_count_and_a_full_queue_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = monitor(tmp_path, BASE_ROWS)
     m.on_exchange(record(orjson.dumps({"instances": BASE_ROWS[:10]})), wanted=False)
