@@ -5,6 +5,7 @@ every count against what the test computes from the answers it knows the models 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shadowproxy.commands.report import collect, render
 from shadowproxy.models import OpenAIBehaviour, RunningOpenAIModel, openai_text
 from shadowproxy.models.judge import JudgeBehaviour, RunningJudgeModel, start_judge_model
 from tests.helpers import RunningProxy, closed_port_url, openai_models
@@ -251,3 +253,45 @@ async def test_a_hung_judge_never_delays_production_and_a_full_queue_drops_and_c
         await judge_worker.close()
         block = proxy.stats()["judge"]
         assert block["dropped"] == n and block["pending"] == 0
+
+
+async def test_the_judge_gate_decides_once_min_judgements_exist_and_report_merges_replicas(
+    pair: tuple[RunningOpenAIModel, RunningOpenAIModel], judge: RunningJudgeModel, start_proxy
+) -> None:
+    gates = {"min_samples": 1, "min_judge_non_loss_rate": 0.99, "max_p99_latency_ratio": 100.0}
+    replicas = [
+        await judged_proxy(start_proxy, pair, judge.url + "/v1", min_judgements=15) for _ in range(2)
+    ]
+    for replica in replicas:
+        replica.proxy.config = dataclasses.replace(
+            replica.proxy.config, gates=dataclasses.replace(replica.proxy.config.gates, **gates)
+        )
+    texts = [prompt(i, "gate") for i in range(40)]
+    async with aiohttp.ClientSession() as session:
+        for i, text in enumerate(texts[:10]):
+            await chat(session, replicas[i % 2], text)
+        for replica in replicas:
+            await settle(replica)
+        async with session.get(replicas[0].admin_url + "/shadow/verdict") as r:
+            verdict = await r.json()
+        [gate] = [g for g in verdict["gates"] if g["name"] == "min_judge_non_loss_rate"]
+        assert gate["passed"] is None and gate["reason"] == "waiting: 5 of 15 judgements"
+        for i, text in enumerate(texts[10:]):
+            await chat(session, replicas[i % 2], text)
+        for replica in replicas:
+            await settle(replica)
+    expected = {"candidate_better": 0, "tie": 0, "production_better": 0}
+    for text in texts:
+        expected[expected_result(text)] += 1
+    # The candidate loses many judgements (its answers are shorter on a share of prompts): decided below 99%.
+    report = await collect([r.admin_url for r in replicas])
+    block = report.stats["judge"]
+    assert {k: block[k] for k in expected} == expected
+    assert block["judged"] == len(texts) and block["min_judgements"] == 15
+    [gate] = [g for g in report.verdict["gates"] if g["name"] == "min_judge_non_loss_rate"]
+    assert gate["threshold"] == 0.99 and gate["passed"] is False
+    assert gate["interval"] == block["non_loss_ci95"]
+    assert report.verdict["verdict"] == "fail"
+    text = render(report)
+    assert "LLM judge" in text and "candidate as A" in text and "candidate as B" in text
+    assert f"judged {len(texts)} of {len(texts)} drawn" in text
