@@ -16,9 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shadowproxy.commands.report import collect, render
+from shadowproxy.judging.judge import JUDGE_SYSTEM_PROMPT, judge_user_prompt
 from shadowproxy.models import OpenAIBehaviour, RunningOpenAIModel, openai_text
 from shadowproxy.models.judge import JudgeBehaviour, RunningJudgeModel, start_judge_model
-from tests.helpers import RunningProxy, closed_port_url, openai_models
+from tests.helpers import ROOT, RunningProxy, closed_port_url, openai_models, require_binary
 
 DIFFER = 0.5  # the candidate answers half the prompts with other words (often of another length)
 FAST: dict[str, Any] = {"first_token_ms": 0.0, "inter_token_ms": 0.0}
@@ -295,3 +296,37 @@ async def test_the_judge_gate_decides_once_min_judgements_exist_and_report_merge
     text = render(report)
     assert "LLM judge" in text and "candidate as A" in text and "candidate as B" in text
     assert f"judged {len(texts)} of {len(texts)} drawn" in text
+
+
+async def test_the_judge_metrics_pass_promtool_and_are_documented(
+    pair: tuple[RunningOpenAIModel, RunningOpenAIModel], judge: RunningJudgeModel, start_proxy
+) -> None:
+    promtool = require_binary("promtool")
+    proxy = await judged_proxy(start_proxy, pair, judge.url + "/v1")
+    async with aiohttp.ClientSession() as session:
+        await chat(session, proxy, prompt(1, "metrics"))
+        await settle(proxy)
+        async with session.get(proxy.admin_url + "/metrics") as r:
+            exposition = await r.read()
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await check.communicate(exposition)
+    assert (check.returncode, output.decode()) == (0, "")
+    names = {
+        f.name for f in text_string_to_metric_families(exposition.decode())
+        if f.name.startswith("shadowproxy_judge") and not f.name.endswith("_created")
+    }
+    assert names == {"shadowproxy_judge_sampled", "shadowproxy_judge_results", "shadowproxy_judge_errors",
+                     "shadowproxy_judge_dropped", "shadowproxy_judge_duration_seconds"}
+    documented = (ROOT / "docs" / "metrics.md").read_text()
+    for name in names:
+        full = name if name.endswith("_seconds") else name + "_total"
+        assert f"`{full}`" in documented, full
+
+
+def test_the_documented_prompt_is_the_shipped_one() -> None:
+    comparison = (ROOT / "docs" / "comparison.md").read_text()
+    assert f"```text\n{JUDGE_SYSTEM_PROMPT}\n```" in comparison
+    assert f"```text\n{judge_user_prompt('{request}', '{answer A}', '{answer B}')}\n```" in comparison
