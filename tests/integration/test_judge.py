@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,7 @@ from shadowproxy.judging.judge import JUDGE_SYSTEM_PROMPT, judge_user_prompt
 from shadowproxy.models import OpenAIBehaviour, RunningOpenAIModel, openai_text
 from shadowproxy.models.judge import JudgeBehaviour, RunningJudgeModel, start_judge_model
 from tests.helpers import ROOT, RunningProxy, closed_port_url, openai_models, require_binary
+from tests.integration.test_workers import Workers
 
 DIFFER = 0.5  # the candidate answers half the prompts with other words (often of another length)
 FAST: dict[str, Any] = {"first_token_ms": 0.0, "inter_token_ms": 0.0}
@@ -330,3 +333,55 @@ def test_the_documented_prompt_is_the_shipped_one() -> None:
     comparison = (ROOT / "docs" / "comparison.md").read_text()
     assert f"```text\n{JUDGE_SYSTEM_PROMPT}\n```" in comparison
     assert f"```text\n{judge_user_prompt('{request}', '{answer A}', '{answer B}')}\n```" in comparison
+
+
+async def test_workers_judgements_merge_into_one_block_and_one_set_of_metrics(
+    tmp_path: Path, pair: tuple[RunningOpenAIModel, RunningOpenAIModel], judge: RunningJudgeModel
+) -> None:
+    production, candidate = pair
+    serving = Workers(tmp_path, production.url, candidate.url, f"""
+[mirror]
+sample_rate = 1.0
+[compare]
+preset = "openai"
+[judge]
+url = "{judge.url}/v1"
+model = "judge-model"
+sample_rate = 1.0
+min_judgements = 7
+""")
+    texts = [prompt(i, "workers") for i in range(30)]
+    expected = {"candidate_better": 0, "tie": 0, "production_better": 0}
+    for text in texts:
+        expected[expected_result(text)] += 1
+    async with serving.running() as proc:
+        async with aiohttp.ClientSession() as session:
+            for text in texts:
+                body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+                # A new connection each time, so the kernel spreads them over both workers.
+                async with session.post(serving.url + "/v1/chat/completions", data=orjson.dumps(body),
+                                        headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+            block: dict[str, Any] = {}
+            for _ in range(100):
+                async with session.get(serving.admin + "/shadow/stats") as r:
+                    stats = await r.json()
+                block = stats["judge"]
+                if block["judged"] == len(texts):
+                    break
+                await asyncio.sleep(0.1)
+            async with session.get(serving.admin + "/metrics") as r:
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(await r.text()) for s in family.samples
+                }
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert proc.stderr is not None
+        assert b"Traceback" not in await proc.stderr.read()
+    assert all(w["requests"] > 0 for w in stats["workers"]), stats["workers"]
+    assert {k: block[k] for k in expected} == expected
+    assert block["judged"] == block["sampled"] == len(texts) and block["min_judgements"] == 7
+    assert block["length"]["candidate_chars"] == sum(len(openai_text(t, DIFFER)) for t in texts)
+    for result, n in expected.items():
+        assert samples[("shadowproxy_judge_results_total", (("result", result),))] == n
