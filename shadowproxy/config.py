@@ -578,6 +578,8 @@ class JudgeConfig:
     max_in_flight: int = _key(4, _COUNT)
     timeout_s: float = _key(60.0, _POSITIVE)
     max_tokens: int = _key(16, _COUNT)
+    # The request field max_tokens is sent in: OpenAI's reasoning models take only max_completion_tokens.
+    max_tokens_field: str = _key("max_tokens", _string(_one_of("max_tokens", "max_completion_tokens")))
     min_judgements: int = _key(100, _COUNT)
 
     @property

@@ -123,10 +123,16 @@ def judge_user_prompt(request: str, answer_a: str, answer_b: str) -> str:
 
 
 def judge_request(
-    model: str, max_tokens: int, request: str, production: str, candidate: str, candidate_first: bool
+    model: str,
+    max_tokens: int,
+    request: str,
+    production: str,
+    candidate: str,
+    candidate_first: bool,
+    max_tokens_field: str = "max_tokens",
 ) -> dict[str, Any]:
     """The chat completion request sent to the judge; ``candidate_first`` puts the candidate's
-    answer in position A."""
+    answer in position A; ``max_tokens`` goes in ``max_tokens_field``."""
     a, b = (candidate, production) if candidate_first else (production, candidate)
     return {
         "model": model,
@@ -134,7 +140,7 @@ def judge_request(
             {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
             {"role": "user", "content": judge_user_prompt(request, a, b)},
         ],
-        "max_tokens": max_tokens,
+        max_tokens_field: max_tokens,
     }
 
 

@@ -145,7 +145,7 @@ class PairJudge:
         body = orjson.dumps(
             judge_request(
                 cfg.model, cfg.max_tokens, render_request(pair.request_body, pair.endpoint),
-                production, candidate, candidate_first,
+                production, candidate, candidate_first, cfg.max_tokens_field,
             )
         )
         assert self._session is not None

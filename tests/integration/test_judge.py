@@ -141,6 +141,7 @@ async def test_the_judge_sees_the_request_and_both_answers_but_not_who_wrote_whi
     pair: tuple[RunningOpenAIModel, RunningOpenAIModel], judge: RunningJudgeModel, start_proxy
 ) -> None:
     proxy = await judged_proxy(start_proxy, pair, judge.url + "/v1", max_tokens=8,
+                               max_tokens_field="max_completion_tokens",
                                headers={"Authorization": "Bearer judge-key"})
     text = prompt(7)
     async with aiohttp.ClientSession() as session:
@@ -151,7 +152,7 @@ async def test_the_judge_sees_the_request_and_both_answers_but_not_who_wrote_whi
     assert seen.header("Authorization") == "Bearer judge-key"
     assert seen.header("X-Shadow-Request") is None
     doc = orjson.loads(seen.body)
-    assert doc["model"] == "judge-model" and doc["max_tokens"] == 8
+    assert doc["model"] == "judge-model" and doc["max_completion_tokens"] == 8 and "max_tokens" not in doc
     system, user = doc["messages"]
     assert system["role"] == "system" and "exactly one token" in system["content"]
     assert f"[Request]\nuser: {text}\n[End of Request]" in user["content"]

@@ -36,7 +36,7 @@ def test_judge_defaults() -> None:
     judge = parse_config(config(compare=OPENAI, judge=JUDGE)).judge
     assert judge == JudgeConfig(
         url="http://127.0.0.1:8003/v1", model="judge", headers={}, sample_rate=0.05, max_in_flight=4,
-        timeout_s=60.0, max_tokens=16, min_judgements=100,
+        timeout_s=60.0, max_tokens=16, max_tokens_field="max_tokens", min_judgements=100,
     )
     assert judge.endpoint == "http://127.0.0.1:8003/v1/chat/completions"
 
@@ -86,3 +86,10 @@ def test_the_judge_gate_needs_a_judge() -> None:
 def test_the_judge_gate_is_a_share() -> None:
     [line] = problems(config(compare=OPENAI, judge=JUDGE, gates={"min_judge_non_loss_rate": 1.2}))
     assert line == "gates.min_judge_non_loss_rate: must be between 0 and 1, got 1.2"
+
+
+def test_max_tokens_goes_in_one_of_two_fields() -> None:
+    judge = parse_config(config(compare=OPENAI, judge={**JUDGE, "max_tokens_field": "max_completion_tokens"})).judge
+    assert judge is not None and judge.max_tokens_field == "max_completion_tokens"
+    [line] = problems(config(compare=OPENAI, judge={**JUDGE, "max_tokens_field": "max_output_tokens"}))
+    assert line == 'judge.max_tokens_field: must be one of max_tokens, max_completion_tokens, got "max_output_tokens"'
