@@ -10,6 +10,7 @@ B) and answers as its ``mode`` says, so a test knows every judgement in advance.
 | ``truncated`` | the ``correct`` token with ``finish_reason = "length"`` |
 | ``refusal`` | ``message.refusal`` set, ``content`` null |
 | ``error`` | HTTP 500 with an OpenAI error object |
+| ``malformed`` | HTTP 200 whose body is not JSON |
 | ``hang`` | never answers (the connection stays open) |
 
 ``delay_ms`` delays every answer (a slow judge). A prompt without both answers gets 400.
@@ -39,7 +40,7 @@ from shadowproxy.models.kserve import ReceivedRequest, RunningServer, run_until_
 __all__ = ["MODES", "JudgeBehaviour", "RunningJudgeModel", "correct_token", "main", "make_judge_app",
            "start_judge_model"]
 
-MODES = ("correct", "always_a", "wrong_format", "truncated", "refusal", "error", "hang")
+MODES = ("correct", "always_a", "wrong_format", "truncated", "refusal", "error", "malformed", "hang")
 _ANSWER = {side: re.compile(rf"\[Answer {side}\]\n(.*?)\n\[End of Answer {side}\]", re.DOTALL) for side in "AB"}
 
 
@@ -117,6 +118,8 @@ async def _post(request: web.Request) -> web.StreamResponse:
         await asyncio.Event().wait()
     if mode == "error":
         return _error("injected judge failure", 500, "server_error")
+    if mode == "malformed":
+        return web.Response(body=b"<html>busy</html>", content_type="text/html")
     if mode == "always_a":
         return _completion(model, "A", "stop")
     if mode == "wrong_format":

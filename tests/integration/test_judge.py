@@ -195,6 +195,7 @@ async def test_a_judge_that_always_picks_a_scores_about_half_and_the_position_ta
         (JudgeBehaviour("truncated"), "truncated"),
         (JudgeBehaviour("refusal"), "refusal"),
         (JudgeBehaviour("error"), "status"),
+        (JudgeBehaviour("malformed"), "malformed"),
         (JudgeBehaviour("correct", delay_ms=1500), "timeout"),
         (JudgeBehaviour("hang"), "timeout"),
     ],
