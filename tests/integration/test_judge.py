@@ -18,10 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shadowproxy.commands.report import collect, render
+from shadowproxy.control.app import ShadowProxy
 from shadowproxy.judging.judge import JUDGE_SYSTEM_PROMPT, judge_user_prompt
 from shadowproxy.models import OpenAIBehaviour, RunningOpenAIModel, openai_text
 from shadowproxy.models.judge import JudgeBehaviour, RunningJudgeModel, start_judge_model
-from tests.helpers import ROOT, RunningProxy, closed_port_url, openai_models, require_binary
+from tests.helpers import ROOT, RunningProxy, closed_port_url, make_config, openai_models, require_binary
 from tests.integration.test_workers import Workers
 
 DIFFER = 0.5  # the candidate answers half the prompts with other words (often of another length)
@@ -388,3 +389,28 @@ min_judgements = 7
     assert block["length"]["candidate_chars"] == sum(len(openai_text(t, DIFFER)) for t in texts)
     for result, n in expected.items():
         assert samples[("shadowproxy_judge_results_total", (("result", result),))] == n
+
+
+async def test_on_shutdown_the_judge_finishes_within_the_drain_time_and_counts_what_it_could_not(
+    pair: tuple[RunningOpenAIModel, RunningOpenAIModel]
+) -> None:
+    production, candidate = pair
+    async with await start_judge_model(JudgeBehaviour("correct", delay_ms=1000)) as judge:
+        for drain_timeout_s, judged in ((5.0, 3), (0.1, 0)):
+            config = make_config(
+                production.url, candidate.url, compare={"preset": "openai"}, mirror={"sample_rate": 1.0},
+                listen={"drain_timeout_s": drain_timeout_s},
+                judge={"url": judge.url + "/v1", "model": "j", "sample_rate": 1.0, "max_in_flight": 3},
+            )
+            shadow = ShadowProxy(config)
+            await shadow.start()
+            proxy = RunningProxy(shadow)
+            async with aiohttp.ClientSession() as session:
+                for i in range(3):
+                    await chat(session, proxy, prompt(i, f"drain{drain_timeout_s}"))
+            await proxy.settle()
+            await shadow.shutdown()
+            block = shadow.stats_snapshot()["judge"]
+            # Given the time, all three are judged; given less than one judgement takes, none is.
+            assert block["judged"] == judged
+            assert block["dropped"] == 3 - judged and block["pending"] == 0
