@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "DriftConfig",
     "GatesConfig",
+    "JudgeConfig",
     "ListenConfig",
     "MirrorConfig",
     "Price",
@@ -534,6 +535,8 @@ class GatesConfig:
     max_ttft_p99_ratio: float = _key(1.25, _POSITIVE)  # streamed LLM answers: candidate p99 / production p99
     min_labels: int = _key(100, _COUNT)
     min_accuracy_delta: float | None = _key(None, _number(ge=-1, le=1))  # None: no accuracy gate
+    # The LLM judge's non-loss rate (candidate better or tie); None: no judge gate. Needs [judge].
+    min_judge_non_loss_rate: float | None = _key(None, _FRACTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +566,29 @@ class DriftConfig:
     max_features: int = _key(100, _COUNT)
 
 
+@dataclass(frozen=True, slots=True)
+class JudgeConfig:
+    """[judge]: a blind LLM judge of a sample of compared chat and completions pairs; on only
+    when the table is present (docs/comparison.md, "The LLM judge")."""
+
+    # The base URL of an OpenAI-compatible API, as the openai SDK's base_url takes it: the judge
+    # is called at {url}/chat/completions.
+    url: str = field(metadata={"check": _string(_url)})
+    model: str = field(metadata={"check": _string(_non_empty)})
+    headers: Mapping[str, Secret] = field(default_factory=dict, metadata={"check": _header_table})
+    sample_rate: float = _key(0.05, _FRACTION)
+    max_in_flight: int = _key(4, _COUNT)
+    timeout_s: float = _key(60.0, _POSITIVE)
+    max_tokens: int = _key(16, _COUNT)
+    # The request field max_tokens is sent in: OpenAI's reasoning models take only max_completion_tokens.
+    max_tokens_field: str = _key("max_tokens", _string(_one_of("max_tokens", "max_completion_tokens")))
+    min_judgements: int = _key(100, _COUNT)
+
+    @property
+    def endpoint(self) -> str:
+        return self.url.rstrip("/") + "/chat/completions"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration. Build it with `load_config` or `parse_config`."""
@@ -576,6 +602,7 @@ class Config:
     gates: GatesConfig = field(default_factory=GatesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     drift: DriftConfig | None = None
+    judge: JudgeConfig | None = None
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -588,8 +615,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "gates": GatesConfig,
     "store": StoreConfig,
     "drift": DriftConfig,
+    "judge": JudgeConfig,
 }
-_OPTIONAL_SECTIONS = frozenset({"drift"})
+_OPTIONAL_SECTIONS = frozenset({"drift", "judge"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -679,6 +707,19 @@ def _check_across_sections(sections: Mapping[str, Any], problems: list[str]) -> 
             f"drift.features: lists {len(drift.features)} features, more than drift.max_features "
             f"({drift.max_features})"
         )
+
+
+    judge, gates = sections.get("judge"), sections.get("gates")
+    if isinstance(judge, JudgeConfig) and isinstance(compare, CompareConfig) and compare.preset != "openai":
+        problems.append(f'judge: needs compare.preset = "openai" (judged pairs are chat and completions answers), '
+                        f"got {_quote(compare.preset)}")
+    if (
+        isinstance(gates, GatesConfig)
+        and gates.min_judge_non_loss_rate is not None
+        and "judge" in sections
+        and sections["judge"] is None
+    ):
+        problems.append("gates.min_judge_non_loss_rate: needs a [judge] table (no judge, no judgements)")
 
 
 def _did_you_mean(key: str, known: Mapping[str, object]) -> str:

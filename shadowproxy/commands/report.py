@@ -109,7 +109,7 @@ def gates_from_verdict(verdict: Mapping[str, Any], url: str = "") -> GatesConfig
         if not isinstance(gate, Mapping):
             raise ReportError(url, "/shadow/verdict: a gate is not a JSON object")
         name, threshold = gate.get("name"), gate.get("threshold")
-        if name not in _GATE_KEYS and name != "min_accuracy_delta":
+        if name not in _GATE_KEYS and name not in ("min_accuracy_delta", "min_judge_non_loss_rate"):
             continue
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
             raise ReportError(url, f"/shadow/verdict: gate {name} has no numeric threshold")
@@ -225,7 +225,7 @@ def _gate_number(name: str, value: Any) -> str:
         return "-"
     if name == "min_samples":
         return str(int(value))
-    if name in ("max_disagreement_rate", "max_error_rate_delta", "min_accuracy_delta"):
+    if name in ("max_disagreement_rate", "max_error_rate_delta", "min_accuracy_delta", "min_judge_non_loss_rate"):
         return _pct(float(value))
     return f"{float(value):.2f}"
 
@@ -429,6 +429,65 @@ def _llm_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     return lines
 
 
+def _rate_text(rate: Any, interval: Any = None) -> str:
+    if rate is None:
+        return "-"
+    text = _pct(float(rate))
+    if isinstance(interval, list | tuple) and len(interval) == 2:
+        text += f" ({_pct(float(interval[0]))} - {_pct(float(interval[1]))})"
+    return text
+
+
+def _judge_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    """The LLM judge's judgements, by the position the candidate's answer stood in."""
+    judge = stats.get("judge")
+    if not isinstance(judge, Mapping):
+        return []
+    judged = int(judge.get("judged", 0))
+    errors = {k: int(n) for k, n in judge.get("errors", {}).items() if n}
+    dropped = int(judge.get("dropped", 0))
+    lines = [
+        "LLM judge  " + paint("blind, answers in random order; errors are never ties", "dim"),
+        f"  judged {judged} of {judge.get('sampled', 0)} drawn: candidate better {judge.get('candidate_better', 0)}, "
+        f"tie {judge.get('tie', 0)}, production better {judge.get('production_better', 0)}",
+        f"  non-loss rate {paint(_rate_text(judge.get('non_loss_rate')), 'bold')}"
+        + (f"  (95% interval {_rate_text(judge['non_loss_ci95'][0])} - {_rate_text(judge['non_loss_ci95'][1])})"
+           if judged else "  (nothing judged yet)"),
+    ]
+    error_text = ", ".join(f"{kind} {n}" for kind, n in sorted(errors.items())) or "none"
+    lines.append(f"  judge errors: {paint(error_text, 'red') if errors else error_text}"
+                 + (f"; dropped {paint(str(dropped), 'red')} (queue full or stopped)" if dropped else ""))
+    positions = judge.get("by_position", {})
+    rows = []
+    for key, label in (("candidate_a", "candidate as A"), ("candidate_b", "candidate as B")):
+        block = positions.get(key, {})
+        rows.append([
+            label, str(block.get("judged", 0)), str(block.get("candidate_better", 0)), str(block.get("tie", 0)),
+            str(block.get("production_better", 0)), _rate_text(block.get("candidate_win_rate")),
+            _rate_text(block.get("non_loss_rate")),
+        ])
+    header = ["position", "judged", "cand better", "tie", "prod better", "cand win rate", "non-loss rate"]
+    table = _table(header, rows, [False, True, True, True, True, True, True])
+    lines.extend([paint(table[0], "dim"), *table[1:]])
+    preferred = positions.get("a_preferred", {})
+    if preferred.get("decisive"):
+        lines.append(
+            f"  position A chosen in {_rate_text(preferred.get('rate'), preferred.get('ci95'))} of "
+            f"{preferred['decisive']} decisive judgements (an unbiased judge: about 50%)"
+        )
+    length = judge.get("length", {})
+    if judged:
+        cand_mean, prod_mean = length.get("candidate_mean_chars"), length.get("production_mean_chars")
+        text = f"  mean length: candidate {float(cand_mean or 0):.0f} chars, production {float(prod_mean or 0):.0f}"
+        if length.get("decided_on_length"):
+            text += (
+                f"; the longer answer won {_rate_text(length.get('longer_preferred_rate'))} of "
+                f"{length['decided_on_length']} decisive judgements of unequal lengths"
+            )
+        lines.append(text)
+    return lines
+
+
 def _label_key(label: str) -> tuple[int, float, str]:
     if label == OTHER:
         return (2, 0.0, label)
@@ -492,6 +551,7 @@ def render(report: Report, color: bool = False) -> str:
         _latency_lines(stats, paint),
         _comparison_lines(stats, paint),
         _llm_lines(stats, paint),
+        _judge_lines(stats, paint),
         _confusion_lines(stats, paint),
         _mirror_lines(stats, paint),
     ]

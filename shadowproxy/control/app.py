@@ -22,8 +22,9 @@ from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
 from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.judge import PairJudge
 from shadowproxy.shadow.llm import LlmMeter
-from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.metrics import JudgeMetrics, Metrics
 from shadowproxy.shadow.mirror import Mirror
 from shadowproxy.shadow.observers import Component, Observer
 from shadowproxy.shadow.proxy import Proxy
@@ -62,6 +63,11 @@ class ShadowProxy:
         self.production_pool: UpstreamPool | None = None
         self.candidate_pool: UpstreamPool | None = None
         self.mirror: Mirror | None = None
+        # [judge]: a sample of compared LLM pairs judged blind, off the hot path (shadow/judge.py).
+        self.judge: PairJudge | None = (
+            PairJudge(config.judge, self.stats.judge, JudgeMetrics(self.metrics.registry))
+            if config.judge is not None else None
+        )
         # Other capabilities (audit store, drift monitor) see traffic through this list only.
         self.observers: list[Observer] = []
         # A process sharing its port is one of several workers, and then shares the store's file.
@@ -102,6 +108,9 @@ class ShadowProxy:
             stats=self.stats,
             observers=self.observers,
         )
+        if self.judge is not None:
+            await self.judge.start()
+            self.mirror.judge = self.judge
         self.proxy = Proxy(
             pool=self.production_pool,
             timeout_s=prod.timeout_s,
@@ -184,7 +193,7 @@ class ShadowProxy:
         # whole stop fits shutdown_delay_s + drain_timeout_s (a pod's grace period).
         assert self.server is not None and self.mirror is not None
         drained, _ = await asyncio.gather(
-            self.server.drain(listen.drain_timeout_s), self.mirror.drain(listen.drain_timeout_s)
+            self.server.drain(listen.drain_timeout_s), self._drain_shadow(listen.drain_timeout_s)
         )
         if not drained:
             log.warning("drain timeout: closed connections still in flight")
@@ -193,10 +202,21 @@ class ShadowProxy:
         for pool in (self.production_pool, self.candidate_pool):
             if pool is not None:
                 await pool.close()
+        if self.judge is not None:
+            await self.judge.close()  # what is still queued or being judged is counted as dropped
         for component in self.components:
             await component.close()  # after the drain: every answered request is recorded
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+
+    async def _drain_shadow(self, timeout_s: float) -> None:
+        """Shadow exchanges, then the judgements of the pairs they made, within one drain time."""
+        assert self.mirror is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await self.mirror.drain(timeout_s)
+        if self.judge is not None:
+            await self.judge.drain(max(0.0, deadline - loop.time()))
 
 
 async def serve(config: Config, *, worker: bool = False) -> int:

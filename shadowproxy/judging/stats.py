@@ -21,6 +21,7 @@ import numpy as np
 
 from shadowproxy.judging.compare import Comparison
 from shadowproxy.judging.intervals import newcombe_interval, quantile_rank_bounds, wilson_interval
+from shadowproxy.judging.judgestats import JudgeStats
 
 __all__ = [
     "LogHistogram",
@@ -422,6 +423,7 @@ class ShadowStats:
         from shadowproxy.judging.llmstats import LlmStats
 
         self.llm = LlmStats()  # the "llm" block: figures of OpenAI-compatible answers
+        self.judge = JudgeStats()  # the "judge" block, shown once [judge] enables it
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -583,6 +585,8 @@ class ShadowStats:
             },
         }
         out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
+        if self.judge.enabled:
+            out["judge"] = self.judge.snapshot()
         if full:
             out["state"] = self.to_state()
         return out
@@ -609,6 +613,7 @@ class ShadowStats:
             "abs_diff": self.abs_diff.to_state(),
             "summaries": {name: s.to_state() for name, s in self.summaries.items()},
             "llm": self.llm.to_state(),
+            **({"judge": self.judge.to_state()} if self.judge.enabled else {}),
         }
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
@@ -641,6 +646,8 @@ class ShadowStats:
             s.merge(Summary.from_state(state["summaries"][name]))
         if "llm" in state:  # absent from a proxy that predates the block
             self.llm.merge_state(state["llm"])
+        if "judge" in state:  # only from a proxy with a [judge]
+            self.judge.merge_state(state["judge"])
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:

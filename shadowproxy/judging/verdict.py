@@ -20,6 +20,8 @@ threshold, fails when the whole interval is on the bad side, and otherwise keeps
 | ``max_ttft_p99_ratio`` | candidate p99 / production p99 of the time to first token on mirrored \
 streams | as ``max_p99_latency_ratio``, from ``llm.candidate.pairs`` | left out until ``min_samples`` \
 streamed pairs exist |
+| ``min_judge_non_loss_rate`` | the LLM judge's ``judge.non_loss_rate`` (candidate better or tie) \
+| ``judge.non_loss_ci95`` (Wilson) | only when set; waits until ``[judge] min_judgements`` judgements |
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
     ttft = _ttft_gate(snapshot, gates, min_samples)
     if ttft is not None:
         results.append(ttft)
+    judge = _judge_gate(snapshot, gates)
+    if judge is not None:
+        results.append(judge)
     outcomes = [g["passed"] for g in results]
     if any(p is False for p in outcomes):
         verdict = "fail"
@@ -294,3 +299,32 @@ def _ttft_gate(snapshot: Mapping[str, Any], gates: GatesLike, min_samples: int) 
         "time to first token", lower, upper, limit, point, fmt=_ratio_text, limit_fmt=_limit_text, of=" of the ratio"
     )
     return _gate(name, ratio, limit, passed, reason, interval)
+
+
+def _judge_gate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any] | None:
+    """The LLM judge: absent unless ``min_judge_non_loss_rate`` is set. Once set it is part of the
+    verdict from the start, waiting until ``min_judgements`` judgements exist (the judge block
+    carries ``[judge] min_judgements``): a gate asked for holds the verdict at insufficient_data
+    until the judge has spoken, rather than letting the other gates pass without it."""
+    threshold = getattr(gates, "min_judge_non_loss_rate", None)
+    if threshold is None:
+        return None
+    name = "min_judge_non_loss_rate"
+    limit = float(threshold)
+    block = _get(snapshot, "judge", default=None)
+    if not isinstance(block, Mapping):
+        return _gate(name, None, limit, None, "waiting: no judge configured ([judge])", None)
+    judged = int(_get(block, "judged"))
+    needed = int(_get(block, "min_judgements", default=100)) or 100
+    interval = _interval(_get(block, "non_loss_ci95", default=None)) or [0.0, 1.0]
+    rate = _get(block, "non_loss_rate", default=None)
+    value = None if rate is None else float(rate)
+    if judged < needed:
+        return _gate(name, value, limit, None, f"waiting: {judged} of {needed} judgements", interval)
+    lower, upper = float(interval[0] or 0.0), float(1.0 if interval[1] is None else interval[1])
+    point = (
+        f"(candidate better {int(_get(block, 'candidate_better'))}, tie {int(_get(block, 'tie'))}, "
+        f"production better {int(_get(block, 'production_better'))} of {judged} judged)"
+    )
+    passed, reason = _decide("judge non-loss rate", lower, upper, limit, point, higher_is_worse=False)
+    return _gate(name, value, limit, passed, reason, interval)

@@ -6,6 +6,8 @@ benchmarks as production and candidate upstreams.
 - ``openai``: an OpenAI-compatible LLM (chat, completions and embeddings, streamed or not) whose
   candidate answers a known share of prompts differently and starts its first token later
   (``OpenAIBehaviour``, ``start_openai_model``); ``llm_answers`` computes its answers.
+- ``judge``: an LLM judge for ``[judge]`` that answers A, B or TIE by a fixed rule, or fails in a
+  chosen way (``JudgeBehaviour``, ``start_judge_model``).
 
 ``python -m shadowproxy.models --protocol PROTOCOL --role production|candidate`` serves one of
 them until SIGTERM/SIGINT; ``kserve-v1`` is the default protocol. This package imports nothing
@@ -18,7 +20,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shadowproxy.models import kserve, openai
+from shadowproxy.models import judge, kserve, openai
+from shadowproxy.models.judge import JudgeBehaviour, RunningJudgeModel, start_judge_model
 from shadowproxy.models.kserve import (
     BIAS,
     MODEL_SEED,
@@ -56,6 +59,7 @@ __all__ = [
     "AGREE_COSINE",
     "BIAS",
     "DIFFER_COSINE",
+    "JudgeBehaviour",
     "MODEL_SEED",
     "N_CLASSES",
     "N_FEATURES",
@@ -64,6 +68,7 @@ __all__ = [
     "ModelBehaviour",
     "OpenAIBehaviour",
     "ReceivedRequest",
+    "RunningJudgeModel",
     "RunningModel",
     "RunningOpenAIModel",
     "asks_for_tool",
@@ -83,11 +88,12 @@ __all__ = [
     "predict_labels",
     "predict_proba",
     "request_fails",
+    "start_judge_model",
     "start_model",
     "start_openai_model",
 ]
 
-PROTOCOLS = ("kserve-v1", "openai")
+PROTOCOLS = ("kserve-v1", "openai", "judge")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,4 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, _ = parser.parse_known_args(args)
     if known.protocol == "openai":
         return openai.main(args)
+    if known.protocol == "judge":
+        return judge.main(args)
     return kserve.main(args)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shadowproxy.judging.judge import ERROR_KINDS, RESULTS
 from shadowproxy.shadow.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
 
 if TYPE_CHECKING:
@@ -305,3 +306,46 @@ class StoreMetrics:
                 self._distinct[target] += 1
             child = self._versions[key] = self.version_requests.labels(*key)
         child.inc(n)
+
+
+# "queue_full": the judge's bounded queue was full; "shutdown": still queued or being judged at stop
+JUDGE_DROP_REASONS = ("queue_full", "shutdown")
+
+
+class JudgeMetrics:
+    """The LLM judge's metrics, registered only with a `[judge]` table. Updated once per judged
+    pair, off the hot path, so plain prometheus-client children."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.sampled = Counter(
+            "shadowproxy_judge_sampled_total", "Compared pairs drawn for the LLM judge ([judge] sample_rate).",
+            registry=r,
+        )
+        results = Counter(
+            "shadowproxy_judge_results_total",
+            "LLM judge judgements of the candidate against production, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.results = {result: results.labels(result) for result in RESULTS}
+        errors = Counter(
+            "shadowproxy_judge_errors_total",
+            "LLM judge calls that gave no judgement, by kind (never counted as a tie).",
+            ["kind"],
+            registry=r,
+        )
+        self.errors = {kind: errors.labels(kind) for kind in ERROR_KINDS}
+        dropped = Counter(
+            "shadowproxy_judge_dropped_total",
+            "Pairs drawn for the LLM judge but never judged: its queue was full, or the proxy stopped.",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = {reason: dropped.labels(reason) for reason in JUDGE_DROP_REASONS}
+        self.duration = Histogram(
+            "shadowproxy_judge_duration_seconds",
+            "LLM judge calls, from the request sent to the answer read (errors included).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

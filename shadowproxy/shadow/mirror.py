@@ -33,6 +33,7 @@ from shadowproxy.judging.compare import compare_predictions
 from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
 from shadowproxy.judging.stats import ShadowStats
+from shadowproxy.shadow.judge import PairJudge
 from shadowproxy.shadow.llm import LlmMeter, LlmWatch, is_event_stream
 from shadowproxy.shadow.metrics import Metrics
 from shadowproxy.shadow.observers import Observer, PairRecord
@@ -78,6 +79,8 @@ class Mirror:
             if self.openai else None
         )
         self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
+        # [judge]: offered every compared chat and completions pair (shadow/judge.py); None: no judge.
+        self.judge: PairJudge | None = None
         self.metrics = metrics
         self.stats = stats
         self.loop = asyncio.get_running_loop()
@@ -158,6 +161,8 @@ class Mirror:
             ticket.cancelled = True
             self.drop("backoff")
             return
+        if self.judge is not None:
+            ticket.request_body = body  # the client's request, as the judge is to read it
         fields = ticket.fields
         rewrite = self.rewrite
         if rewrite is not None:
@@ -266,6 +271,15 @@ class Mirror:
             self.stats.llm.record_ttft_pair(prod_llm.ttft, cand_llm.ttft)
         if outcome not in ("agree", "disagree", "not_compared"):  # agreements are counted per prediction
             self._outcome(outcome, 1)
+        judge = self.judge
+        if (
+            judge is not None
+            and outcome in ("agree", "disagree")
+            and ticket.endpoint in ("chat", "completions")
+            and prod_preds is not None
+            and cand_preds is not None
+        ):
+            judge.offer(ticket.request_body, ticket.endpoint, prod_preds, cand_preds)
         if self.observers:
             record = PairRecord(
                 request_id=ticket.request_id,
@@ -533,7 +547,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm")
+                 "candidate_llm", "request_body")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -552,6 +566,7 @@ class MirrorTicket:
         # Preset openai: what each side's answer said as it passed (a stream's assembled choices).
         self.production_llm: LlmWatch | None = None
         self.candidate_llm: LlmWatch | None = None
+        self.request_body = b""  # kept for the judge only ([judge])
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:

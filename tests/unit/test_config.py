@@ -121,6 +121,7 @@ def test_defaults_are_the_documented_values() -> None:
             "max_ttft_p99_ratio": 1.25,
             "min_labels": 100,
             "min_accuracy_delta": None,
+            "min_judge_non_loss_rate": None,
         },
         "store": {
             "path": "",
@@ -134,6 +135,7 @@ def test_defaults_are_the_documented_values() -> None:
             "version_path": "",
         },
         "drift": None,
+        "judge": None,
     }
 
 
@@ -162,8 +164,15 @@ def test_example_file_holds_the_defaults() -> None:
     assert load_config(EXAMPLE) == parse_config(URLS)
 
 
-def test_example_file_documents_every_key() -> None:
+def example_switched_on() -> dict[str, Any]:
+    """The example with every commented-out setting on; [judge] judges LLM answers only."""
     data = tomllib.loads(uncomment_all(EXAMPLE.read_text()))
+    data["compare"]["preset"] = "openai"
+    return data
+
+
+def test_example_file_documents_every_key() -> None:
+    data = example_switched_on()
     config = parse_config(data)
     for section in dataclasses.fields(config):
         keys = {f.name for f in dataclasses.fields(getattr(config, section.name))}
@@ -171,9 +180,11 @@ def test_example_file_documents_every_key() -> None:
 
 
 def test_example_commented_out_settings_load_when_switched_on() -> None:
-    config = parse_config(tomllib.loads(uncomment_all(EXAMPLE.read_text())))
+    config = parse_config(example_switched_on())
     assert config.drift == DriftConfig()
     assert config.gates.min_accuracy_delta == -0.01
+    assert config.gates.min_judge_non_loss_rate == 0.9
+    assert config.judge is not None and config.judge.endpoint == "https://api.openai.com/v1/chat/completions"
 
 
 # --- conversions -------------------------------------------------------------------------------------
