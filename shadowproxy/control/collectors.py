@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shadowproxy.judging.verdict import GatesLike, evaluate
+from shadowproxy.judging.verdict import GatesLike, evaluate_all
 
 if TYPE_CHECKING:
     from shadowproxy.judging.stats import ShadowStats
@@ -45,38 +45,44 @@ class ShadowCollector(Collector):
         snapshot = self.stats.snapshot()
         if self.blocks is not None:
             snapshot.update(self.blocks())
-        comparisons = snapshot["comparisons"]
+        judged = evaluate_all(snapshot, self.gates)
+        docs: dict[str, Any] = snapshot.get("candidates") or {self.stats.name: snapshot}
+        verdicts = {name: v["verdict"] for name, v in judged.get("candidates", {}).items()}
+        verdicts = verdicts or {self.stats.name: judged["verdict"]}
         rate = GaugeMetricFamily(
-            "shadowproxy_disagreement_rate", "Share of compared predictions that disagree (0 when none compared)."
+            "shadowproxy_disagreement_rate",
+            "Share of compared predictions that disagree (0 when none compared), by candidate.",
+            labels=["target"],
         )
-        rate.add_metric([], comparisons["disagreement_rate"])
-        yield rate
         bounds = GaugeMetricFamily(
             "shadowproxy_disagreement_rate_ci95",
-            "Wilson 95% interval of the disagreement rate, on which the verdict decides.",
-            labels=["bound"],
+            "Wilson 95% interval of the disagreement rate, on which the verdict decides, by candidate.",
+            labels=["target", "bound"],
         )
-        lower, upper = comparisons["disagreement_rate_ci95"]
-        bounds.add_metric(["lower"], lower)
-        bounds.add_metric(["upper"], upper)
-        yield bounds
-        verdict = evaluate(snapshot, self.gates)["verdict"]
         family = GaugeMetricFamily(
-            "shadowproxy_promotion_verdict", "1 for the current promotion verdict, 0 for the others.",
-            labels=["verdict"],
+            "shadowproxy_promotion_verdict", "1 for a candidate's current promotion verdict, 0 for the others.",
+            labels=["target", "verdict"],
         )
-        for name in ("pass", "fail", "insufficient_data"):
-            family.add_metric([name], 1.0 if verdict == name else 0.0)
-        yield family
-        differences = snapshot.get("differences", {})
         figures = GaugeMetricFamily(
             "shadowproxy_prediction_difference",
             "Percentiles of per-prediction figures: abs_diff (numeric/vector), jsd (distribution), "
-            "cosine (vector), similarity (text).",
-            labels=["figure", "percentile"],
+            "cosine (vector), similarity (text), by candidate.",
+            labels=["target", "figure", "percentile"],
         )
-        for figure in self.FIGURES:
-            summary = differences.get(figure, {})
-            for percentile in self.PERCENTILE_NAMES:
-                figures.add_metric([figure, percentile], float(summary.get(percentile, 0.0)))
+        for target, doc in docs.items():
+            comparisons = doc["comparisons"]
+            rate.add_metric([target], comparisons["disagreement_rate"])
+            lower, upper = comparisons["disagreement_rate_ci95"]
+            bounds.add_metric([target, "lower"], lower)
+            bounds.add_metric([target, "upper"], upper)
+            for name in ("pass", "fail", "insufficient_data"):
+                family.add_metric([target, name], 1.0 if verdicts.get(target) == name else 0.0)
+            differences = doc.get("differences", {})
+            for figure in self.FIGURES:
+                summary = differences.get(figure, {})
+                for percentile in self.PERCENTILE_NAMES:
+                    figures.add_metric([target, figure, percentile], float(summary.get(percentile, 0.0)))
+        yield rate
+        yield bounds
+        yield family
         yield figures

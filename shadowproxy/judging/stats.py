@@ -398,9 +398,16 @@ class ShadowStats:
     """Everything the proxy and the mirror report, in one place; ``snapshot()`` is ``/shadow/stats``.
 
     Not thread-safe: one per event loop (worker); workers and replicas merge with ``from_states``.
+
+    With several candidates, this object holds the first one's figures (and production's), and
+    ``others`` one ``ShadowStats`` per further candidate, whose production block stays unused:
+    the snapshot's top level describes the first candidate, and ``"candidates"`` each of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str] = ("candidate",)) -> None:
+        names = tuple(names)
+        self.name = names[0] if names else "candidate"
+        self.others: dict[str, ShadowStats] = {name: ShadowStats((name,)) for name in names[1:]}
         self.production = _Target()
         self.candidate = _Target()
         self.mirror: dict[str, int] = dict.fromkeys(MIRROR_RESULTS, 0)
@@ -422,6 +429,14 @@ class ShadowStats:
         from shadowproxy.judging.llmstats import LlmStats
 
         self.llm = LlmStats()  # the "llm" block: figures of OpenAI-compatible answers
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.others)
+
+    def for_candidate(self, name: str) -> ShadowStats:
+        """The stats a candidate's mirror records into."""
+        return self if name == self.name else self.others[name]
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -535,6 +550,25 @@ class ShadowStats:
         return {"labels": labels, "matrix": matrix}
 
     def snapshot(self, full: bool = False) -> dict[str, Any]:
+        out = self._single()
+        if self.others:
+            candidates = {self.name: dict(out)}
+            production = out["production"]
+            for name, other in self.others.items():
+                doc = other._single()
+                doc["production"] = production
+                doc["llm"]["production"] = out["llm"]["production"]
+                candidates[name] = doc
+            out["candidates"] = candidates
+            # The "llm" block is keyed by upstream: production, "candidate" (the first, as with
+            # one candidate) and each candidate by name.
+            out["llm"] = {**out["llm"], **{name: doc["llm"]["candidate"] for name, doc in candidates.items()}}
+        if full:
+            out["state"] = self.to_state()
+        return out
+
+    def _single(self) -> dict[str, Any]:
+        """One candidate's document: the fields ``/shadow/stats`` has with one candidate."""
         total = self.agree + self.disagree
         sent = self.mirror["sent"]
         cand_err = self.outcomes["candidate_error"]
@@ -583,16 +617,15 @@ class ShadowStats:
             },
         }
         out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
-        if full:
-            out["state"] = self.to_state()
         return out
 
     # -- merging -----------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
         """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``)."""
-        return {
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
+            "name": self.name,
             "production": self.production.to_state(),
             "candidate": self.candidate.to_state(),
             "mirror": dict(self.mirror),
@@ -610,6 +643,9 @@ class ShadowStats:
             "summaries": {name: s.to_state() for name, s in self.summaries.items()},
             "llm": self.llm.to_state(),
         }
+        if self.others:
+            state["candidates"] = {name: other.to_state() for name, other in self.others.items()}
+        return state
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
         """Add a state from ``to_state`` (or a full snapshot holding one under ``"state"``)."""
@@ -641,6 +677,12 @@ class ShadowStats:
             s.merge(Summary.from_state(state["summaries"][name]))
         if "llm" in state:  # absent from a proxy that predates the block
             self.llm.merge_state(state["llm"])
+        if "name" in state:
+            self.name = str(state["name"])
+        for name, other in state.get("candidates", {}).items():
+            if name not in self.others:
+                self.others[name] = ShadowStats((name,))
+            self.others[name].merge_state(other)
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:

@@ -21,7 +21,7 @@ from typing import Final
 
 import orjson
 
-from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
+from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig, NamedCandidateConfig
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import (
     BufferedResponse,
@@ -47,6 +47,8 @@ BACKOFF_MAX_S = 10.0
 
 
 class Mirror:
+    """One candidate: its pool, in-flight bound, backoff, sampling rate, stats and metrics."""
+
     def __init__(
         self,
         *,
@@ -58,10 +60,14 @@ class Mirror:
         metrics: Metrics,
         stats: ShadowStats,
         observers: list[Observer] | None = None,
+        name: str = "candidate",
     ) -> None:
         self.pool = pool
+        self.name = name
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.sampler = Sampler(mirror)
+        if isinstance(candidate, NamedCandidateConfig):
+            self.sampler.sample_rate = candidate.rate(mirror)
         self.timeout_s = candidate.timeout_s
         self.stream_timeout_s = candidate.stream_timeout_s
         self.max_in_flight = candidate.max_in_flight
@@ -70,7 +76,7 @@ class Mirror:
         self.openai = compare.preset == "openai"
         # The candidate's LLM figures, over its mirrored answers.
         self.llm = (
-            LlmMeter("candidate", stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
+            LlmMeter(name, stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
             if self.openai else None
         )
         self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
@@ -89,8 +95,14 @@ class Mirror:
         self._failures = 0
         self._backoff_s = 0.0
         self._backoff_until = 0.0
-        self._mirror_counter = metrics.mirror_by_result
-        metrics.mirror_sample_rate.set(self.sampler.sample_rate)
+        self._mirror_counter = metrics.mirror_requests.by_first(name)
+        self._skipped = metrics.mirror_skipped.by_first(name)
+        self._dropped = metrics.mirror_dropped.by_first(name)
+        self._comparisons = metrics.comparisons.by_first(name)
+        self._in_flight_gauge = metrics.mirror_in_flight.children[name]
+        self._rate_gauge = metrics.mirror_sample_rate.children[name]
+        self._duration = metrics.duration_by_target[name]
+        self._rate_gauge.value = self.sampler.sample_rate
 
     # -- run-time control -------------------------------------------------------------------------
     @property
@@ -99,7 +111,7 @@ class Mirror:
 
     def set_sample_rate(self, rate: float) -> None:
         self.sampler.sample_rate = rate
-        self.metrics.mirror_sample_rate.set(rate)
+        self._rate_gauge.value = rate
 
     # -- accounting -------------------------------------------------------------------------------
     def _count(self, result: str) -> None:
@@ -109,16 +121,16 @@ class Mirror:
 
     def skip(self, reason: str) -> None:
         self._count("skipped")
-        self.metrics.mirror_skipped.labels(reason).inc()
+        self._skipped[reason].value += 1
 
     def drop(self, reason: str) -> None:
         self._count("dropped")
-        self.metrics.mirror_dropped.labels(reason).inc()
+        self._dropped[reason].value += 1
 
     def _set_in_flight(self, delta: int) -> None:
         self.in_flight += delta
         self.stats.mirror_in_flight = self.in_flight
-        self.metrics.mirror_in_flight.set(self.in_flight)
+        self._in_flight_gauge.value = self.in_flight
 
     # -- the proxy's side -------------------------------------------------------------------------
     def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> MirrorTicket | None:
@@ -141,6 +153,21 @@ class Mirror:
         ticket = MirrorTicket(self, cycle.method, path, request_id.decode("latin-1"))
         ticket.endpoint = endpoint
         return ticket
+
+    def eligible(self, cycle: Cycle, path: bytes) -> str | None:
+        """The openai endpoint of a sampled request ("" for other presets), or None after
+        counting it as skipped."""
+        reason = self.sampler.skip_reason(cycle.method, cycle.content_length)
+        if reason is not None:
+            self.skip(reason)
+            return None
+        if self.openai:
+            endpoint = openai_endpoint(path) or ""
+            if not endpoint:
+                self.skip("path")
+                return None
+            return endpoint
+        return ""
 
     def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
         """The request body is complete: send the candidate its copy now, or drop it."""
@@ -187,10 +214,10 @@ class Mirror:
         self._note_connect_outcome(failure == "connect")
         if response is None:
             self._count("error")
-            self.metrics.upstream_failures.labels("candidate", failure).inc()
+            self.metrics.upstream_failures.labels(self.name, failure).inc()
             self.stats.record_candidate(None, error=True)
         else:
-            self.metrics.duration_by_target["candidate"].observe(response.latency_s)
+            self._duration.observe(response.latency_s)
             self.stats.record_candidate(response.latency_s, error=response.status >= 500)
         exchange.ticket.candidate_ready(response)
 
@@ -221,7 +248,7 @@ class Mirror:
     def _outcome(self, outcome: str, n: int) -> None:
         """An outcome other than agree/disagree (those come from `record_comparison`)."""
         self.stats.record_outcome(outcome, n)
-        self.metrics.comparisons_by_outcome[outcome].inc(n)
+        self._comparisons[outcome].value += n
 
     def _judge(self, ticket: MirrorTicket, candidate: BufferedResponse | None) -> None:
         """Pair both answers, record the outcome, and tell the observers."""
@@ -322,9 +349,9 @@ class Mirror:
         result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
-            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+            self._comparisons["agree"].value += result.agree
         if result.disagree:
-            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+            self._comparisons["disagree"].value += result.disagree
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
     def _compare_openai(
@@ -342,9 +369,9 @@ class Mirror:
         result = compare_openai(prod_choices, cand_choices, self.compare)
         self.stats.record_comparison(result, "vector" if endpoint == "embeddings" else "text")
         if result.agree:
-            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+            self._comparisons["agree"].value += result.agree
         if result.disagree:
-            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+            self._comparisons["disagree"].value += result.disagree
         cand_preds = [choice.prediction() for choice in cand_choices]
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
@@ -565,3 +592,85 @@ class MirrorTicket:
         self.candidate_in = True
         if self.production is not None:
             self.mirror.judge_later(self)
+
+
+class MirrorGroup:
+    """Several candidates behind one hand-off: one draw per request decides for all of them (a
+    candidate at a lower rate sees a subset of what a higher-rate one sees), the body is buffered
+    and joined once, and each candidate then runs on its own pool, bound and backoff, so a slow
+    or dead one delays neither production nor the others."""
+
+    def __init__(self, mirrors: list[Mirror], mirror: MirrorConfig) -> None:
+        self.mirrors = mirrors
+        self.sampler = Sampler(mirror)  # the draw, methods and size limit; rates are the mirrors'
+        self.max_body_bytes = mirror.max_body_bytes
+
+    def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> TicketGroup | None:
+        share = self.sampler.draw(cycle.headers)
+        chosen = [m for m in self.mirrors if share < m.sampler.sample_rate]
+        if not chosen:
+            return None
+        rid = request_id.decode("latin-1")
+        tickets: list[MirrorTicket] = []
+        for mirror in chosen:
+            mirror._count("sampled")
+            endpoint = mirror.eligible(cycle, path)
+            if endpoint is None:
+                continue
+            ticket = MirrorTicket(mirror, cycle.method, path, rid)
+            ticket.endpoint = endpoint
+            tickets.append(ticket)
+        return TicketGroup(self, tickets) if tickets else None
+
+    @property
+    def busy(self) -> bool:
+        return any(m.busy for m in self.mirrors)
+
+    async def drain(self, timeout_s: float) -> None:
+        await asyncio.gather(*(m.drain(timeout_s) for m in self.mirrors))
+
+
+class TicketGroup:
+    """One sampled exchange for several candidates: the proxy's side of a `MirrorTicket`, fanned out."""
+
+    __slots__ = ("group", "tickets", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm")
+
+    def __init__(self, group: MirrorGroup, tickets: list[MirrorTicket]) -> None:
+        self.group = group
+        self.tickets = tickets
+        self.fields = b""
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.cancelled = False
+        self.dispatched = False
+        self.production_llm: LlmWatch | None = None
+
+    def add_body(self, data: bytes) -> None:
+        if self.cancelled:
+            return
+        self.size += len(data)
+        if self.size > self.group.max_body_bytes:
+            self.cancelled = True
+            self.chunks = []
+            for ticket in self.tickets:
+                ticket.cancelled = True
+                ticket.mirror.skip("body_too_large")
+        else:
+            self.chunks.append(data)
+
+    def request_complete(self) -> None:
+        if self.cancelled or self.dispatched:
+            return
+        self.dispatched = True
+        body = b"".join(self.chunks)  # once, for every candidate
+        self.chunks = []
+        for ticket in self.tickets:
+            ticket.fields = self.fields
+            ticket.dispatched = True
+            ticket.mirror.dispatch(ticket, body)
+        self.cancelled = all(ticket.cancelled for ticket in self.tickets)
+
+    def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
+        for ticket in self.tickets:
+            ticket.production_llm = self.production_llm
+            ticket.production_done(status, body, latency_s)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from shadowproxy.judging.stats import ShadowStats
-    from shadowproxy.shadow.mirror import Mirror, MirrorTicket
+    from shadowproxy.shadow.mirror import Mirror, MirrorGroup, MirrorTicket, TicketGroup
 
 log = logging.getLogger("shadowproxy.shadow.proxy")
 
@@ -112,7 +112,7 @@ class Proxy:
         timeout_s: float,
         metrics: Metrics,
         stats: ShadowStats,
-        mirror: Mirror | None = None,
+        mirror: Mirror | MirrorGroup | None = None,
         observers: list[Observer] | None = None,
         capture_limit: int = 1 << 20,
         llm: LlmMeter | None = None,
@@ -249,7 +249,7 @@ class Exchange(ResponseSink):
     )
 
     def __init__(
-        self, proxy: Proxy, cycle: Cycle, head: bytes, request_id: bytes, ticket: MirrorTicket | None
+        self, proxy: Proxy, cycle: Cycle, head: bytes, request_id: bytes, ticket: MirrorTicket | TicketGroup | None
     ) -> None:
         self.proxy = proxy
         self.cycle = cycle
