@@ -651,7 +651,7 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 _OPTIONAL_SECTIONS = frozenset({"drift"})
 # Arrays of tables (`[[candidates]]`), each entry checked as a section of its own.
-_ARRAY_SECTIONS: dict[str, type[Any]] = {"candidates": NamedCandidateConfig}
+_ARRAY_SECTIONS: dict[str, type[Any]] = {"candidates": NamedCandidateConfig, "slices": SliceConfig}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -707,7 +707,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     elif isinstance(sections.get("candidate"), CandidateConfig):
         candidates = (NamedCandidateConfig.from_table(sections["candidate"]),)
     sections["candidates"] = candidates
-    sections["slices"] = arrays.get("slices") or ()
+    sections["slices"] = arrays["slices"] or ()
     _check_across_sections(sections, problems)
     _check_names(data, problems)
     if problems:

@@ -533,10 +533,38 @@ def _candidates_lines(report: Report, paint: _Painter) -> list[str]:
     return ["Candidates", paint(table[0], "dim"), *table[1:]]
 
 
+def _slice_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    """[[slices]]: each slice's requests and p99, and each candidate's disagreement and errors in it."""
+    slices = stats.get("slices")
+    if not isinstance(slices, Mapping) or not slices:
+        return []
+    names = [n for n in next(iter(slices.values())) if n != "production"]
+    header = ["slice", "requests", "prod p99 ms"]
+    for name in names:
+        header += [f"{name} compared", f"{name} disagree", f"{name} errors", f"{name} p99 ms"]
+    rows = []
+    for slice_name, doc in slices.items():
+        prod = doc["production"]
+        row = [slice_name, str(prod["requests"]), _ms(prod["latency_ms"]["p99"])]
+        for name in names:
+            cand = doc.get(name, {})
+            comparisons = cand.get("comparisons", {})
+            total = int(comparisons.get("total", 0))
+            rate = _pct(float(comparisons.get("disagreement_rate", 0.0))) if total else "-"
+            row += [str(total), rate, str(comparisons.get("candidate_error", 0)),
+                    _ms(cand.get("latency_ms", {}).get("p99", 0))]
+        rows.append(row)
+    table = _table(header, rows, [False] + [True] * (len(header) - 1))
+    return ["Slices", paint(table[0], "dim"), *table[1:]]
+
+
 def _one_candidate(report: Report, name: str) -> Report:
     """The report of one of several candidates, as if it were the only one."""
     docs = report.stats.get("candidates") or {}
     stats = dict(docs.get(name, report.stats))
+    slices = report.stats.get("slices")
+    if isinstance(slices, Mapping):  # this candidate's column of each slice
+        stats["slices"] = {s: {k: v for k, v in doc.items() if k in ("production", name)} for s, doc in slices.items()}
     verdict = report.candidate_verdicts[name]
     return Report(verdict=verdict, stats=stats, sources=report.sources, candidate=name, names=(name,))
 
@@ -554,7 +582,9 @@ def render(report: Report, color: bool = False) -> str:
             gates = _gate_lines(one, paint)
             gates[0] = f"Gates of {paint(name, 'bold')}: {one.verdict['verdict']}"
             sections.append(gates)
-        sections.extend([_latency_lines(report.stats, paint), _mirror_lines(report.stats, paint)])
+        sections.extend([
+            _latency_lines(report.stats, paint), _slice_lines(report.stats, paint), _mirror_lines(report.stats, paint)
+        ])
         return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
     sections = [
@@ -562,6 +592,7 @@ def render(report: Report, color: bool = False) -> str:
         _gate_lines(report, paint),
         _latency_lines(stats, paint),
         _comparison_lines(stats, paint),
+        _slice_lines(stats, paint),
         _llm_lines(stats, paint),
         _confusion_lines(stats, paint),
         _mirror_lines(stats, paint),

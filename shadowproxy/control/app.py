@@ -28,6 +28,7 @@ from shadowproxy.shadow.mirror import Mirror, MirrorGroup
 from shadowproxy.shadow.observers import Component, Observer
 from shadowproxy.shadow.proxy import Proxy
 from shadowproxy.shadow.routes import TokenGuard
+from shadowproxy.shadow.slices import SliceMatcher
 
 log = logging.getLogger("shadowproxy")
 
@@ -54,7 +55,8 @@ class ShadowProxy:
         self.config = config
         self.reuse_port = reuse_port
         self.metrics = Metrics(candidates=config.candidate_names)
-        self.stats = ShadowStats(config.candidate_names)
+        self.slices = SliceMatcher(config.slices) if config.slices else None
+        self.stats = ShadowStats(config.candidate_names, self.slices.names if self.slices is not None else ())
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
@@ -120,6 +122,7 @@ class ShadowProxy:
             mirror=self.fanout,
             observers=self.observers,
             capture_limit=cfg.compare.max_response_bytes,
+            slices=self.slices,
             llm=(
                 LlmMeter("production", self.stats.llm.production, self.metrics, prod.price,
                          cfg.compare.max_response_bytes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shadowproxy.judging.verdict import GatesLike, evaluate_all
@@ -86,3 +86,31 @@ class ShadowCollector(Collector):
         yield bounds
         yield family
         yield figures
+        yield from self._slices(snapshot.get("slices"))
+
+    @staticmethod
+    def _slices(slices: dict[str, Any] | None) -> Iterable[Metric]:
+        """[[slices]]: requests per slice and upstream, compared outcomes per slice and candidate."""
+        if not slices:
+            return
+        requests = CounterMetricFamily(
+            "shadowproxy_slice_requests",
+            "Requests by slice ([[slices]]) and upstream: production's answered, a candidate's copies sent.",
+            labels=["target", "slice"],
+        )
+        comparisons = CounterMetricFamily(
+            "shadowproxy_slice_comparisons",
+            "Compared predictions by slice, candidate and outcome (candidate_error, unparseable and "
+            "too_large count requests).",
+            labels=["target", "slice", "outcome"],
+        )
+        for slice_name, targets in slices.items():
+            for target, doc in targets.items():
+                requests.add_metric([target, slice_name], float(doc["requests"]))
+                if target == "production":
+                    continue
+                counts = doc["comparisons"]
+                for outcome in ("agree", "disagree", "candidate_error", "unparseable", "too_large"):
+                    comparisons.add_metric([target, slice_name, outcome], float(counts[outcome]))
+        yield requests
+        yield comparisons

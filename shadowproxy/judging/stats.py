@@ -404,10 +404,17 @@ class ShadowStats:
     the snapshot's top level describes the first candidate, and ``"candidates"`` each of them.
     """
 
-    def __init__(self, names: Iterable[str] = ("candidate",)) -> None:
+    def __init__(self, names: Iterable[str] = ("candidate",), slices: Iterable[str] = ()) -> None:
         names = tuple(names)
         self.name = names[0] if names else "candidate"
-        self.others: dict[str, ShadowStats] = {name: ShadowStats((name,)) for name in names[1:]}
+        self.others: dict[str, ShadowStats] = {name: ShadowStats((name,), slices) for name in names[1:]}
+        # [[slices]]: the slices' names ("other" last), production's and this candidate's figures
+        # in each (index = the slice's position); empty without [[slices]].
+        from shadowproxy.judging.slicestats import SliceCandidate, SliceTarget
+
+        self.slice_names: tuple[str, ...] = tuple(slices)
+        self.slice_production = [SliceTarget() for _ in self.slice_names]
+        self.slice_candidate = [SliceCandidate() for _ in self.slice_names]
         self.production = _Target()
         self.candidate = _Target()
         self.mirror: dict[str, int] = dict.fromkeys(MIRROR_RESULTS, 0)
@@ -447,6 +454,21 @@ class ShadowStats:
             self.production.errors += 1
         if latency_s is not None:
             self.production.latency.record(latency_s)
+
+    def record_slice_production(self, index: int, latency_s: float | None, status: int) -> None:
+        self.slice_production[index].record(latency_s, status == 0 or status >= 500)
+
+    def record_slice_candidate(self, index: int, latency_s: float | None, error: bool) -> None:
+        self.slice_candidate[index].record(latency_s, error)
+
+    def record_slice_outcome(self, index: int, outcome: str, agree: int = 0, disagree: int = 0) -> None:
+        """A judged pair in slice `index`: agree/disagree predictions, or another outcome."""
+        target = self.slice_candidate[index]
+        if outcome in ("agree", "disagree"):
+            target.agree += agree
+            target.disagree += disagree
+        elif outcome in target.outcomes:
+            target.outcomes[outcome] += 1
 
     def record_candidate(self, latency_s: float | None, error: bool) -> None:
         """A shadow request that was sent, whatever became of it."""
@@ -563,6 +585,15 @@ class ShadowStats:
             # The "llm" block is keyed by upstream: production, "candidate" (the first, as with
             # one candidate) and each candidate by name.
             out["llm"] = {**out["llm"], **{name: doc["llm"]["candidate"] for name, doc in candidates.items()}}
+        if self.slice_names:
+            out["slices"] = {
+                name: {
+                    "production": self.slice_production[i].snapshot(),
+                    self.name: self.slice_candidate[i].snapshot(),
+                    **{other: o.slice_candidate[i].snapshot() for other, o in self.others.items()},
+                }
+                for i, name in enumerate(self.slice_names)
+            }
         if full:
             out["state"] = self.to_state()
         return out
@@ -645,6 +676,12 @@ class ShadowStats:
         }
         if self.others:
             state["candidates"] = {name: other.to_state() for name, other in self.others.items()}
+        if self.slice_names:
+            state["slices"] = {
+                "names": list(self.slice_names),
+                "production": [t.to_state() for t in self.slice_production],
+                "candidate": [t.to_state() for t in self.slice_candidate],
+            }
         return state
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
@@ -679,10 +716,25 @@ class ShadowStats:
             self.llm.merge_state(state["llm"])
         if "name" in state:
             self.name = str(state["name"])
+        if "slices" in state:
+            self._merge_slices(state["slices"])
         for name, other in state.get("candidates", {}).items():
             if name not in self.others:
-                self.others[name] = ShadowStats((name,))
+                self.others[name] = ShadowStats((name,), self.slice_names)
             self.others[name].merge_state(other)
+
+    def _merge_slices(self, state: Mapping[str, Any]) -> None:
+        """Slices are matched by name; a name this side lacks joins at the end."""
+        from shadowproxy.judging.slicestats import SliceCandidate, SliceTarget
+
+        for i, name in enumerate(state["names"]):
+            if name not in self.slice_names:
+                self.slice_names = (*self.slice_names, str(name))
+                self.slice_production.append(SliceTarget())
+                self.slice_candidate.append(SliceCandidate())
+            j = self.slice_names.index(name)
+            self.slice_production[j].merge_state(state["production"][i])
+            self.slice_candidate[j].merge_state(state["candidate"][i])
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:

@@ -212,13 +212,18 @@ class Mirror:
         self.active.discard(exchange)
         self._set_in_flight(-1)
         self._note_connect_outcome(failure == "connect")
+        slice_index = exchange.ticket.slice
         if response is None:
             self._count("error")
             self.metrics.upstream_failures.labels(self.name, failure).inc()
             self.stats.record_candidate(None, error=True)
+            if slice_index >= 0:
+                self.stats.record_slice_candidate(slice_index, None, True)
         else:
             self._duration.observe(response.latency_s)
             self.stats.record_candidate(response.latency_s, error=response.status >= 500)
+            if slice_index >= 0:
+                self.stats.record_slice_candidate(slice_index, response.latency_s, response.status >= 500)
         exchange.ticket.candidate_ready(response)
 
     def judge_later(self, ticket: MirrorTicket) -> None:
@@ -287,6 +292,10 @@ class Mirror:
             self.stats.llm.record_ttft_pair(prod_llm.ttft, cand_llm.ttft)
         if outcome not in ("agree", "disagree", "not_compared"):  # agreements are counted per prediction
             self._outcome(outcome, 1)
+        if ticket.slice >= 0 and outcome != "not_compared":
+            agree = sum(flags) if flags is not None else 0
+            disagree = len(flags) - agree if flags is not None else 0
+            self.stats.record_slice_outcome(ticket.slice, outcome, agree, disagree)
         if self.observers:
             record = PairRecord(
                 request_id=ticket.request_id,
@@ -536,7 +545,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm")
+                 "candidate_llm", "slice")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -555,6 +564,7 @@ class MirrorTicket:
         # Preset openai: what each side's answer said as it passed (a stream's assembled choices).
         self.production_llm: LlmWatch | None = None
         self.candidate_llm: LlmWatch | None = None
+        self.slice = -1  # [[slices]]: the request's slice, else -1
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -633,7 +643,7 @@ class MirrorGroup:
 class TicketGroup:
     """One sampled exchange for several candidates: the proxy's side of a `MirrorTicket`, fanned out."""
 
-    __slots__ = ("group", "tickets", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm")
+    __slots__ = ("group", "tickets", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm", "slice")
 
     def __init__(self, group: MirrorGroup, tickets: list[MirrorTicket]) -> None:
         self.group = group
@@ -644,6 +654,7 @@ class TicketGroup:
         self.cancelled = False
         self.dispatched = False
         self.production_llm: LlmWatch | None = None
+        self.slice = -1
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -666,6 +677,7 @@ class TicketGroup:
         self.chunks = []
         for ticket in self.tickets:
             ticket.fields = self.fields
+            ticket.slice = self.slice
             ticket.dispatched = True
             ticket.mirror.dispatch(ticket, body)
         self.cancelled = all(ticket.cancelled for ticket in self.tickets)

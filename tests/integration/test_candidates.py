@@ -253,3 +253,65 @@ async def test_two_admin_urls_merge_several_candidates_to_the_figures_of_one(sta
     flips = sum(candidate_flips(x, 0.25) for x in first + second)
     assert merged["stats"]["candidates"]["flipper"]["comparisons"]["disagree"] == flips
     assert merged["candidates"]["flipper"]["verdict"] == one["candidates"]["flipper"]["verdict"]
+
+
+SLICES = [
+    {"name": "alpha", "path_prefix": "/v1/models/alpha"},
+    {"name": "acme", "header": "X-Tenant", "value": "acme"},
+    {"name": "beta-acme", "path_prefix": "/v1/models/beta", "header": "X-Tenant", "value": "acme"},
+]
+
+
+def slice_of(path: str, tenant: str) -> str:
+    """The test's own reading of SLICES: first match in order, else other."""
+    if path.startswith("/v1/models/alpha"):
+        return "alpha"
+    if tenant == "acme":
+        return "acme"  # before beta-acme, which it shadows
+    return "other"
+
+
+async def test_slice_figures_equal_the_tests_own_counts_per_slice(start_proxy: Any) -> None:
+    instances = generate_instances(240, seed=17)
+    paths = ["/v1/models/alpha:predict", "/v1/models/beta:predict", "/v1/models/gamma:predict"]
+    tenants = ["acme", "other", ""]
+    requests = [(paths[i % 3], tenants[(i // 3) % 3], x) for i, x in enumerate(instances)]
+    truth: dict[str, dict[str, int]] = {}
+    for path, tenant, x in requests:
+        counts = truth.setdefault(slice_of(path, tenant), {"requests": 0, "flips": 0})
+        counts["requests"] += 1
+        counts["flips"] += candidate_flips(x, 0.3)
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour(role="twin")) as twin, \
+            await start_model(ModelBehaviour(role="flipper", flip_rate=0.3)) as flipper:
+        proxy: RunningProxy = await start_proxy(
+            prod.url, None, mirror={"sample_rate": 1.0}, slices=SLICES,
+            candidates=candidates(twin=twin.url, flipper=flipper.url),
+        )
+        async with aiohttp.ClientSession() as session:
+            for path, tenant, x in requests:
+                headers = {"X-Tenant": tenant} if tenant else {}
+                async with session.post(proxy.url + path, json={"instances": [x]}, headers=headers) as r:
+                    assert r.status == 200
+        await proxy.settle()
+        stats = proxy.stats()
+        async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    slices = stats["slices"]
+    assert list(slices) == ["alpha", "acme", "beta-acme", "other"]
+    for name, doc in slices.items():
+        want = truth.get(name, {"requests": 0, "flips": 0})
+        assert set(doc) == {"production", "twin", "flipper"}
+        assert doc["production"]["requests"] == want["requests"], name
+        for cand in ("twin", "flipper"):
+            assert doc[cand]["requests"] == want["requests"], (name, cand)
+            assert doc[cand]["comparisons"]["total"] == want["requests"], (name, cand)
+        assert doc["twin"]["comparisons"]["disagree"] == 0
+        assert doc["flipper"]["comparisons"]["disagree"] == want["flips"], name
+        requests_series = f'shadowproxy_slice_requests_total{{slice="{name}",target="production"}}'
+        assert f"{requests_series} {float(want['requests'])}" in text
+        disagree_series = f'shadowproxy_slice_comparisons_total{{outcome="disagree",slice="{name}",target="flipper"}}'
+        assert f"{disagree_series} {float(want['flips'])}" in text
+    assert slices["beta-acme"]["production"]["requests"] == 0  # shadowed by acme, earlier in order
+    assert sum(doc["production"]["requests"] for doc in slices.values()) == stats["production"]["requests"] == 240
+    assert slices["alpha"]["production"]["latency_ms"]["p50"] > 0

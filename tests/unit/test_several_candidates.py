@@ -139,3 +139,60 @@ def test_the_top_level_verdict_is_the_worst_and_its_gates_the_first_candidates()
     assert worst(["pass", "insufficient_data"]) == "insufficient_data"
     assert worst(["pass", "pass"]) == "pass"
     assert worst(["insufficient_data", "fail", "pass"]) == "fail"
+
+
+def _fill_slices(stats: ShadowStats, rows: range) -> None:
+    for i in rows:
+        index = i % 3
+        stats.record_production(0.001, 200)
+        stats.record_slice_production(index, 0.001 + i * 1e-5, 500 if i % 7 == 0 else 200)
+        for name, disagree in (("a", 0), ("b", int(i % 4 == 0))):
+            target = stats.for_candidate(name)
+            target.record_slice_candidate(index, 0.002 + i * 1e-5, False)
+            target.record_slice_outcome(index, "disagree" if disagree else "agree", 1 - disagree, disagree)
+        stats.for_candidate("b").record_slice_outcome(index, "candidate_error")
+
+
+def test_slice_figures_merge_to_those_of_one_that_saw_everything() -> None:
+    names = ("x", "y", "other")
+    one, left, right = (ShadowStats(("a", "b"), names) for _ in range(3))
+    _fill_slices(one, range(90))
+    _fill_slices(left, range(50))
+    _fill_slices(right, range(50, 90))
+    merged = ShadowStats.from_states([left.snapshot(full=True), right.snapshot(full=True)])
+    assert merged.snapshot()["slices"] == one.snapshot()["slices"]
+    doc = one.snapshot()["slices"]
+    assert list(doc) == list(names)
+    for index, name in enumerate(names):
+        rows = [i for i in range(90) if i % 3 == index]
+        assert doc[name]["production"]["requests"] == len(rows)
+        assert doc[name]["production"]["errors"] == sum(1 for i in rows if i % 7 == 0)
+        assert doc[name]["b"]["comparisons"]["disagree"] == sum(1 for i in rows if i % 4 == 0)
+        assert doc[name]["b"]["comparisons"]["candidate_error"] == len(rows)
+        assert doc[name]["a"]["comparisons"]["total"] == len(rows)
+
+
+def test_slices_are_checked() -> None:
+    found = problems({
+        "production": PRODUCTION, "candidate": {"url": "http://a:1"},
+        "slices": [
+            {"name": "other", "path_prefix": "/"},
+            {"name": "t", "header": "X-Tenant"},
+            {"name": "v", "value": "x"},
+            {"name": "n"},
+            {"name": "d", "path_prefix": "/a"},
+            {"name": "d", "path_prefix": "/b"},
+        ],
+    })
+    assert found == [
+        'slices[0].name: "other" is reserved (unmatched requests)',
+        "slices[1].value: required when header is set",
+        "slices[2]: needs path_prefix, or header and value, or both",
+        "slices[2].header: required when value is set",
+        "slices[3]: needs path_prefix, or header and value, or both",
+        'slices[5].name: "d" is used twice',
+    ]
+    assert len(problems({
+        "production": PRODUCTION, "candidate": {"url": "http://a:1"},
+        "slices": [{"name": f"s{i}", "path_prefix": "/"} for i in range(33)],
+    })) == 1
