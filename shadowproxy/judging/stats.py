@@ -455,11 +455,26 @@ class ShadowStats:
         if latency_s is not None:
             self.production.latency.record(latency_s)
 
+    # With [[slices]], a request's production and candidate figures are recorded in its slice only
+    # (instead of, not besides, `record_production` / `record_candidate`): the totals are the sums
+    # of the slices, added up when read, so slices cost the hot path no second histogram.
+
     def record_slice_production(self, index: int, latency_s: float | None, status: int) -> None:
         self.slice_production[index].record(latency_s, status == 0 or status >= 500)
 
     def record_slice_candidate(self, index: int, latency_s: float | None, error: bool) -> None:
         self.slice_candidate[index].record(latency_s, error)
+
+    def _total(self, base: _Target, parts: list[Any]) -> _Target:
+        """`base` plus the slices' figures of the same upstream."""
+        if not parts:
+            return base
+        total = _Target()
+        for part in (base, *parts):
+            total.requests += part.requests
+            total.errors += part.errors
+            total.latency.merge(part.latency)
+        return total
 
     def record_slice_outcome(self, index: int, outcome: str, agree: int = 0, disagree: int = 0) -> None:
         """A judged pair in slice `index`: agree/disagree predictions, or another outcome."""
@@ -617,8 +632,8 @@ class ShadowStats:
             **{name: s.snapshot() for name, s in self.summaries.items()},
         }
         out: dict[str, Any] = {
-            "production": self.production.snapshot(),
-            "candidate": self.candidate.snapshot(),
+            "production": self._total(self.production, self.slice_production).snapshot(),
+            "candidate": self._total(self.candidate, self.slice_candidate).snapshot(),
             "mirror": {**self.mirror, "in_flight": self.mirror_in_flight},
             "comparisons": {
                 "total": total,
@@ -653,7 +668,9 @@ class ShadowStats:
     # -- merging -----------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``)."""
+        """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``).
+        With slices, ``production`` and ``candidate`` hold what no slice holds (see
+        ``record_slice_production``)."""
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "name": self.name,

@@ -130,7 +130,7 @@ class Mirror:
     def _set_in_flight(self, delta: int) -> None:
         self.in_flight += delta
         self.stats.mirror_in_flight = self.in_flight
-        self._in_flight_gauge.value = self.in_flight
+        self._in_flight_gauge.value = float(self.in_flight)
 
     # -- the proxy's side -------------------------------------------------------------------------
     def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> MirrorTicket | None:
@@ -216,14 +216,16 @@ class Mirror:
         if response is None:
             self._count("error")
             self.metrics.upstream_failures.labels(self.name, failure).inc()
-            self.stats.record_candidate(None, error=True)
-            if slice_index >= 0:
+            if slice_index >= 0:  # the candidate's total adds its slices up
                 self.stats.record_slice_candidate(slice_index, None, True)
+            else:
+                self.stats.record_candidate(None, error=True)
         else:
             self._duration.observe(response.latency_s)
-            self.stats.record_candidate(response.latency_s, error=response.status >= 500)
             if slice_index >= 0:
                 self.stats.record_slice_candidate(slice_index, response.latency_s, response.status >= 500)
+            else:
+                self.stats.record_candidate(response.latency_s, error=response.status >= 500)
         exchange.ticket.candidate_ready(response)
 
     def judge_later(self, ticket: MirrorTicket) -> None:

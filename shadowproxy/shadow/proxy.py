@@ -242,9 +242,10 @@ class Proxy:
             duration = self._duration
             duration.counts[_bisect_left(duration.bounds, latency_s)] += 1
             duration.sum += latency_s
-        self.stats.record_production(latency_s, status)
         if slice_index >= 0:
-            self.stats.record_slice_production(slice_index, latency_s, status)
+            self.stats.record_slice_production(slice_index, latency_s, status)  # the total adds slices up
+        else:
+            self.stats.record_production(latency_s, status)
 
 
 class Exchange(ResponseSink):
