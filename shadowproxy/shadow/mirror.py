@@ -280,7 +280,14 @@ class Mirror:
                 if prod_choices is not None:
                     prod_preds = [choice.prediction() for choice in prod_choices]
             else:
-                prod_preds = self._predictions(prod_body)
+                shared = ticket.shared
+                if shared is not None and shared.done:
+                    prod_preds = shared.predictions  # another candidate's judgement read them
+                else:
+                    prod_preds = self._predictions(prod_body)
+                    if shared is not None:
+                        shared.done = True
+                        shared.predictions = prod_preds
         outcome, cand_preds, flags = self._compare(
             status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm
         )
@@ -547,7 +554,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm", "slice")
+                 "candidate_llm", "slice", "shared")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -567,6 +574,7 @@ class MirrorTicket:
         self.production_llm: LlmWatch | None = None
         self.candidate_llm: LlmWatch | None = None
         self.slice = -1  # [[slices]]: the request's slice, else -1
+        self.shared: SharedAnswer | None = None  # several candidates: production's answer, read once
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -624,6 +632,7 @@ class MirrorGroup:
             return None
         rid = request_id.decode("latin-1")
         tickets: list[MirrorTicket] = []
+        shared = SharedAnswer()
         for mirror in chosen:
             mirror._count("sampled")
             endpoint = mirror.eligible(cycle, path)
@@ -631,6 +640,7 @@ class MirrorGroup:
                 continue
             ticket = MirrorTicket(mirror, cycle.method, path, rid)
             ticket.endpoint = endpoint
+            ticket.shared = shared
             tickets.append(ticket)
         return TicketGroup(self, tickets) if tickets else None
 
@@ -640,6 +650,17 @@ class MirrorGroup:
 
     async def drain(self, timeout_s: float) -> None:
         await asyncio.gather(*(m.drain(timeout_s) for m in self.mirrors))
+
+
+class SharedAnswer:
+    """Production's predictions for one request, read by the first of several candidates' judgements
+    and reused by the others (one [compare] for all: the same reading)."""
+
+    __slots__ = ("done", "predictions")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.predictions: list[object] | None = None
 
 
 class TicketGroup:
