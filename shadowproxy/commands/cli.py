@@ -146,10 +146,12 @@ def summary(config: Config) -> str:
         ("admin", _address(config.admin.host, config.admin.port)),
         ("mirror", f"sample_rate {mirror.sample_rate:g}, methods {', '.join(mirror.methods) or '(none)'}"),
         ("compare", comparing),
+        *([("slices", ", ".join([*(s.name for s in config.slices), "other"]))] if config.slices else []),
         ("store", config.store.path or "off"),
         ("drift", "on" if config.drift is not None else "off"),
     ]
-    text = "\n".join(f"  {name:<12}{value}" for name, value in lines)
+    width = max(12, *(len(name) + 2 for name, _ in lines))
+    text = "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
     if compare.preset == "openai":
         text += "\n  note: compare.kind, compare.path and compare.output are ignored under preset openai"
     return text

@@ -315,3 +315,37 @@ async def test_slice_figures_equal_the_tests_own_counts_per_slice(start_proxy: A
     assert slices["beta-acme"]["production"]["requests"] == 0  # shadowed by acme, earlier in order
     assert sum(doc["production"]["requests"] for doc in slices.values()) == stats["production"]["requests"] == 240
     assert slices["alpha"]["production"]["latency_ms"]["p50"] > 0
+
+
+async def test_a_hanging_candidate_delays_neither_production_nor_the_other_candidates(start_proxy: Any) -> None:
+    instances = generate_instances(60, seed=2)
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour(role="twin")) as twin, \
+            await start_model(ModelBehaviour(role="hanging", delay_ms=5000.0)) as hanging:
+        proxy: RunningProxy = await start_proxy(
+            prod.url, None, mirror={"sample_rate": 1.0},
+            candidates=[
+                {"name": "twin", "url": twin.url},
+                {"name": "hanging", "url": hanging.url, "timeout_s": 0.5, "max_in_flight": 4},
+            ],
+        )
+        loop = asyncio.get_running_loop()
+        slowest = 0.0
+        async with aiohttp.ClientSession() as session:
+            for x in instances:
+                started = loop.time()
+                async with session.post(proxy.url + PREDICT, json={"instances": [x]}) as r:
+                    assert r.status == 200
+                    await r.read()
+                slowest = max(slowest, loop.time() - started)
+        await proxy.settle(timeout=3.0)
+        stats = proxy.stats()
+    assert slowest < 0.25  # far below the hanging candidate's 5 s and its 0.5 s timeout
+    twin_doc, hanging_doc = stats["candidates"]["twin"], stats["candidates"]["hanging"]
+    # The twin saw and compared every request; the hanging one is bounded at 4 in flight, the rest
+    # dropped and counted, its copies timed out.
+    assert twin_doc["mirror"]["sent"] == twin_doc["comparisons"]["agree"] == 60
+    assert hanging_doc["mirror"]["sent"] + hanging_doc["mirror"]["dropped"] == 60
+    assert hanging_doc["mirror"]["dropped"] > 0
+    assert hanging_doc["mirror"]["error"] == hanging_doc["mirror"]["sent"]
+    assert hanging_doc["comparisons"]["candidate_error"] == hanging_doc["mirror"]["sent"]

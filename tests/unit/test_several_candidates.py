@@ -196,3 +196,17 @@ def test_slices_are_checked() -> None:
         "production": PRODUCTION, "candidate": {"url": "http://a:1"},
         "slices": [{"name": f"s{i}", "path_prefix": "/"} for i in range(33)],
     })) == 1
+
+
+def test_check_config_summary_lists_each_candidate_with_its_rate_and_the_slices() -> None:
+    from shadowproxy.commands.cli import summary
+
+    config = parse_config({
+        "production": PRODUCTION,
+        "candidates": [entry("retrained"), entry("quantised", sample_rate=0.02)],
+        "slices": [{"name": "fraud", "path_prefix": "/v1/models/fraud"}],
+    })
+    text = summary(config)
+    assert "candidate retrained  http://127.0.0.1:8002 (sample_rate 0.1)" in text
+    assert "candidate quantised  http://127.0.0.1:8002 (sample_rate 0.02)" in text
+    assert "slices" in text and "fraud, other" in text
