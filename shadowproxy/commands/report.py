@@ -331,7 +331,7 @@ def _gate_lines(report: Report, paint: _Painter) -> list[str]:
     return lines
 
 
-def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+def _latency_lines(stats: Mapping[str, Any], paint: _Painter, candidate: str = "candidate") -> list[str]:
     prod = stats["production"]["latency_ms"]
     cand = stats["candidate"]["latency_ms"]
     mirrored = stats.get("mirrored", {})
@@ -339,7 +339,7 @@ def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     mprod = mirrored.get("production_latency_ms", {})
     mcand = mirrored.get("candidate_latency_ms", {})
     diff = stats.get("latency_diff_ms", {})
-    header = ["", "production", "candidate", "pair: prod", "pair: cand", "cand - prod"]
+    header = ["", "production", candidate, "pair: prod", "pair: cand", "cand - prod"]
     rows = [
         [
             name,
@@ -353,7 +353,7 @@ def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     ]
     table = _table(header, rows, [False, True, True, True, True, True])
     counts = (
-        f"production {stats['production']['requests']} requests, candidate "
+        f"production {stats['production']['requests']} requests, {candidate} "
         f"{stats['candidate']['requests']}; {pairs} mirrored pairs answered by both"
     )
     return [f"Latency (ms)  {paint(counts, 'dim')}", paint(table[0], "dim"), *table[1:]]
@@ -582,9 +582,9 @@ def render(report: Report, color: bool = False) -> str:
             gates = _gate_lines(one, paint)
             gates[0] = f"Gates of {paint(name, 'bold')}: {one.verdict['verdict']}"
             sections.append(gates)
-        sections.extend([
-            _latency_lines(report.stats, paint), _slice_lines(report.stats, paint), _mirror_lines(report.stats, paint)
-        ])
+        for name, doc in report.stats["candidates"].items():  # each candidate against production
+            sections.append(_latency_lines(doc, paint, name))
+        sections.append(_slice_lines(report.stats, paint))
         return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
     sections = [
