@@ -700,8 +700,9 @@ def _hostport(url: str) -> str:
     return m.group(1)
 
 
-def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Enough TOML for configs: tables of str/bool/int/float/list values."""
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """Enough TOML for configs: tables of str/bool/int/float/list values, and arrays of such
+    tables (a list of dicts: `[[candidates]]`)."""
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -715,21 +716,23 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
 
     out = []
     for table, values in data.items():
-        out.append(f"[{table}]")
-        out.extend(f"{k} = {val(v)}" for k, v in values.items())
-        out.append("")
+        for entry in values if isinstance(values, list) else [values]:
+            out.append(f"[[{table}]]" if isinstance(values, list) else f"[{table}]")
+            out.extend(f"{k} = {val(v)}" for k, v in entry.items())
+            out.append("")
     return "\n".join(out)
 
 
 class ShadowproxySetup(Setup):
     """`python -m shadowproxy serve --config FILE` with a generated TOML on free ports.
 
-    `extra` merges more keys into the config ({"candidate": {"timeout_s": 1.0}, ...}); `args` are more
+    `extra` merges more keys into the config ({"candidate": {"timeout_s": 1.0}, ...}; a list is an
+    array of tables, and `"candidates": [...]` takes the place of `[candidate]`); `args` are more
     command-line arguments (e.g. ["--workers", "2"]). Ready when the listen port accepts and the admin
     /healthz answers 200. `admin_url` is set while running."""
 
     def __init__(self, name: str, prod_url: str, cand_url: str, sample_rate: float = 0.1,
-                 extra: Mapping[str, Mapping[str, Any]] | None = None, args: Sequence[str] = (),
+                 extra: Mapping[str, Any] | None = None, args: Sequence[str] = (),
                  startup_timeout: float = 30.0, stop_timeout: float = 20.0,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = name
@@ -745,8 +748,8 @@ class ShadowproxySetup(Setup):
         self.admin_url: str | None = None
         self.config_path: Path | None = None
 
-    def config(self, port: int, admin_port: int) -> dict[str, dict[str, Any]]:
-        cfg: dict[str, dict[str, Any]] = {
+    def config(self, port: int, admin_port: int) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
             "listen": {"host": HOST, "port": port},
             "admin": {"host": HOST, "port": admin_port},
             "production": {"url": self.prod_url},
@@ -754,7 +757,12 @@ class ShadowproxySetup(Setup):
             "mirror": {"sample_rate": float(self.sample_rate)},
         }
         for table, values in self.extra.items():
-            cfg.setdefault(table, {}).update(values)
+            if isinstance(values, list):
+                cfg[table] = values
+                if table == "candidates":
+                    del cfg["candidate"]
+            else:
+                cfg.setdefault(table, {}).update(values)
         return cfg
 
     def start(self) -> str:

@@ -37,9 +37,11 @@ __all__ = [
     "JudgeConfig",
     "ListenConfig",
     "MirrorConfig",
+    "NamedCandidateConfig",
     "Price",
     "ProductionConfig",
     "Secret",
+    "SliceConfig",
     "UpstreamConfig",
     "StoreConfig",
     "UpstreamURL",
@@ -497,6 +499,44 @@ class CandidateConfig(UpstreamConfig):
     headers: Mapping[str, Secret] = field(default_factory=dict, metadata={"check": _header_table})
 
 
+# Names the stats, verdict and metrics already use for something else.
+_RESERVED_CANDIDATE_NAMES = frozenset(("production", "secondary", "judge"))
+MAX_CANDIDATES = 8
+MAX_SLICES = 32
+
+
+def _label_name(text: str) -> str:
+    # One label value and one JSON key each: short, and no character a query would have to escape.
+    if not re.fullmatch(r"[a-z0-9_-]{1,32}", text):
+        raise _Invalid(f"must be 1 to 32 of a-z, 0-9, _ and -, got {_quote(text)}")
+    return text
+
+
+def _candidate_name(text: str) -> str:
+    _label_name(text)
+    if text in _RESERVED_CANDIDATE_NAMES:
+        raise _Invalid(f"{_quote(text)} is reserved (production, secondary and judge name other things)")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class NamedCandidateConfig(CandidateConfig):
+    """One `[[candidates]]` entry: a candidate's keys, its name, and its own share of requests.
+    The old `[candidate]` table becomes one of these named `candidate`."""
+
+    name: str = field(default="candidate", metadata={"check": _string(_candidate_name), "required": True})
+    # None: mirror.sample_rate.
+    sample_rate: float | None = _key(None, _FRACTION)
+
+    def rate(self, mirror: MirrorConfig) -> float:
+        return mirror.sample_rate if self.sample_rate is None else self.sample_rate
+
+    @classmethod
+    def from_table(cls, candidate: CandidateConfig, name: str = "candidate") -> NamedCandidateConfig:
+        values = {f.name: getattr(candidate, f.name) for f in dataclasses.fields(CandidateConfig)}
+        return cls(name=name, **values)
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorConfig:
     """[mirror]: which requests are also sent to the candidate."""
@@ -589,6 +629,16 @@ class JudgeConfig:
         return self.url.rstrip("/") + "/chat/completions"
 
 
+@dataclass(frozen=True, slots=True)
+class SliceConfig:
+    """One `[[slices]]` entry: a named part of the traffic, matched by path prefix and/or a header."""
+
+    name: str = field(default="", metadata={"check": _string(_label_name), "required": True})
+    path_prefix: str = _key("", _string())
+    header: str = _key("", _string(_header_name_or_empty))
+    value: str = _key("", _string(_field_value))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration. Build it with `load_config` or `parse_config`."""
@@ -603,6 +653,18 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     drift: DriftConfig | None = None
     judge: JudgeConfig | None = None
+    # Every candidate, in config order; `candidate` is the first of them (the old `[candidate]`
+    # table is the one candidate named "candidate").
+    candidates: tuple[NamedCandidateConfig, ...] = ()
+    slices: tuple[SliceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            object.__setattr__(self, "candidates", (NamedCandidateConfig.from_table(self.candidate),))
+
+    @property
+    def candidate_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.candidates)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -618,6 +680,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "judge": JudgeConfig,
 }
 _OPTIONAL_SECTIONS = frozenset({"drift", "judge"})
+# Arrays of tables (`[[candidates]]`), each entry checked as a section of its own.
+_ARRAY_SECTIONS: dict[str, type[Any]] = {"candidates": NamedCandidateConfig, "slices": SliceConfig}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -641,13 +705,19 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate already-parsed TOML; ConfigError lists every problem, one line each."""
     problems: list[str] = []
+    known = {**_SECTIONS, **_ARRAY_SECTIONS}
     for name, value in data.items():
-        if name not in _SECTIONS:
+        if name not in known:
             what = "unknown section" if isinstance(value, dict) else "unknown key"
-            problems.append(f"{name}: {what}{_did_you_mean(name, _SECTIONS)}")
+            problems.append(f"{name}: {what}{_did_you_mean(name, known)}")
 
     sections: dict[str, Any] = {}
+    arrays = {name: _parse_array(name, cls, data.get(name), problems) for name, cls in _ARRAY_SECTIONS.items()}
+    if "candidates" in data and "candidate" in data:
+        problems.append("candidates: [candidate] and [[candidates]] cannot both be set; use one")
     for name, cls in _SECTIONS.items():
+        if name == "candidate" and "candidates" in data:
+            continue
         table = data.get(name)
         if table is None and name in _OPTIONAL_SECTIONS:
             sections[name] = None
@@ -661,10 +731,66 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         if section is not None:
             sections[name] = section
 
+    candidates: tuple[NamedCandidateConfig, ...] = arrays["candidates"] or ()
+    if candidates:
+        sections["candidate"] = candidates[0]
+    elif isinstance(sections.get("candidate"), CandidateConfig):
+        candidates = (NamedCandidateConfig.from_table(sections["candidate"]),)
+    sections["candidates"] = candidates
+    sections["slices"] = arrays["slices"] or ()
     _check_across_sections(sections, problems)
+    _check_names(data, problems)
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
+
+
+def _parse_array(name: str, cls: type[_T], value: object, problems: list[str]) -> tuple[_T, ...] | None:
+    """`[[name]]` entries, each checked as a section named `name[i]`; None when absent or wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        problems.append(f"{name}: expected an array of tables ([[{name}]]), got {_describe(value)}")
+        return None
+    if not value:
+        problems.append(f"{name}: must hold at least one entry")
+        return None
+    entries: list[_T] = []
+    for index, table in enumerate(value):
+        entry = _parse_section(f"{name}[{index}]", cls, table, problems)
+        if entry is not None:
+            entries.append(entry)
+    return tuple(entries) if len(entries) == len(value) else None
+
+
+def _check_names(data: Mapping[str, Any], problems: list[str]) -> None:
+    """How many `[[candidates]]` and `[[slices]]`, names unique; a slice says what it matches."""
+    for array, limit, reserved in (("candidates", MAX_CANDIDATES, ()), ("slices", MAX_SLICES, ("other",))):
+        entries = data.get(array)
+        if not isinstance(entries, list):
+            continue
+        if len(entries) > limit:
+            problems.append(f"{array}: at most {limit} entries, got {len(entries)}")
+        seen: set[str] = set()
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            entry_name = entry.get("name")
+            if isinstance(entry_name, str):
+                if entry_name in reserved:
+                    problems.append(f'{array}[{index}].name: "{entry_name}" is reserved (unmatched requests)')
+                elif entry_name in seen:
+                    problems.append(f'{array}[{index}].name: "{entry_name}" is used twice')
+                seen.add(entry_name)
+            if array == "slices":
+                has_prefix = bool(entry.get("path_prefix"))
+                has_header = bool(entry.get("header"))
+                if not has_prefix and not has_header:
+                    problems.append(f"{array}[{index}]: needs path_prefix, or header and value, or both")
+                if has_header and "value" not in entry:
+                    problems.append(f"{array}[{index}].value: required when header is set")
+                if "value" in entry and not has_header:
+                    problems.append(f"{array}[{index}].header: required when value is set")
 
 
 def _parse_section(name: str, cls: type[_T], table: Mapping[str, object], problems: list[str]) -> _T | None:
@@ -681,7 +807,9 @@ def _parse_section(name: str, cls: type[_T], table: Mapping[str, object], proble
         except _Invalid as exc:
             problems.extend(f"{name}.{key}{at}: {message}" for at, message in exc.lines)
     for key, spec in fields.items():
-        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        required = spec.metadata.get("required", False) or (
+            spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        )
         if required and key not in table:
             problems.append(f"{name}.{key}: required")
     if len(problems) > before:

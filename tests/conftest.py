@@ -64,7 +64,7 @@ async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]
 async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
     proxies: list[ShadowProxy] = []
 
-    async def start(production_url: str, candidate_url: str | None = None, **sections: dict[str, Any]) -> RunningProxy:
+    async def start(production_url: str, candidate_url: str | None = None, **sections: Any) -> RunningProxy:
         config = make_config(production_url, candidate_url or closed_port_url(), **sections)
         proxy = ShadowProxy(config)
         await proxy.start()

@@ -218,7 +218,7 @@ class SSEUpstream:
             await self.runner.cleanup()
 
 
-def make_config(production_url: str, candidate_url: str, **sections: dict[str, Any]) -> Config:
+def make_config(production_url: str, candidate_url: str, **sections: Any) -> Config:
     """A validated config with the given URLs and overrides, listening on free ports."""
     data: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 1},
@@ -228,6 +228,11 @@ def make_config(production_url: str, candidate_url: str, **sections: dict[str, A
         "mirror": {"sample_rate": 0.0},
     }
     for name, values in sections.items():
+        if isinstance(values, list):  # an array of tables: [[candidates]], [[slices]]
+            data[name] = values
+            if name == "candidates":
+                del data["candidate"]
+            continue
         data.setdefault(name, {}).update(values)
     config = parse_config(data)
     # Port 0 (any free port) is not a valid config value, but is what tests want.
@@ -253,7 +258,7 @@ class RunningProxy:
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait until every shadow exchange has finished and been recorded."""
-        mirror = self.proxy.mirror
+        mirror = self.proxy.fanout  # every candidate's mirror
         assert mirror is not None
         deadline = asyncio.get_running_loop().time() + timeout
         while mirror.busy and asyncio.get_running_loop().time() < deadline:

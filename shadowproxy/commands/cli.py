@@ -111,6 +111,20 @@ def _warn_if_open(config: Config) -> None:
         print(f"shadowproxy: warning: {warning}", file=sys.stderr)
 
 
+def _candidate_lines(config: Config, identity: list[str]) -> list[tuple[str, str]]:
+    if len(config.candidates) == 1:
+        return [("candidate", str(config.candidate.target) + (f" ({'; '.join(identity)})" if identity else ""))]
+    lines = []
+    for cand in config.candidates:
+        notes = [f"sample_rate {cand.rate(config.mirror):g}"]
+        if cand.model:
+            notes.append(f"model {cand.model}")
+        if cand.headers:
+            notes.append(f"headers {', '.join(cand.headers)}")
+        lines.append((f"candidate {cand.name}", f"{cand.target} ({'; '.join(notes)})"))
+    return lines
+
+
 def summary(config: Config) -> str:
     """A few lines describing what a config will do."""
     mirror, compare, path = config.mirror, config.compare, config.compare.path
@@ -127,15 +141,17 @@ def summary(config: Config) -> str:
         comparing = f"preset {compare.preset}, kind {compare.kind}" + (f", path {path}" if path else "")
     lines = [
         ("production", str(config.production.target)),
-        ("candidate", str(candidate.target) + (f" ({'; '.join(identity)})" if identity else "")),
+        *_candidate_lines(config, identity),
         ("listen", _address(config.listen.host, config.listen.port)),
         ("admin", _address(config.admin.host, config.admin.port)),
         ("mirror", f"sample_rate {mirror.sample_rate:g}, methods {', '.join(mirror.methods) or '(none)'}"),
         ("compare", comparing),
+        *([("slices", ", ".join([*(s.name for s in config.slices), "other"]))] if config.slices else []),
         ("store", config.store.path or "off"),
         ("drift", "on" if config.drift is not None else "off"),
     ]
-    text = "\n".join(f"  {name:<12}{value}" for name, value in lines)
+    width = max(12, *(len(name) + 2 for name, _ in lines))
+    text = "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
     if compare.preset == "openai":
         text += "\n  note: compare.kind, compare.path and compare.output are ignored under preset openai"
     return text
@@ -208,6 +224,11 @@ def _add_report(subparsers: _Subparsers) -> None:
         help="a proxy's admin base URL, e.g. http://127.0.0.1:9090; repeat for replicas",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--candidate",
+        metavar="NAME",
+        help="with several candidates: report this one and exit by its verdict (default: the worst of all)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="per-proxy timeout (default 5)")
     parser.set_defaults(func=_report)
 
@@ -215,7 +236,7 @@ def _add_report(subparsers: _Subparsers) -> None:
 def _report(args: argparse.Namespace) -> int:
     from shadowproxy.commands.report import run_report
 
-    return run_report(args.admin_url, as_json=args.json, timeout_s=args.timeout)
+    return run_report(args.admin_url, candidate=args.candidate, as_json=args.json, timeout_s=args.timeout)
 
 
 def _add_demo(subparsers: _Subparsers) -> None:

@@ -9,6 +9,9 @@ proxy is configured with, read back from the thresholds of its ``/shadow/verdict
     print(render(report, color=False))
     raise SystemExit(report.exit_code)
 
+With several candidates the report shows them side by side and exits by the worst verdict (1 when
+any fails, else 3 when any waits, else 0), or by one candidate's verdict with ``--candidate NAME``.
+
 Exit codes: 0 pass, 1 fail, 3 insufficient data, 2 when a proxy cannot be reached or answers
 something that is not its stats (``ReportError``, one line naming the URL).
 """
@@ -31,7 +34,7 @@ from shadowproxy.config import GatesConfig
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.http.urls import parse_upstream_url
 from shadowproxy.judging.stats import OTHER, PERCENTILES, ShadowStats
-from shadowproxy.judging.verdict import evaluate
+from shadowproxy.judging.verdict import evaluate_all
 
 __all__ = [
     "EXIT_CODES",
@@ -69,21 +72,36 @@ class ReportError(ShadowProxyError):
 class Report:
     """The merged stats of ``sources``, with the verdict on them."""
 
-    verdict: dict[str, Any]  # {"verdict": ..., "gates": [...]} as from verdict.evaluate
+    verdict: dict[str, Any]  # {"verdict": ..., "gates": [...]} as from verdict.evaluate_all
     stats: dict[str, Any]  # ShadowStats.snapshot() of the merged stats
     sources: list[str]
+    candidate: str | None = None  # --candidate: the report exits by this candidate's verdict
+    names: tuple[str, ...] = ("candidate",)  # the candidates' names, in config order
+
+    @property
+    def candidate_verdicts(self) -> dict[str, dict[str, Any]]:
+        """Each candidate's verdict and gates, by name (one candidate: its name -> the verdict)."""
+        per = self.verdict.get("candidates")
+        if isinstance(per, Mapping) and per:
+            return dict(per)
+        return {self.names[0]: self.verdict}
 
     @property
     def exit_code(self) -> int:
+        if self.candidate is not None:
+            return EXIT_CODES[self.candidate_verdicts[self.candidate]["verdict"]]
         return EXIT_CODES[self.verdict["verdict"]]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "verdict": self.verdict["verdict"],
             "gates": self.verdict["gates"],
             "stats": self.stats,
             "sources": self.sources,
         }
+        if "candidates" in self.verdict:
+            out["candidates"] = self.verdict["candidates"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,12 +201,14 @@ async def collect(urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     first = answers[0][0]
     skip = {"state", "process", "workers"} if len(bases) > 1 else {"state"}
     snapshot.update({k: v for k, v in first.items() if k not in snapshot and k not in skip})
-    return make_report(snapshot, gates, bases)
+    return make_report(snapshot, gates, bases, merged.names)
 
 
-def make_report(snapshot: dict[str, Any], gates: GatesConfig, sources: Sequence[str]) -> Report:
+def make_report(
+    snapshot: dict[str, Any], gates: GatesConfig, sources: Sequence[str], names: Sequence[str] = ("candidate",)
+) -> Report:
     """A report on an in-process snapshot (the demo) or on merged stats."""
-    return Report(verdict=evaluate(snapshot, gates), stats=snapshot, sources=list(sources))
+    return Report(verdict=evaluate_all(snapshot, gates), stats=snapshot, sources=list(sources), names=tuple(names))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,7 +331,7 @@ def _gate_lines(report: Report, paint: _Painter) -> list[str]:
     return lines
 
 
-def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+def _latency_lines(stats: Mapping[str, Any], paint: _Painter, candidate: str = "candidate") -> list[str]:
     prod = stats["production"]["latency_ms"]
     cand = stats["candidate"]["latency_ms"]
     mirrored = stats.get("mirrored", {})
@@ -319,7 +339,7 @@ def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     mprod = mirrored.get("production_latency_ms", {})
     mcand = mirrored.get("candidate_latency_ms", {})
     diff = stats.get("latency_diff_ms", {})
-    header = ["", "production", "candidate", "pair: prod", "pair: cand", "cand - prod"]
+    header = ["", "production", candidate, "pair: prod", "pair: cand", "cand - prod"]
     rows = [
         [
             name,
@@ -333,7 +353,7 @@ def _latency_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     ]
     table = _table(header, rows, [False, True, True, True, True, True])
     counts = (
-        f"production {stats['production']['requests']} requests, candidate "
+        f"production {stats['production']['requests']} requests, {candidate} "
         f"{stats['candidate']['requests']}; {pairs} mirrored pairs answered by both"
     )
     return [f"Latency (ms)  {paint(counts, 'dim')}", paint(table[0], "dim"), *table[1:]]
@@ -541,15 +561,97 @@ def _mirror_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
     return lines
 
 
+def _candidates_lines(report: Report, paint: _Painter) -> list[str]:
+    """Several candidates side by side: verdict, traffic, disagreement, errors and latency."""
+    docs = report.stats.get("candidates")
+    if not isinstance(docs, Mapping) or len(docs) < 2:
+        return []
+    verdicts = report.candidate_verdicts
+    names = list(docs)
+
+    def cell(read: Callable[[Mapping[str, Any]], str]) -> list[str]:
+        return [read(docs[name]) for name in names]
+
+    def interval(doc: Mapping[str, Any]) -> str:
+        lo, hi = doc["comparisons"]["disagreement_rate_ci95"]
+        return f"[{_pct(float(lo))}, {_pct(float(hi))}]"
+
+    rows = [
+        ["verdict", *(str(verdicts.get(name, {}).get("verdict", "-")) for name in names)],
+        ["sampled", *cell(lambda d: str(d["mirror"]["sampled"]))],
+        ["sent", *cell(lambda d: str(d["mirror"]["sent"]))],
+        ["dropped", *cell(lambda d: str(d["mirror"]["dropped"]))],
+        ["compared", *cell(lambda d: str(d["comparisons"]["total"]))],
+        ["disagreement rate", *cell(lambda d: _pct(float(d["comparisons"]["disagreement_rate"])))],
+        ["95% interval", *cell(interval)],
+        ["candidate_error", *cell(lambda d: str(d["comparisons"]["candidate_error"]))],
+        ["p99 (ms)", *cell(lambda d: _ms(d["candidate"]["latency_ms"]["p99"]))],
+        ["pair p99 (ms)", *cell(lambda d: _ms(d.get("mirrored", {}).get("candidate_latency_ms", {}).get("p99", 0)))],
+    ]
+    table = _table(["", *names], rows, [False] + [True] * len(names))
+    return ["Candidates", paint(table[0], "dim"), *table[1:]]
+
+
+def _slice_lines(stats: Mapping[str, Any], paint: _Painter) -> list[str]:
+    """[[slices]]: each slice's requests and p99, and each candidate's disagreement and errors in it."""
+    slices = stats.get("slices")
+    if not isinstance(slices, Mapping) or not slices:
+        return []
+    names = [n for n in next(iter(slices.values())) if n != "production"]
+    header = ["slice", "requests", "prod p99 ms"]
+    for name in names:
+        header += [f"{name} compared", f"{name} disagree", f"{name} errors", f"{name} p99 ms"]
+    rows = []
+    for slice_name, doc in slices.items():
+        prod = doc["production"]
+        row = [slice_name, str(prod["requests"]), _ms(prod["latency_ms"]["p99"])]
+        for name in names:
+            cand = doc.get(name, {})
+            comparisons = cand.get("comparisons", {})
+            total = int(comparisons.get("total", 0))
+            rate = _pct(float(comparisons.get("disagreement_rate", 0.0))) if total else "-"
+            row += [str(total), rate, str(comparisons.get("candidate_error", 0)),
+                    _ms(cand.get("latency_ms", {}).get("p99", 0))]
+        rows.append(row)
+    table = _table(header, rows, [False] + [True] * (len(header) - 1))
+    return ["Slices", paint(table[0], "dim"), *table[1:]]
+
+
+def _one_candidate(report: Report, name: str) -> Report:
+    """The report of one of several candidates, as if it were the only one."""
+    docs = report.stats.get("candidates") or {}
+    stats = dict(docs.get(name, report.stats))
+    slices = report.stats.get("slices")
+    if isinstance(slices, Mapping):  # this candidate's column of each slice
+        stats["slices"] = {s: {k: v for k, v in doc.items() if k in ("production", name)} for s, doc in slices.items()}
+    verdict = report.candidate_verdicts[name]
+    return Report(verdict=verdict, stats=stats, sources=report.sources, candidate=name, names=(name,))
+
+
 def render(report: Report, color: bool = False) -> str:
     """The human-readable report, ANSI-coloured when ``color``."""
     paint = _Painter(color)
+    several = isinstance(report.stats.get("candidates"), Mapping) and len(report.stats["candidates"]) > 1
+    if several and report.candidate is not None:
+        return render(_one_candidate(report, report.candidate), color)
+    if several:
+        sections = [_verdict_lines(report, paint), _candidates_lines(report, paint)]
+        for name in report.stats["candidates"]:
+            one = _one_candidate(report, name)
+            gates = _gate_lines(one, paint)
+            gates[0] = f"Gates of {paint(name, 'bold')}: {one.verdict['verdict']}"
+            sections.append(gates)
+        for name, doc in report.stats["candidates"].items():  # each candidate against production
+            sections.append(_latency_lines(doc, paint, name))
+        sections.append(_slice_lines(report.stats, paint))
+        return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
     sections = [
         _verdict_lines(report, paint),
         _gate_lines(report, paint),
         _latency_lines(stats, paint),
         _comparison_lines(stats, paint),
+        _slice_lines(stats, paint),
         _llm_lines(stats, paint),
         _judge_lines(stats, paint),
         _confusion_lines(stats, paint),
@@ -569,6 +671,7 @@ def to_json_text(data: Any) -> str:
 async def report_main(
     urls: Sequence[str],
     *,
+    candidate: str | None = None,
     as_json: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     stdout: TextIO | None = None,
@@ -590,6 +693,13 @@ async def report_main(
     except ReportError as exc:
         print(f"shadowproxy report: {exc}", file=err)
         return EXIT_UNREACHABLE
+    if candidate is not None:
+        names = list(report.candidate_verdicts)
+        if candidate not in names:
+            print(f"shadowproxy report: --candidate: no candidate named {candidate!r} (have {', '.join(names)})",
+                  file=err)
+            return EXIT_UNREACHABLE
+        report = dataclasses.replace(report, candidate=candidate)
     if as_json:
         print(to_json_text(report.to_json()), file=out)
     else:
@@ -597,6 +707,8 @@ async def report_main(
     return report.exit_code
 
 
-def run_report(urls: Sequence[str], *, as_json: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+def run_report(
+    urls: Sequence[str], *, candidate: str | None = None, as_json: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> int:
     """`shadowproxy report` in a fresh event loop (the command line's entry)."""
-    return asyncio.run(report_main(urls, as_json=as_json, timeout_s=timeout_s))
+    return asyncio.run(report_main(urls, candidate=candidate, as_json=as_json, timeout_s=timeout_s))

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shadowproxy.judging.verdict import evaluate
+from shadowproxy.judging.verdict import evaluate_all
 from shadowproxy.shadow.routes import GUARD_KEY, TokenGuard, json_response, requires_token
 
 if TYPE_CHECKING:
@@ -37,7 +37,9 @@ class AdminBackend(Protocol):
 
     def current_sample_rate(self) -> float | None: ...
 
-    async def set_sample_rate(self, rate: float) -> None: ...
+    def sample_rates(self) -> dict[str, float]: ...
+
+    async def set_sample_rate(self, rate: float, candidate: str | None = None) -> None: ...
 
 
 PROXY_KEY: web.AppKey[AdminBackend] = web.AppKey("proxy")
@@ -69,25 +71,39 @@ async def stats(request: web.Request) -> web.Response:
 
 async def verdict(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return json_response(evaluate(await proxy.snapshot(), proxy.config.gates))
+    return json_response(evaluate_all(await proxy.snapshot(), proxy.config.gates))
 
 
 @requires_token
 async def put_sample_rate(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY_KEY]
+    usage = 'body must be {"sample_rate": <number between 0 and 1>} with an optional "candidate": <name>'
     try:
         data = orjson.loads(await request.read())
         rate = data["sample_rate"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return json_response({"error": 'body must be {"sample_rate": <number between 0 and 1>}'}, 400)
+        candidate = data.get("candidate")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return json_response({"error": usage}, 400)
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
         return json_response({"error": f"sample_rate: must be a number between 0 and 1, got {rate!r}"}, 400)
-    await proxy.set_sample_rate(float(rate))
-    return json_response({"sample_rate": float(rate)})
+    if candidate is not None and not isinstance(candidate, str):
+        return json_response({"error": f"candidate: must be a candidate's name, got {candidate!r}"}, 400)
+    if candidate is not None and candidate not in proxy.config.candidate_names:
+        return json_response({"error": f"candidate: no candidate named {candidate!r}"}, 404)
+    await proxy.set_sample_rate(float(rate), candidate)
+    return json_response(_rates_document(proxy))
+
+
+def _rates_document(proxy: AdminBackend) -> dict[str, Any]:
+    """`{"sample_rate": the first candidate's}`, with `"candidates": {name: rate}` when several."""
+    doc: dict[str, Any] = {"sample_rate": proxy.current_sample_rate()}
+    if len(proxy.config.candidates) > 1:
+        doc["candidates"] = proxy.sample_rates()
+    return doc
 
 
 async def get_sample_rate(request: web.Request) -> web.Response:
-    return json_response({"sample_rate": request.app[PROXY_KEY].current_sample_rate()})
+    return json_response(_rates_document(request.app[PROXY_KEY]))
 
 
 def make_admin_app(proxy: AdminBackend) -> web.Application:

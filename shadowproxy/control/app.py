@@ -25,10 +25,11 @@ from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.judge import PairJudge
 from shadowproxy.shadow.llm import LlmMeter
 from shadowproxy.shadow.metrics import JudgeMetrics, Metrics
-from shadowproxy.shadow.mirror import Mirror
+from shadowproxy.shadow.mirror import Mirror, MirrorGroup
 from shadowproxy.shadow.observers import Component, Observer
 from shadowproxy.shadow.proxy import Proxy
 from shadowproxy.shadow.routes import TokenGuard
+from shadowproxy.shadow.slices import SliceMatcher
 
 log = logging.getLogger("shadowproxy")
 
@@ -54,16 +55,21 @@ class ShadowProxy:
     def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
         self.reuse_port = reuse_port
-        self.metrics = Metrics()
-        self.stats = ShadowStats()
+        self.metrics = Metrics(candidates=config.candidate_names)
+        self.slices = SliceMatcher(config.slices) if config.slices else None
+        self.stats = ShadowStats(config.candidate_names, self.slices.names if self.slices is not None else ())
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)
         self.production_pool: UpstreamPool | None = None
-        self.candidate_pool: UpstreamPool | None = None
-        self.mirror: Mirror | None = None
-        # [judge]: a sample of compared LLM pairs judged blind, off the hot path (shadow/judge.py).
+        self.candidate_pool: UpstreamPool | None = None  # the first candidate's
+        self.candidate_pools: list[UpstreamPool] = []
+        self.mirror: Mirror | None = None  # the first candidate's
+        self.mirrors: list[Mirror] = []  # one per candidate, in config order
+        self.fanout: Mirror | MirrorGroup | None = None  # what the proxy hands sampled requests to
+        # [judge]: a sample of the first candidate's compared LLM pairs judged blind, off the hot
+        # path (shadow/judge.py).
         self.judge: PairJudge | None = (
             PairJudge(config.judge, self.stats.judge, JudgeMetrics(self.metrics.registry))
             if config.judge is not None else None
@@ -83,7 +89,6 @@ class ShadowProxy:
     async def start(self) -> None:
         cfg = self.config
         prod = cfg.production
-        cand = cfg.candidate
         self.production_pool = UpstreamPool(
             prod.target,
             max_connections=prod.max_connections,
@@ -91,34 +96,43 @@ class ShadowProxy:
             ssl=tls_context("production", prod),
             connect_timeout_s=prod.timeout_s,
         )
-        self.candidate_pool = UpstreamPool(
-            cand.target,
-            max_connections=cand.max_in_flight,
-            idle_timeout_s=prod.pool_idle_timeout_s,
-            ssl=tls_context("candidate", cand),
-            connect_timeout_s=cand.timeout_s,
-        )
-        self.mirror = Mirror(
-            pool=self.candidate_pool,
-            candidate=cand,
-            mirror=cfg.mirror,
-            compare=cfg.compare,
-            production_timeout_s=prod.timeout_s,
-            metrics=self.metrics,
-            stats=self.stats,
-            observers=self.observers,
-        )
+        several = len(cfg.candidates) > 1
+        for index, cand in enumerate(cfg.candidates):
+            pool = UpstreamPool(
+                cand.target,
+                max_connections=cand.max_in_flight,
+                idle_timeout_s=prod.pool_idle_timeout_s,
+                ssl=tls_context(f"candidates[{index}]" if several else "candidate", cand),
+                connect_timeout_s=cand.timeout_s,
+            )
+            self.candidate_pools.append(pool)
+            self.mirrors.append(Mirror(
+                pool=pool,
+                candidate=cand,
+                mirror=cfg.mirror,
+                compare=cfg.compare,
+                production_timeout_s=prod.timeout_s,
+                metrics=self.metrics,
+                stats=self.stats.for_candidate(cand.name),
+                # The audit store keeps one candidate's answer per request: the first one's.
+                observers=self.observers if not self.mirrors else [],
+                name=cand.name,
+            ))
+        self.candidate_pool = self.candidate_pools[0]
+        self.mirror = self.mirrors[0]
+        self.fanout = MirrorGroup(self.mirrors, cfg.mirror) if several else self.mirror
         if self.judge is not None:
             await self.judge.start()
-            self.mirror.judge = self.judge
+            self.mirror.judge = self.judge  # the first candidate's pairs
         self.proxy = Proxy(
             pool=self.production_pool,
             timeout_s=prod.timeout_s,
             metrics=self.metrics,
             stats=self.stats,
-            mirror=self.mirror,
+            mirror=self.fanout,
             observers=self.observers,
             capture_limit=cfg.compare.max_response_bytes,
+            slices=self.slices,
             llm=(
                 LlmMeter("production", self.stats.llm.production, self.metrics, prod.price,
                          cfg.compare.max_response_bytes)
@@ -162,13 +176,25 @@ class ShadowProxy:
     def current_sample_rate(self) -> float | None:
         return self.mirror.sample_rate if self.mirror is not None else None
 
-    async def set_sample_rate(self, rate: float) -> None:
-        if self.mirror is not None:
-            self.mirror.set_sample_rate(rate)
+    def sample_rates(self) -> dict[str, float]:
+        """Each candidate's rate, by name, in config order."""
+        if not self.mirrors:
+            return {c.name: c.rate(self.config.mirror) for c in self.config.candidates}
+        return {m.name: m.sample_rate for m in self.mirrors}
+
+    async def set_sample_rate(self, rate: float, candidate: str | None = None) -> None:
+        """Every candidate's rate, or the named one's (KeyError for an unknown name)."""
+        if candidate is not None and candidate not in self.config.candidate_names:
+            raise KeyError(candidate)
+        for mirror in self.mirrors:
+            if candidate is None or mirror.name == candidate:
+                mirror.set_sample_rate(rate)
 
     def stats_snapshot(self, full: bool = False) -> dict[str, Any]:
         snapshot = self.stats.snapshot(full=full)
-        snapshot["process"] = {"pid": os.getpid(), "sample_rate": self.current_sample_rate()}
+        snapshot["process"] = {
+            "pid": os.getpid(), "sample_rate": self.current_sample_rate(), "sample_rates": self.sample_rates()
+        }
         snapshot.update(self.component_blocks())
         return snapshot
 
@@ -191,7 +217,7 @@ class ShadowProxy:
             await asyncio.sleep(listen.shutdown_delay_s)
         # Client requests and shadow exchanges drain side by side within one drain_timeout_s, so the
         # whole stop fits shutdown_delay_s + drain_timeout_s (a pod's grace period).
-        assert self.server is not None and self.mirror is not None
+        assert self.server is not None and self.fanout is not None
         drained, _ = await asyncio.gather(
             self.server.drain(listen.drain_timeout_s), self._drain_shadow(listen.drain_timeout_s)
         )
@@ -199,7 +225,7 @@ class ShadowProxy:
             log.warning("drain timeout: closed connections still in flight")
         if self.proxy is not None:
             self.proxy.close()
-        for pool in (self.production_pool, self.candidate_pool):
+        for pool in (self.production_pool, *self.candidate_pools):
             if pool is not None:
                 await pool.close()
         if self.judge is not None:
@@ -211,12 +237,23 @@ class ShadowProxy:
 
     async def _drain_shadow(self, timeout_s: float) -> None:
         """Shadow exchanges, then the judgements of the pairs they made, within one drain time."""
-        assert self.mirror is not None
+        assert self.fanout is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        await self.mirror.drain(timeout_s)
+        await self.fanout.drain(timeout_s)
         if self.judge is not None:
             await self.judge.drain(max(0.0, deadline - loop.time()))
+
+
+def describe_candidates(config: Config) -> str:
+    """`candidate URL`, or `candidates a URL, b URL (rate 0.5)` for the start-up line."""
+    if len(config.candidates) == 1:
+        return f"candidate {config.candidate.target}"
+    items = [
+        f"{c.name} {c.target}" + (f" (rate {c.sample_rate})" if c.sample_rate is not None else "")
+        for c in config.candidates
+    ]
+    return "candidates " + ", ".join(items)
 
 
 async def serve(config: Config, *, worker: bool = False) -> int:
@@ -253,7 +290,7 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     else:
         print(
             f"shadowproxy listening on http://{lh}:{lp} (admin http://{ah}:{ap}); "
-            f"production {config.production.target}, candidate {config.candidate.target}, "
+            f"production {config.production.target}, {describe_candidates(config)}, "
             f"sample_rate {config.mirror.sample_rate}",
             flush=True,
         )

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shadowproxy.judging.verdict import GatesLike, evaluate
+from shadowproxy.judging.verdict import GatesLike, evaluate_all
 
 if TYPE_CHECKING:
     from shadowproxy.judging.stats import ShadowStats
@@ -45,38 +45,72 @@ class ShadowCollector(Collector):
         snapshot = self.stats.snapshot()
         if self.blocks is not None:
             snapshot.update(self.blocks())
-        comparisons = snapshot["comparisons"]
+        judged = evaluate_all(snapshot, self.gates)
+        docs: dict[str, Any] = snapshot.get("candidates") or {self.stats.name: snapshot}
+        verdicts = {name: v["verdict"] for name, v in judged.get("candidates", {}).items()}
+        verdicts = verdicts or {self.stats.name: judged["verdict"]}
         rate = GaugeMetricFamily(
-            "shadowproxy_disagreement_rate", "Share of compared predictions that disagree (0 when none compared)."
+            "shadowproxy_disagreement_rate",
+            "Share of compared predictions that disagree (0 when none compared), by candidate.",
+            labels=["target"],
         )
-        rate.add_metric([], comparisons["disagreement_rate"])
-        yield rate
         bounds = GaugeMetricFamily(
             "shadowproxy_disagreement_rate_ci95",
-            "Wilson 95% interval of the disagreement rate, on which the verdict decides.",
-            labels=["bound"],
+            "Wilson 95% interval of the disagreement rate, on which the verdict decides, by candidate.",
+            labels=["target", "bound"],
         )
-        lower, upper = comparisons["disagreement_rate_ci95"]
-        bounds.add_metric(["lower"], lower)
-        bounds.add_metric(["upper"], upper)
-        yield bounds
-        verdict = evaluate(snapshot, self.gates)["verdict"]
         family = GaugeMetricFamily(
-            "shadowproxy_promotion_verdict", "1 for the current promotion verdict, 0 for the others.",
-            labels=["verdict"],
+            "shadowproxy_promotion_verdict", "1 for a candidate's current promotion verdict, 0 for the others.",
+            labels=["target", "verdict"],
         )
-        for name in ("pass", "fail", "insufficient_data"):
-            family.add_metric([name], 1.0 if verdict == name else 0.0)
-        yield family
-        differences = snapshot.get("differences", {})
         figures = GaugeMetricFamily(
             "shadowproxy_prediction_difference",
             "Percentiles of per-prediction figures: abs_diff (numeric/vector), jsd (distribution), "
-            "cosine (vector), similarity (text).",
-            labels=["figure", "percentile"],
+            "cosine (vector), similarity (text), by candidate.",
+            labels=["target", "figure", "percentile"],
         )
-        for figure in self.FIGURES:
-            summary = differences.get(figure, {})
-            for percentile in self.PERCENTILE_NAMES:
-                figures.add_metric([figure, percentile], float(summary.get(percentile, 0.0)))
+        for target, doc in docs.items():
+            comparisons = doc["comparisons"]
+            rate.add_metric([target], comparisons["disagreement_rate"])
+            lower, upper = comparisons["disagreement_rate_ci95"]
+            bounds.add_metric([target, "lower"], lower)
+            bounds.add_metric([target, "upper"], upper)
+            for name in ("pass", "fail", "insufficient_data"):
+                family.add_metric([target, name], 1.0 if verdicts.get(target) == name else 0.0)
+            differences = doc.get("differences", {})
+            for figure in self.FIGURES:
+                summary = differences.get(figure, {})
+                for percentile in self.PERCENTILE_NAMES:
+                    figures.add_metric([target, figure, percentile], float(summary.get(percentile, 0.0)))
+        yield rate
+        yield bounds
+        yield family
         yield figures
+        yield from self._slices(snapshot.get("slices"))
+
+    @staticmethod
+    def _slices(slices: dict[str, Any] | None) -> Iterable[Metric]:
+        """[[slices]]: requests per slice and upstream, compared outcomes per slice and candidate."""
+        if not slices:
+            return
+        requests = CounterMetricFamily(
+            "shadowproxy_slice_requests",
+            "Requests by slice ([[slices]]) and upstream: production's answered, a candidate's copies sent.",
+            labels=["target", "slice"],
+        )
+        comparisons = CounterMetricFamily(
+            "shadowproxy_slice_comparisons",
+            "Compared predictions by slice, candidate and outcome (candidate_error, unparseable and "
+            "too_large count requests).",
+            labels=["target", "slice", "outcome"],
+        )
+        for slice_name, targets in slices.items():
+            for target, doc in targets.items():
+                requests.add_metric([target, slice_name], float(doc["requests"]))
+                if target == "production":
+                    continue
+                counts = doc["comparisons"]
+                for outcome in ("agree", "disagree", "candidate_error", "unparseable", "too_large"):
+                    comparisons.add_metric([target, slice_name, outcome], float(counts[outcome]))
+        yield requests
+        yield comparisons

@@ -62,7 +62,7 @@ def client_connection_limit(config: Config, soft_limit: int | None = None) -> in
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft_limit == resource.RLIM_INFINITY:
         return None
-    pools = config.production.max_connections + config.candidate.max_in_flight
+    pools = config.production.max_connections + sum(c.max_in_flight for c in config.candidates)
     return max(MIN_CLIENT_CONNECTIONS, soft_limit - pools - RESERVED)
 
 

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
+from shadowproxy.control.app import describe_candidates
 from shadowproxy.control.collectors import ShadowCollector
 from shadowproxy.control.descriptors import raise_open_files_limit
 from shadowproxy.control.readiness import Readiness, tls_context
@@ -47,7 +48,7 @@ WORKER_LINE = "shadowproxy worker admin "
 # Computed from merged stats by the parent itself: never summed across workers.
 _DERIVED = frozenset(
     ("shadowproxy_disagreement_rate", "shadowproxy_disagreement_rate_ci95", "shadowproxy_promotion_verdict",
-     "shadowproxy_prediction_difference")
+     "shadowproxy_prediction_difference", "shadowproxy_slice_requests", "shadowproxy_slice_comparisons")
 )
 # Gauges that add up across workers; any other gauge is a per-process reading (take the largest).
 _SUMMED_GAUGES = frozenset(("shadowproxy_mirror_in_flight",))
@@ -207,12 +208,14 @@ class Supervisor:
             DriftMonitor(config.drift, config.compare)
             if config.drift.baseline:
                 self.drift_baseline = load_profile(config.drift.baseline)
-        tls_context("candidate", config.candidate)
+        for index, cand in enumerate(config.candidates):
+            tls_context("candidate" if len(config.candidates) == 1 else f"candidates[{index}]", cand)
         self.refused = asyncio.Event()  # a worker exited 2 during start-up: its config cannot run
         if config.store.path or config.drift is not None:
             self.components.append(_Forward(self))
         self.readiness = Readiness(config.production)
-        self._sample_rate = config.mirror.sample_rate
+        self._configured_rates = {c.name: c.rate(config.mirror) for c in config.candidates}
+        self._sample_rates = dict(self._configured_rates)
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -253,8 +256,9 @@ class Supervisor:
                 worker.admin_url = line[len(WORKER_LINE):].split()[0]
                 break
         worker.proc = proc
-        if self._sample_rate != self.config.mirror.sample_rate:
-            await self._put_rate(worker, self._sample_rate)  # a restarted worker joins the current rate
+        for name, rate in self._sample_rates.items():
+            if rate != self._configured_rates[name]:
+                await self._put_rate(worker, rate, name)  # a restarted worker joins the current rates
         worker.ready.set()
         return proc
 
@@ -323,10 +327,13 @@ class Supervisor:
             response.raise_for_status()
             return await response.read()
 
-    async def _put_rate(self, worker: Worker, rate: float) -> None:
+    async def _put_rate(self, worker: Worker, rate: float, candidate: str | None = None) -> None:
         assert self._session is not None
+        body: dict[str, Any] = {"sample_rate": rate}
+        if candidate is not None:
+            body["candidate"] = candidate
         async with self._session.put(
-            worker.admin_url + "/shadow/sample_rate", data=orjson.dumps({"sample_rate": rate}), headers=self._auth()
+            worker.admin_url + "/shadow/sample_rate", data=orjson.dumps(body), headers=self._auth()
         ) as response:
             response.raise_for_status()
 
@@ -386,11 +393,16 @@ class Supervisor:
         return generate_latest(registry)
 
     def current_sample_rate(self) -> float | None:
-        return self._sample_rate
+        return self._sample_rates[self.config.candidates[0].name]
 
-    async def set_sample_rate(self, rate: float) -> None:
-        self._sample_rate = rate
-        await asyncio.gather(*(self._put_rate(w, rate) for w in self.workers if w.ready.is_set()))
+    def sample_rates(self) -> dict[str, float]:
+        return dict(self._sample_rates)
+
+    async def set_sample_rate(self, rate: float, candidate: str | None = None) -> None:
+        for name in self._sample_rates:
+            if candidate is None or name == candidate:
+                self._sample_rates[name] = rate
+        await asyncio.gather(*(self._put_rate(w, rate, candidate) for w in self.workers if w.ready.is_set()))
 
 
 async def supervise(config: Config, config_path: str, workers: int) -> int:
@@ -418,7 +430,7 @@ async def supervise(config: Config, config_path: str, workers: int) -> int:
     print(
         f"shadowproxy listening on http://{listen.host}:{listen.port} with {workers} workers "
         f"(admin http://{admin.host}:{admin.port}); production {config.production.target}, "
-        f"candidate {config.candidate.target}, sample_rate {config.mirror.sample_rate}",
+        f"{describe_candidates(config)}, sample_rate {config.mirror.sample_rate}",
         flush=True,
     )
     await stop.wait()

@@ -399,9 +399,23 @@ class ShadowStats:
     """Everything the proxy and the mirror report, in one place; ``snapshot()`` is ``/shadow/stats``.
 
     Not thread-safe: one per event loop (worker); workers and replicas merge with ``from_states``.
+
+    With several candidates, this object holds the first one's figures (and production's), and
+    ``others`` one ``ShadowStats`` per further candidate, whose production block stays unused:
+    the snapshot's top level describes the first candidate, and ``"candidates"`` each of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str] = ("candidate",), slices: Iterable[str] = ()) -> None:
+        names = tuple(names)
+        self.name = names[0] if names else "candidate"
+        self.others: dict[str, ShadowStats] = {name: ShadowStats((name,), slices) for name in names[1:]}
+        # [[slices]]: the slices' names ("other" last), production's and this candidate's figures
+        # in each (index = the slice's position); empty without [[slices]].
+        from shadowproxy.judging.slicestats import SliceCandidate, SliceTarget
+
+        self.slice_names: tuple[str, ...] = tuple(slices)
+        self.slice_production = [SliceTarget() for _ in self.slice_names]
+        self.slice_candidate = [SliceCandidate() for _ in self.slice_names]
         self.production = _Target()
         self.candidate = _Target()
         self.mirror: dict[str, int] = dict.fromkeys(MIRROR_RESULTS, 0)
@@ -425,6 +439,14 @@ class ShadowStats:
         self.llm = LlmStats()  # the "llm" block: figures of OpenAI-compatible answers
         self.judge = JudgeStats()  # the "judge" block, shown once [judge] enables it
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.others)
+
+    def for_candidate(self, name: str) -> ShadowStats:
+        """The stats a candidate's mirror records into."""
+        return self if name == self.name else self.others[name]
+
     # -- recording ---------------------------------------------------------------------------
 
     def record_production(self, latency_s: float | None, status: int) -> None:
@@ -434,6 +456,36 @@ class ShadowStats:
             self.production.errors += 1
         if latency_s is not None:
             self.production.latency.record(latency_s)
+
+    # With [[slices]], a request's production and candidate figures are recorded in its slice only
+    # (instead of, not besides, `record_production` / `record_candidate`): the totals are the sums
+    # of the slices, added up when read, so slices cost the hot path no second histogram.
+
+    def record_slice_production(self, index: int, latency_s: float | None, status: int) -> None:
+        self.slice_production[index].record(latency_s, status == 0 or status >= 500)
+
+    def record_slice_candidate(self, index: int, latency_s: float | None, error: bool) -> None:
+        self.slice_candidate[index].record(latency_s, error)
+
+    def _total(self, base: _Target, parts: list[Any]) -> _Target:
+        """`base` plus the slices' figures of the same upstream."""
+        if not parts:
+            return base
+        total = _Target()
+        for part in (base, *parts):
+            total.requests += part.requests
+            total.errors += part.errors
+            total.latency.merge(part.latency)
+        return total
+
+    def record_slice_outcome(self, index: int, outcome: str, agree: int = 0, disagree: int = 0) -> None:
+        """A judged pair in slice `index`: agree/disagree predictions, or another outcome."""
+        target = self.slice_candidate[index]
+        if outcome in ("agree", "disagree"):
+            target.agree += agree
+            target.disagree += disagree
+        elif outcome in target.outcomes:
+            target.outcomes[outcome] += 1
 
     def record_candidate(self, latency_s: float | None, error: bool) -> None:
         """A shadow request that was sent, whatever became of it."""
@@ -537,6 +589,34 @@ class ShadowStats:
         return {"labels": labels, "matrix": matrix}
 
     def snapshot(self, full: bool = False) -> dict[str, Any]:
+        out = self._single()
+        if self.others:
+            candidates = {self.name: dict(out)}
+            production = out["production"]
+            for name, other in self.others.items():
+                doc = other._single()
+                doc["production"] = production
+                doc["llm"]["production"] = out["llm"]["production"]
+                candidates[name] = doc
+            out["candidates"] = candidates
+            # The "llm" block is keyed by upstream: production, "candidate" (the first, as with
+            # one candidate) and each candidate by name.
+            out["llm"] = {**out["llm"], **{name: doc["llm"]["candidate"] for name, doc in candidates.items()}}
+        if self.slice_names:
+            out["slices"] = {
+                name: {
+                    "production": self.slice_production[i].snapshot(),
+                    self.name: self.slice_candidate[i].snapshot(),
+                    **{other: o.slice_candidate[i].snapshot() for other, o in self.others.items()},
+                }
+                for i, name in enumerate(self.slice_names)
+            }
+        if full:
+            out["state"] = self.to_state()
+        return out
+
+    def _single(self) -> dict[str, Any]:
+        """One candidate's document: the fields ``/shadow/stats`` has with one candidate."""
         total = self.agree + self.disagree
         sent = self.mirror["sent"]
         cand_err = self.outcomes["candidate_error"]
@@ -554,8 +634,8 @@ class ShadowStats:
             **{name: s.snapshot() for name, s in self.summaries.items()},
         }
         out: dict[str, Any] = {
-            "production": self.production.snapshot(),
-            "candidate": self.candidate.snapshot(),
+            "production": self._total(self.production, self.slice_production).snapshot(),
+            "candidate": self._total(self.candidate, self.slice_candidate).snapshot(),
             "mirror": {**self.mirror, "in_flight": self.mirror_in_flight},
             "comparisons": {
                 "total": total,
@@ -587,16 +667,17 @@ class ShadowStats:
         out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
         if self.judge.enabled:
             out["judge"] = self.judge.snapshot()
-        if full:
-            out["state"] = self.to_state()
         return out
 
     # -- merging -----------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``)."""
-        return {
+        """Everything mergeable, JSON-friendly (served under ``"state"`` by ``/shadow/stats?full=1``).
+        With slices, ``production`` and ``candidate`` hold what no slice holds (see
+        ``record_slice_production``)."""
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
+            "name": self.name,
             "production": self.production.to_state(),
             "candidate": self.candidate.to_state(),
             "mirror": dict(self.mirror),
@@ -615,6 +696,15 @@ class ShadowStats:
             "llm": self.llm.to_state(),
             **({"judge": self.judge.to_state()} if self.judge.enabled else {}),
         }
+        if self.others:
+            state["candidates"] = {name: other.to_state() for name, other in self.others.items()}
+        if self.slice_names:
+            state["slices"] = {
+                "names": list(self.slice_names),
+                "production": [t.to_state() for t in self.slice_production],
+                "candidate": [t.to_state() for t in self.slice_candidate],
+            }
+        return state
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
         """Add a state from ``to_state`` (or a full snapshot holding one under ``"state"``)."""
@@ -648,6 +738,27 @@ class ShadowStats:
             self.llm.merge_state(state["llm"])
         if "judge" in state:  # only from a proxy with a [judge]
             self.judge.merge_state(state["judge"])
+        if "name" in state:
+            self.name = str(state["name"])
+        if "slices" in state:
+            self._merge_slices(state["slices"])
+        for name, other in state.get("candidates", {}).items():
+            if name not in self.others:
+                self.others[name] = ShadowStats((name,), self.slice_names)
+            self.others[name].merge_state(other)
+
+    def _merge_slices(self, state: Mapping[str, Any]) -> None:
+        """Slices are matched by name; a name this side lacks joins at the end."""
+        from shadowproxy.judging.slicestats import SliceCandidate, SliceTarget
+
+        for i, name in enumerate(state["names"]):
+            if name not in self.slice_names:
+                self.slice_names = (*self.slice_names, str(name))
+                self.slice_production.append(SliceTarget())
+                self.slice_candidate.append(SliceCandidate())
+            j = self.slice_names.index(name)
+            self.slice_production[j].merge_state(state["production"][i])
+            self.slice_candidate[j].merge_state(state["candidate"][i])
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping[str, Any]]) -> ShadowStats:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from shadowproxy.judging.intervals import newcombe_interval
 
-__all__ = ["GatesLike", "evaluate"]
+__all__ = ["GatesLike", "evaluate", "evaluate_all", "worst"]
 
 
 class GatesLike(Protocol):
@@ -154,6 +154,34 @@ def evaluate(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
     else:
         verdict = "pass"
     return {"verdict": verdict, "gates": results}
+
+
+_SEVERITY = {"pass": 0, "insufficient_data": 1, "fail": 2}
+
+
+def worst(verdicts: list[str]) -> str:
+    """The worst of several verdicts: fail, else insufficient_data, else pass."""
+    return max(verdicts, key=lambda v: _SEVERITY.get(v, 1), default="insufficient_data")
+
+
+def evaluate_all(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any]:
+    """``/shadow/verdict``: ``evaluate`` on the snapshot; with several candidates (a
+    ``"candidates"`` block) also each candidate's verdict and gates under ``"candidates"``, the
+    top-level gates those of the first candidate and the top-level verdict the worst of all."""
+    result = evaluate(snapshot, gates)
+    candidates = snapshot.get("candidates")
+    if not isinstance(candidates, Mapping) or not candidates:
+        return result
+    # Blocks outside the candidates' own documents (ground truth, from the store, which keeps the
+    # first candidate's answers) join the first candidate's judgement only.
+    own = set(next(iter(candidates.values())).keys())
+    shared = {k: v for k, v in snapshot.items() if k not in own and k != "candidates"}
+    per: dict[str, Any] = {}
+    for index, (name, doc) in enumerate(candidates.items()):
+        per[name] = evaluate({**shared, **doc} if index == 0 else doc, gates)
+    result["verdict"] = worst([v["verdict"] for v in per.values()])
+    result["candidates"] = per
+    return result
 
 
 def _min_samples_gate(total: int, min_samples: int) -> dict[str, Any]:

@@ -103,3 +103,50 @@ class PlainGauge(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
+
+
+class PlainCounters(Collector):
+    """A counter family over several labels; `children[(v1, v2, ...)]`, every series at zero."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        keys: Iterable[tuple[str, ...]],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.labels = labels
+        self.children = {key: PlainCount() for key in keys}
+        registry.register(self)
+
+    def by_first(self, first: str) -> dict[str, PlainCount]:
+        """The children whose first label is `first`, keyed by the second (two labels only)."""
+        return {key[1]: child for key, child in self.children.items() if key[0] == first}
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for key, child in self.children.items():
+            family.add_metric(list(key), child.value)
+        yield family
+
+
+class PlainGauges(Collector):
+    """A gauge family with one label; `children[value]` each hold a plain number."""
+
+    def __init__(
+        self, name: str, documentation: str, label: str, values: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.children = {v: PlainCount() for v in values}
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, child in self.children.items():
+            family.add_metric([value], child.value)
+        yield family

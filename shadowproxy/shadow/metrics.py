@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from shadowproxy.judging.judge import ERROR_KINDS, RESULTS
-from shadowproxy.shadow.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
+from shadowproxy.shadow.hotmetrics import PlainCounter, PlainCounters, PlainGauges, PlainHistogram
 
 if TYPE_CHECKING:
     pass
@@ -37,7 +37,7 @@ INTER_TOKEN_BUCKETS = (
 )
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "other")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-TARGETS = ("production", "candidate")
+TARGETS = ("production", "candidate")  # with the old [candidate] table; else production and each name
 MIRROR_RESULTS = ("sent", "dropped", "skipped", "error")
 OUTCOMES = ("agree", "disagree", "candidate_error", "unparseable", "too_large")
 # "accept": a connection the kernel queued that could not be accepted (out of file descriptors);
@@ -50,9 +50,13 @@ DROP_REASONS = ("in_flight_full", "backoff", "client_gone")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """`candidates`: the candidates' names, the `target` label values beside "production"."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, candidates: tuple[str, ...] = ("candidate",)) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.candidates = candidates
+        self.targets = targets = ("production", *candidates)
         # Updated per request or per mirrored request: plain numbers, read at scrape time.
         self.requests = PlainCounter(
             "shadowproxy_requests_total",
@@ -63,7 +67,7 @@ class Metrics:
         self.upstream_duration = PlainHistogram(
             "shadowproxy_upstream_request_duration_seconds",
             "Upstream exchange time, first byte sent to last byte of the answer.",
-            "target", TARGETS, LATENCY_BUCKETS, r,
+            "target", targets, LATENCY_BUCKETS, r,
         )
         self.duration_by_target = self.upstream_duration.children
         self.upstream_failures = Counter(
@@ -72,7 +76,7 @@ class Metrics:
             ["target", "kind"],
             registry=r,
         )
-        for t in TARGETS:
+        for t in targets:
             for k in UPSTREAM_FAILURES:
                 self.upstream_failures.labels(t, k)
         self.client_errors = Counter(
@@ -83,62 +87,58 @@ class Metrics:
         )
         for reason in CLIENT_ERRORS:
             self.client_errors.labels(reason)
-        self.mirror_requests = PlainCounter(
+        # Candidate-side families carry `target`: the candidate's name.
+        self.mirror_requests = PlainCounters(
             "shadowproxy_mirror_requests_total",
-            "Sampled requests by what became of their shadow copy.",
-            "result", MIRROR_RESULTS, r,
+            "Sampled requests by candidate and what became of their shadow copy.",
+            ("target", "result"), [(c, x) for c in candidates for x in MIRROR_RESULTS], r,
         )
-        self.mirror_by_result = self.mirror_requests.children
-        self.mirror_skipped = Counter(
+        self.mirror_skipped = PlainCounters(
             "shadowproxy_mirror_skipped_total",
-            "Sampled requests not mirrored because they were not eligible, by reason.",
-            ["reason"],
-            registry=r,
+            "Sampled requests not mirrored because they were not eligible, by candidate and reason.",
+            ("target", "reason"), [(c, x) for c in candidates for x in SKIP_REASONS], r,
         )
-        self.mirror_dropped = Counter(
+        self.mirror_dropped = PlainCounters(
             "shadowproxy_mirror_dropped_total",
-            "Sampled requests not mirrored for lack of capacity or a backed-off candidate, by reason.",
-            ["reason"],
-            registry=r,
+            "Sampled requests not mirrored for lack of capacity or a backed-off candidate, by candidate and reason.",
+            ("target", "reason"), [(c, x) for c in candidates for x in DROP_REASONS], r,
         )
-        for reason in SKIP_REASONS:
-            self.mirror_skipped.labels(reason)
-        for reason in DROP_REASONS:
-            self.mirror_dropped.labels(reason)
-        self.mirror_in_flight = PlainGauge("shadowproxy_mirror_in_flight", "Shadow requests outstanding.", r)
-        self.mirror_sample_rate = Gauge(
-            "shadowproxy_mirror_sample_rate", "The share of requests currently mirrored.", registry=r
+        self.mirror_in_flight = PlainGauges(
+            "shadowproxy_mirror_in_flight", "Shadow requests outstanding, by candidate.", "target", candidates, r
         )
-        self.comparisons = PlainCounter(
+        self.mirror_sample_rate = PlainGauges(
+            "shadowproxy_mirror_sample_rate", "The share of requests currently mirrored, by candidate.",
+            "target", candidates, r,
+        )
+        self.comparisons = PlainCounters(
             "shadowproxy_comparisons_total",
-            "Compared predictions by outcome (candidate_error and unparseable count requests).",
-            "outcome", OUTCOMES, r,
+            "Compared predictions by candidate and outcome (candidate_error and unparseable count requests).",
+            ("target", "outcome"), [(c, x) for c in candidates for x in OUTCOMES], r,
         )
-        self.comparisons_by_outcome = self.comparisons.children
         # LLM answers (compare.preset "openai"): production's over every answer, the candidate's
         # over its mirrored ones; updated per streamed event, so plain numbers too.
         self.time_to_first_token = PlainHistogram(
             "shadowproxy_time_to_first_token_seconds",
             "Streamed LLM answers: request sent upstream to the first event carrying output.",
-            "target", TARGETS, TTFT_BUCKETS, r,
+            "target", targets, TTFT_BUCKETS, r,
         )
         self.ttft_by_target = self.time_to_first_token.children
         self.inter_token_latency = PlainHistogram(
             "shadowproxy_inter_token_latency_seconds",
             "Streamed LLM answers: the gap before each event carrying output after the first.",
-            "target", TARGETS, INTER_TOKEN_BUCKETS, r,
+            "target", targets, INTER_TOKEN_BUCKETS, r,
         )
         self.inter_token_by_target = self.inter_token_latency.children
         self.output_tokens = PlainCounter(
             "shadowproxy_output_tokens_total",
             "LLM output tokens: the answer's usage.completion_tokens, else an estimate.",
-            "target", TARGETS, r,
+            "target", targets, r,
         )
         self.output_tokens_by_target = self.output_tokens.children
         self.llm_cost = PlainCounter(
             "shadowproxy_llm_cost_usd_total",
             "Cost of LLM answers in US dollars at the target's configured price (0 without one).",
-            "target", TARGETS, r,
+            "target", targets, r,
         )
         self.llm_cost_by_target = self.llm_cost.children
         self.llm_finish_reasons = Counter(
@@ -148,7 +148,7 @@ class Metrics:
             registry=r,
         )
         self.finish_reasons_by_target = {
-            t: {reason: self.llm_finish_reasons.labels(t, reason) for reason in FINISH_REASONS} for t in TARGETS
+            t: {reason: self.llm_finish_reasons.labels(t, reason) for reason in FINISH_REASONS} for t in targets
         }
         self.ready = Gauge(
             "shadowproxy_production_ready", "1 while production accepts connections.", registry=r
@@ -292,18 +292,18 @@ class StoreMetrics:
             registry=r,
         )
         self._versions: dict[tuple[str, str], Counter] = {}
-        self._distinct = dict.fromkeys(TARGETS, 0)
+        self._distinct: dict[str, int] = {}
 
     def count_version(self, target: str, version: str | None, n: int = 1) -> None:
         key = (target, version if version is not None else "unknown")
         child = self._versions.get(key)
         if child is None:
-            if version is not None and self._distinct[target] >= VERSION_LABELS_MAX:
+            if version is not None and self._distinct.get(target, 0) >= VERSION_LABELS_MAX:
                 # Not remembered under its own name: a flood of versions must not grow this dict.
                 self.version_requests.labels(target, "other").inc(n)
                 return
             if version is not None:
-                self._distinct[target] += 1
+                self._distinct[target] = self._distinct.get(target, 0) + 1
             child = self._versions[key] = self.version_requests.labels(*key)
         child.inc(n)
 

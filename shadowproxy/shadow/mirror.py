@@ -21,7 +21,7 @@ from typing import Final
 
 import orjson
 
-from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig
+from shadowproxy.config import CandidateConfig, CompareConfig, MirrorConfig, NamedCandidateConfig
 from shadowproxy.http.server import Cycle
 from shadowproxy.http.upstream import (
     BufferedResponse,
@@ -51,6 +51,8 @@ BACKOFF_MAX_S = 10.0
 
 
 class Mirror:
+    """One candidate: its pool, in-flight bound, backoff, sampling rate, stats and metrics."""
+
     def __init__(
         self,
         *,
@@ -62,10 +64,14 @@ class Mirror:
         metrics: Metrics,
         stats: ShadowStats,
         observers: list[Observer] | None = None,
+        name: str = "candidate",
     ) -> None:
         self.pool = pool
+        self.name = name
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.sampler = Sampler(mirror)
+        if isinstance(candidate, NamedCandidateConfig):
+            self.sampler.sample_rate = candidate.rate(mirror)
         self.timeout_s = candidate.timeout_s
         self.stream_timeout_s = candidate.stream_timeout_s
         self.stream_idle_timeout_s = candidate.stream_idle_timeout_s
@@ -75,7 +81,7 @@ class Mirror:
         self.openai = compare.preset == "openai"
         # The candidate's LLM figures, over its mirrored answers.
         self.llm = (
-            LlmMeter("candidate", stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
+            LlmMeter(name, stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
             if self.openai else None
         )
         self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
@@ -98,8 +104,14 @@ class Mirror:
         self._failures = 0
         self._backoff_s = 0.0
         self._backoff_until = 0.0
-        self._mirror_counter = metrics.mirror_by_result
-        metrics.mirror_sample_rate.set(self.sampler.sample_rate)
+        self._mirror_counter = metrics.mirror_requests.by_first(name)
+        self._skipped = metrics.mirror_skipped.by_first(name)
+        self._dropped = metrics.mirror_dropped.by_first(name)
+        self._comparisons = metrics.comparisons.by_first(name)
+        self._in_flight_gauge = metrics.mirror_in_flight.children[name]
+        self._rate_gauge = metrics.mirror_sample_rate.children[name]
+        self._duration = metrics.duration_by_target[name]
+        self._rate_gauge.value = self.sampler.sample_rate
 
     # -- run-time control -------------------------------------------------------------------------
     @property
@@ -108,7 +120,7 @@ class Mirror:
 
     def set_sample_rate(self, rate: float) -> None:
         self.sampler.sample_rate = rate
-        self.metrics.mirror_sample_rate.set(rate)
+        self._rate_gauge.value = rate
 
     # -- accounting -------------------------------------------------------------------------------
     def _count(self, result: str) -> None:
@@ -118,16 +130,16 @@ class Mirror:
 
     def skip(self, reason: str) -> None:
         self._count("skipped")
-        self.metrics.mirror_skipped.labels(reason).inc()
+        self._skipped[reason].value += 1
 
     def drop(self, reason: str) -> None:
         self._count("dropped")
-        self.metrics.mirror_dropped.labels(reason).inc()
+        self._dropped[reason].value += 1
 
     def _set_in_flight(self, delta: int) -> None:
         self.in_flight += delta
         self.stats.mirror_in_flight = self.in_flight
-        self.metrics.mirror_in_flight.set(self.in_flight)
+        self._in_flight_gauge.value = float(self.in_flight)
 
     # -- the proxy's side -------------------------------------------------------------------------
     def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> MirrorTicket | None:
@@ -150,6 +162,21 @@ class Mirror:
         ticket = MirrorTicket(self, cycle.method, path, request_id.decode("latin-1"))
         ticket.endpoint = endpoint
         return ticket
+
+    def eligible(self, cycle: Cycle, path: bytes) -> str | None:
+        """The openai endpoint of a sampled request ("" for other presets), or None after
+        counting it as skipped."""
+        reason = self.sampler.skip_reason(cycle.method, cycle.content_length)
+        if reason is not None:
+            self.skip(reason)
+            return None
+        if self.openai:
+            endpoint = openai_endpoint(path) or ""
+            if not endpoint:
+                self.skip("path")
+                return None
+            return endpoint
+        return ""
 
     def dispatch(self, ticket: MirrorTicket, body: bytes) -> None:
         """The request body is complete: send the candidate its copy now, or drop it."""
@@ -196,13 +223,20 @@ class Mirror:
         self.active.discard(exchange)
         self._set_in_flight(-1)
         self._note_connect_outcome(failure == "connect")
+        slice_index = exchange.ticket.slice
         if response is None:
             self._count("error")
-            self.metrics.upstream_failures.labels("candidate", failure).inc()
-            self.stats.record_candidate(None, error=True)
+            self.metrics.upstream_failures.labels(self.name, failure).inc()
+            if slice_index >= 0:  # the candidate's total adds its slices up
+                self.stats.record_slice_candidate(slice_index, None, True)
+            else:
+                self.stats.record_candidate(None, error=True)
         else:
-            self.metrics.duration_by_target["candidate"].observe(response.latency_s)
-            self.stats.record_candidate(response.latency_s, error=response.status >= 500)
+            self._duration.observe(response.latency_s)
+            if slice_index >= 0:
+                self.stats.record_slice_candidate(slice_index, response.latency_s, response.status >= 500)
+            else:
+                self.stats.record_candidate(response.latency_s, error=response.status >= 500)
         exchange.ticket.candidate_ready(response)
 
     def judge_later(self, ticket: MirrorTicket) -> None:
@@ -232,7 +266,7 @@ class Mirror:
     def _outcome(self, outcome: str, n: int) -> None:
         """An outcome other than agree/disagree (those come from `record_comparison`)."""
         self.stats.record_outcome(outcome, n)
-        self.metrics.comparisons_by_outcome[outcome].inc(n)
+        self._comparisons[outcome].value += n
 
     def _judge(self, ticket: MirrorTicket, candidate: BufferedResponse | None) -> None:
         """Pair both answers, record the outcome, and tell the observers."""
@@ -257,7 +291,14 @@ class Mirror:
                 if prod_choices is not None:
                     prod_preds = [choice.prediction() for choice in prod_choices]
             else:
-                prod_preds = self._predictions(prod_body)
+                shared = ticket.shared
+                if shared is not None and shared.done:
+                    prod_preds = shared.predictions  # another candidate's judgement read them
+                else:
+                    prod_preds = self._predictions(prod_body)
+                    if shared is not None:
+                        shared.done = True
+                        shared.predictions = prod_preds
         outcome, cand_preds, flags = self._compare(
             status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm
         )
@@ -280,6 +321,10 @@ class Mirror:
             and cand_preds is not None
         ):
             judge.offer(ticket.request_body, ticket.endpoint, prod_preds, cand_preds)
+        if ticket.slice >= 0 and outcome != "not_compared":
+            agree = sum(flags) if flags is not None else 0
+            disagree = len(flags) - agree if flags is not None else 0
+            self.stats.record_slice_outcome(ticket.slice, outcome, agree, disagree)
         if self.observers:
             record = PairRecord(
                 request_id=ticket.request_id,
@@ -342,9 +387,9 @@ class Mirror:
         result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
-            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+            self._comparisons["agree"].value += result.agree
         if result.disagree:
-            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+            self._comparisons["disagree"].value += result.disagree
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
     def _compare_openai(
@@ -362,9 +407,9 @@ class Mirror:
         result = compare_openai(prod_choices, cand_choices, self.compare)
         self.stats.record_comparison(result, "vector" if endpoint == "embeddings" else "text")
         if result.agree:
-            self.metrics.comparisons_by_outcome["agree"].inc(result.agree)
+            self._comparisons["agree"].value += result.agree
         if result.disagree:
-            self.metrics.comparisons_by_outcome["disagree"].inc(result.disagree)
+            self._comparisons["disagree"].value += result.disagree
         cand_preds = [choice.prediction() for choice in cand_choices]
         return ("disagree" if result.disagree else "agree"), cand_preds, result.flags
 
@@ -547,7 +592,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm", "request_body")
+                 "candidate_llm", "request_body", "slice", "shared")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -567,6 +612,8 @@ class MirrorTicket:
         self.production_llm: LlmWatch | None = None
         self.candidate_llm: LlmWatch | None = None
         self.request_body = b""  # kept for the judge only ([judge])
+        self.slice = -1  # [[slices]]: the request's slice, else -1
+        self.shared: SharedAnswer | None = None  # several candidates: production's answer, read once
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -604,3 +651,100 @@ class MirrorTicket:
         self.candidate_in = True
         if self.production is not None:
             self.mirror.judge_later(self)
+
+
+class MirrorGroup:
+    """Several candidates behind one hand-off: one draw per request decides for all of them (a
+    candidate at a lower rate sees a subset of what a higher-rate one sees), the body is buffered
+    and joined once, and each candidate then runs on its own pool, bound and backoff, so a slow
+    or dead one delays neither production nor the others."""
+
+    def __init__(self, mirrors: list[Mirror], mirror: MirrorConfig) -> None:
+        self.mirrors = mirrors
+        self.sampler = Sampler(mirror)  # the draw, methods and size limit; rates are the mirrors'
+        self.max_body_bytes = mirror.max_body_bytes
+
+    def begin(self, cycle: Cycle, path: bytes, request_id: bytes) -> TicketGroup | None:
+        share = self.sampler.draw(cycle.headers)
+        chosen = [m for m in self.mirrors if share < m.sampler.sample_rate]
+        if not chosen:
+            return None
+        rid = request_id.decode("latin-1")
+        tickets: list[MirrorTicket] = []
+        shared = SharedAnswer()
+        for mirror in chosen:
+            mirror._count("sampled")
+            endpoint = mirror.eligible(cycle, path)
+            if endpoint is None:
+                continue
+            ticket = MirrorTicket(mirror, cycle.method, path, rid)
+            ticket.endpoint = endpoint
+            ticket.shared = shared
+            tickets.append(ticket)
+        return TicketGroup(self, tickets) if tickets else None
+
+    @property
+    def busy(self) -> bool:
+        return any(m.busy for m in self.mirrors)
+
+    async def drain(self, timeout_s: float) -> None:
+        await asyncio.gather(*(m.drain(timeout_s) for m in self.mirrors))
+
+
+class SharedAnswer:
+    """Production's predictions for one request, read by the first of several candidates' judgements
+    and reused by the others (one [compare] for all: the same reading)."""
+
+    __slots__ = ("done", "predictions")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.predictions: list[object] | None = None
+
+
+class TicketGroup:
+    """One sampled exchange for several candidates: the proxy's side of a `MirrorTicket`, fanned out."""
+
+    __slots__ = ("group", "tickets", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm", "slice")
+
+    def __init__(self, group: MirrorGroup, tickets: list[MirrorTicket]) -> None:
+        self.group = group
+        self.tickets = tickets
+        self.fields = b""
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.cancelled = False
+        self.dispatched = False
+        self.production_llm: LlmWatch | None = None
+        self.slice = -1
+
+    def add_body(self, data: bytes) -> None:
+        if self.cancelled:
+            return
+        self.size += len(data)
+        if self.size > self.group.max_body_bytes:
+            self.cancelled = True
+            self.chunks = []
+            for ticket in self.tickets:
+                ticket.cancelled = True
+                ticket.mirror.skip("body_too_large")
+        else:
+            self.chunks.append(data)
+
+    def request_complete(self) -> None:
+        if self.cancelled or self.dispatched:
+            return
+        self.dispatched = True
+        body = b"".join(self.chunks)  # once, for every candidate
+        self.chunks = []
+        for ticket in self.tickets:
+            ticket.fields = self.fields
+            ticket.slice = self.slice
+            ticket.dispatched = True
+            ticket.mirror.dispatch(ticket, body)
+        self.cancelled = all(ticket.cancelled for ticket in self.tickets)
+
+    def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
+        for ticket in self.tickets:
+            ticket.production_llm = self.production_llm
+            ticket.production_done(status, body, latency_s)

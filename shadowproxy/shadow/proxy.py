@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from shadowproxy.judging.stats import ShadowStats
-    from shadowproxy.shadow.mirror import Mirror, MirrorTicket
+    from shadowproxy.shadow.mirror import Mirror, MirrorGroup, MirrorTicket, TicketGroup
+    from shadowproxy.shadow.slices import SliceMatcher
 
 log = logging.getLogger("shadowproxy.shadow.proxy")
 
@@ -112,12 +113,14 @@ class Proxy:
         timeout_s: float,
         metrics: Metrics,
         stats: ShadowStats,
-        mirror: Mirror | None = None,
+        mirror: Mirror | MirrorGroup | None = None,
         observers: list[Observer] | None = None,
         capture_limit: int = 1 << 20,
         llm: LlmMeter | None = None,
+        slices: SliceMatcher | None = None,
     ) -> None:
         self.pool = pool
+        self.slices = slices  # [[slices]]: which slice each request is in, else None
         self.llm = llm  # compare.preset "openai": production's LLM figures, else None
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.capture_limit = capture_limit
@@ -199,9 +202,13 @@ class Proxy:
         else:
             parts.append(b"\r\n")
         ticket = self.mirror.begin(cycle, path, request_id) if self.mirror is not None else None
+        slices = self.slices
+        slice_index = slices.match(path, headers, cycle.lnames) if slices is not None else -1
         if ticket is not None:
             ticket.fields = b"".join(parts[1:fields_end])  # the same fields go to the candidate
+            ticket.slice = slice_index
         exchange = Exchange(self, cycle, b"".join(parts), request_id, ticket)
+        exchange.slice = slice_index
         if self.observers:
             exchange.observe(path)
         cycle.attach(exchange)
@@ -228,14 +235,17 @@ class Proxy:
     def close(self) -> None:
         self._sweeper.cancel()
 
-    def record(self, status: int, latency_s: float | None) -> None:
+    def record(self, status: int, latency_s: float | None, slice_index: int = -1) -> None:
         # Inlined metric updates: this runs once per request (see hotmetrics.py).
         self._by_hundred[status // 100 if 100 <= status < 600 else 5].value += 1
         if latency_s is not None:
             duration = self._duration
             duration.counts[_bisect_left(duration.bounds, latency_s)] += 1
             duration.sum += latency_s
-        self.stats.record_production(latency_s, status)
+        if slice_index >= 0:
+            self.stats.record_slice_production(slice_index, latency_s, status)  # the total adds slices up
+        else:
+            self.stats.record_production(latency_s, status)
 
 
 class Exchange(ResponseSink):
@@ -245,11 +255,11 @@ class Exchange(ResponseSink):
         "proxy", "cycle", "head", "request_id", "ticket", "conn", "task", "deadline", "pending",
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
         "capture", "capture_size", "t_body_done", "body_seen", "wants", "request_capture",
-        "request_capture_size", "started_at", "path", "response_headers", "mirrored", "llm",
+        "request_capture_size", "started_at", "path", "response_headers", "mirrored", "llm", "slice",
     )
 
     def __init__(
-        self, proxy: Proxy, cycle: Cycle, head: bytes, request_id: bytes, ticket: MirrorTicket | None
+        self, proxy: Proxy, cycle: Cycle, head: bytes, request_id: bytes, ticket: MirrorTicket | TicketGroup | None
     ) -> None:
         self.proxy = proxy
         self.cycle = cycle
@@ -282,6 +292,7 @@ class Exchange(ResponseSink):
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.mirrored = False
         self.llm: LlmWatch | None = None  # an answer to an OpenAI-compatible request (preset openai)
+        self.slice = -1  # [[slices]]: the request's slice, else -1
 
     def observe(self, path: bytes) -> None:
         """Ask each observer once whether it wants this request's bodies."""
@@ -582,7 +593,7 @@ class Exchange(ResponseSink):
             self.ticket.production_done(status, None, None)
             self.ticket = None
         self.proxy.in_flight -= 1
-        self.proxy.record(status, latency)
+        self.proxy.record(status, latency, self.slice)
         wants = self.wants
         if wants >= 0 and (self.proxy._observe_every or self.mirrored or wants):
             self._tell_observers(wants, status, latency, response_body)

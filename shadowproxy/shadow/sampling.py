@@ -45,6 +45,15 @@ class Sampler:
                     return sticky_fraction(value) < rate
         return rate >= 1.0 or self._random() < rate
 
+    def draw(self, headers: list[tuple[bytes, bytes]]) -> float:
+        """This request's position in [0, 1): the sticky key's, else a uniform draw. Every
+        candidate at a rate above it mirrors the request."""
+        if self.sticky_header:
+            for name, value in headers:
+                if name.lower() == self.sticky_header:
+                    return sticky_fraction(value)
+        return self._random()
+
     def skip_reason(self, method: bytes, content_length: int | None) -> str | None:
         """Why a sampled request cannot be mirrored, or None when it can."""
         if method not in self.methods:

@@ -203,7 +203,8 @@ async def test_comparison_metrics_match_stats(start_proxy) -> None:
             text = await r.text()
     comparisons = proxy.stats()["comparisons"]
     for outcome in ("agree", "disagree", "candidate_error"):
-        assert f'shadowproxy_comparisons_total{{outcome="{outcome}"}} {float(comparisons[outcome])}' in text
+        series = f'shadowproxy_comparisons_total{{outcome="{outcome}",target="candidate"}}'
+        assert f"{series} {float(comparisons[outcome])}" in text
     assert f'shadowproxy_upstream_request_duration_seconds_count{{target="candidate"}} {200.0}' in text
 
 
@@ -217,9 +218,9 @@ async def test_scrape_time_figures_follow_the_stats(start_proxy) -> None:
             text = await r.text()
     comparisons = proxy.stats()["comparisons"]
     lower, upper = comparisons["disagreement_rate_ci95"]
-    assert f"shadowproxy_disagreement_rate {comparisons['disagreement_rate']}" in text
-    assert f'shadowproxy_disagreement_rate_ci95{{bound="upper"}} {upper}' in text
-    assert 'shadowproxy_promotion_verdict{verdict="fail"} 1.0' in text
+    assert f'shadowproxy_disagreement_rate{{target="candidate"}} {comparisons["disagreement_rate"]}' in text
+    assert f'shadowproxy_disagreement_rate_ci95{{bound="upper",target="candidate"}} {upper}' in text
+    assert 'shadowproxy_promotion_verdict{target="candidate",verdict="fail"} 1.0' in text
     jsd_p90 = proxy.stats()["differences"]["jsd"]["p90"]
     assert jsd_p90 > 0
-    assert f'shadowproxy_prediction_difference{{figure="jsd",percentile="p90"}} {jsd_p90}' in text
+    assert f'shadowproxy_prediction_difference{{figure="jsd",percentile="p90",target="candidate"}} {jsd_p90}' in text

@@ -50,7 +50,7 @@ async def post_json(proxy: RunningProxy, path: str, body: dict[str, Any], **head
 async def skipped_metric(proxy: RunningProxy, reason: str) -> float:
     async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
         text = await r.text()
-    prefix = f'shadowproxy_mirror_skipped_total{{reason="{reason}"}} '
+    prefix = f'shadowproxy_mirror_skipped_total{{reason="{reason}",target="candidate"}} '
     return float(next(line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)))
 
 

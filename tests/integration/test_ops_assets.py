@@ -168,10 +168,12 @@ def test_dashboard_covers_latency_disagreement_mirror_requests_in_flight_and_out
     assert "histogram_quantile(0.5, sum by (le, target)" in exprs
     assert "histogram_quantile(0.99, sum by (le, target)" in exprs
     assert 'outcome="disagree"' in exprs
-    assert "sum by (result) (rate(shadowproxy_mirror_requests_total" in exprs
+    # Per candidate: `target` names each (several may be mirrored at once).
+    assert "sum by (target, result) (rate(shadowproxy_mirror_requests_total" in exprs
+    assert "sum by (target) (rate(shadowproxy_comparisons_total" in exprs
     assert "sum by (status_class) (rate(shadowproxy_requests_total" in exprs
     assert "shadowproxy_mirror_in_flight" in exprs
-    assert "sum by (outcome) (rate(shadowproxy_comparisons_total" in exprs
+    assert "sum by (target, outcome) (rate(shadowproxy_comparisons_total" in exprs
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------

@@ -400,4 +400,4 @@ async def test_the_verdict_metric_counts_the_accuracy_gate_as_the_verdict_endpoi
         async with s.get(proxy.admin_url + "/metrics") as r:
             exposition = await r.text()
     assert verdict == "fail"  # the latency gate still waits: only the accuracy gate decides
-    assert f'shadowproxy_promotion_verdict{{verdict="{verdict}"}} 1.0' in exposition
+    assert f'shadowproxy_promotion_verdict{{target="candidate",verdict="{verdict}"}} 1.0' in exposition

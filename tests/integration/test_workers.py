@@ -253,3 +253,66 @@ async def test_a_config_the_workers_cannot_start_with_exits_2_at_once(tmp_path: 
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2, err
     assert len(lines) == 1 and "drift.baseline:" in lines[0], lines
+
+
+async def test_two_workers_merge_several_candidates_to_the_figures_of_one(tmp_path: Path) -> None:
+    from shadowproxy.models import ModelBehaviour, start_model
+    from shadowproxy.models.kserve import candidate_flips, generate_instances
+
+    instances = generate_instances(120, seed=31)
+    flips = sum(candidate_flips(x, 0.4) for x in instances)
+    async with await start_model(ModelBehaviour.production()) as prod, \
+            await start_model(ModelBehaviour(role="twin")) as twin, \
+            await start_model(ModelBehaviour(role="flipper", flip_rate=0.4)) as flipper:
+        serving = Workers(tmp_path, prod.url, twin.url)
+        serving.config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {serving.listen_port}
+drain_timeout_s = 5.0
+[admin]
+host = "127.0.0.1"
+port = {serving.admin_port}
+[production]
+url = "{prod.url}"
+[mirror]
+sample_rate = 1.0
+[[candidates]]
+name = "twin"
+url = "{twin.url}"
+[[candidates]]
+name = "flipper"
+url = "{flipper.url}"
+sample_rate = 0.5
+""")
+        async with serving.running() as proc, aiohttp.ClientSession() as s:
+            assert "candidates twin" in serving.first_line
+            rate = {"candidate": "flipper", "sample_rate": 1.0}
+            async with s.put(serving.admin + "/shadow/sample_rate", json=rate) as r:
+                assert r.status == 200
+            for instance in instances:  # a new connection each time, so the kernel spreads them
+                async with s.post(serving.url + "/v1/models/demo:predict", json={"instances": [instance]},
+                                  headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+            await asyncio.sleep(0.5)
+            async with s.get(serving.admin + "/shadow/stats") as r:
+                stats = await r.json()
+            async with s.get(serving.admin + "/shadow/verdict") as r:
+                verdict = await r.json()
+            async with s.get(serving.admin + "/metrics") as r:
+                text = await r.text()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+    workers = stats["workers"]
+    assert len(workers) == 2 and all(w["requests"] > 0 for w in workers), workers
+    assert all(w["sample_rates"] == {"twin": 1.0, "flipper": 1.0} for w in workers), workers
+    docs = stats["candidates"]
+    assert list(docs) == ["twin", "flipper"]
+    for name in ("twin", "flipper"):
+        assert docs[name]["mirror"]["sent"] == 120
+        assert docs[name]["comparisons"]["total"] == 120
+    assert docs["twin"]["comparisons"]["disagree"] == 0
+    assert docs["flipper"]["comparisons"]["disagree"] == flips
+    assert set(verdict["candidates"]) == {"twin", "flipper"}
+    assert 'shadowproxy_mirror_requests_total{result="sent",target="flipper"} 120.0' in text
+    assert f'shadowproxy_comparisons_total{{outcome="disagree",target="flipper"}} {float(flips)}' in text

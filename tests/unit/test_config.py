@@ -64,7 +64,11 @@ def uncomment_all(text: str) -> str:
 
 def test_defaults_are_the_documented_values() -> None:
     config = parse_config(URLS)
-    assert dataclasses.asdict(config) == {
+    got = dataclasses.asdict(config)
+    # The old [candidate] table is the one candidate named "candidate", at mirror.sample_rate.
+    assert got.pop("candidates") == ({**got["candidate"], "name": "candidate", "sample_rate": None},)
+    assert got.pop("slices") == ()
+    assert got == {
         "listen": {
             "host": "0.0.0.0",
             "port": 8080,
@@ -175,6 +179,8 @@ def test_example_file_documents_every_key() -> None:
     data = example_switched_on()
     config = parse_config(data)
     for section in dataclasses.fields(config):
+        if isinstance(getattr(config, section.name), tuple):
+            continue  # [[candidates]] and [[slices]]: test_example_arrays_of_tables_document_every_key
         keys = {f.name for f in dataclasses.fields(getattr(config, section.name))}
         assert set(data[section.name]) == keys, section.name
 

@@ -91,3 +91,51 @@ def test_example_config_lists_every_key_with_its_default() -> None:
                 assert example[section][key] == as_toml(default), (
                     f"config/shadowproxy.toml: [{section}] {key} = {example[section][key]!r}, default {default!r}"
                 )
+
+
+ARRAYS: dict[str, type[Any]] = config_module._ARRAY_SECTIONS
+
+
+def array_rows(name: str) -> dict[str, str]:
+    """`## [[name]]` -> {key: default cell} from the first table under the heading."""
+    rows: dict[str, str] = {}
+    inside = False
+    for line in REFERENCE.read_text().splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == f"## [[{name}]]"
+        elif inside:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            key = re.fullmatch(r"`(\w+)`", cells[0]) if len(cells) >= 2 else None
+            if key:
+                rows.setdefault(key.group(1), cells[1])
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(ARRAYS))
+def test_reference_documents_the_keys_of_each_array_of_tables(name: str) -> None:
+    rows = array_rows(name)
+    assert rows, f"docs/configuration.md has no '## [[{name}]]' table"
+    own = defaults(ARRAYS[name])
+    if name == "candidates":  # the [candidate] keys are documented there; only the new ones here
+        own = {k: v for k, v in own.items() if k not in defaults(SECTIONS["candidate"])}
+    assert set(rows) == set(own), name
+    for key, default in own.items():
+        cell = rows[key].strip("`")
+        field_spec = next(f for f in dataclasses.fields(ARRAYS[name]) if f.name == key)
+        if field_spec.metadata.get("required") or default is REQUIRED:
+            assert cell == "required", f"[[{name}]] {key}: documented as {cell!r}"
+        elif default is None:
+            assert cell == "unset", f"[[{name}]] {key}: documented as {cell!r}"
+        else:
+            assert tomllib.loads(f"v = {cell}")["v"] == as_toml(default), f"[[{name}]] {key}"
+
+
+@pytest.mark.parametrize("name", sorted(ARRAYS))
+def test_example_config_shows_each_array_of_tables_and_its_own_keys(name: str) -> None:
+    text = EXAMPLE.read_text()
+    assert f"#   [[{name}]]" in text, f"config/shadowproxy.toml does not show [[{name}]]"
+    own = defaults(ARRAYS[name])
+    if name == "candidates":
+        own = {k: v for k, v in own.items() if k not in defaults(SECTIONS["candidate"])}
+    for key in own:
+        assert re.search(rf"(?m)^#   {key} = ", text), f"config/shadowproxy.toml: [[{name}]] {key} is missing"

@@ -125,3 +125,22 @@ def test_body_over_mirror_max_body_bytes_is_skipped_at_the_limit_is_not() -> Non
 def test_unknown_length_body_is_eligible_up_front() -> None:
     # A chunked body has no Content-Length; the mirror ticket enforces the limit as it grows.
     assert sampler(max_body_bytes=10).skip_reason(b"POST", None) is None
+
+
+def test_the_draw_is_the_sticky_keys_share_and_decides_as_sampled_does() -> None:
+    """Several candidates share one draw per request: a request goes to every candidate whose rate
+    is above it, so the same key is mirrored to a candidate exactly when `sampled` would say so."""
+    s = sampler(sample_rate=0.3, sticky_header="X-User-ID")
+    for i in range(200):
+        headers = [(b"X-User-ID", f"user-{i}".encode())]
+        share = s.draw(headers)
+        assert share == sticky_fraction(f"user-{i}".encode())
+        assert (share < 0.3) == s.sampled(headers)
+
+
+def test_the_draw_without_a_sticky_key_is_uniform() -> None:
+    s = sampler(sample_rate=0.3)
+    draws = [s.draw([]) for _ in range(N)]
+    assert all(0.0 <= d < 1.0 for d in draws)
+    lo, hi = binomial_bounds(N, 0.2)
+    assert lo <= sum(d < 0.2 for d in draws) <= hi
