@@ -115,10 +115,12 @@ class Mirror:
 
     def skip(self, reason: str) -> None:
         self._count("skipped")
+        self.stats.record_mirror_reason("skipped_by_reason", reason)
         self.metrics.mirror_skipped.labels(reason).inc()
 
     def drop(self, reason: str) -> None:
         self._count("dropped")
+        self.stats.record_mirror_reason("dropped_by_reason", reason)
         self.metrics.mirror_dropped.labels(reason).inc()
 
     def _set_in_flight(self, delta: int) -> None:
@@ -193,6 +195,7 @@ class Mirror:
         self._note_connect_outcome(failure == "connect")
         if response is None:
             self._count("error")
+            self.stats.record_mirror_reason("errors_by_kind", failure)
             self.metrics.upstream_failures.labels("candidate", failure).inc()
             self.stats.record_candidate(None, error=True)
         else:
