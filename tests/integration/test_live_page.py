@@ -361,13 +361,16 @@ def test_sample_rate_change_needs_the_token(browser: webdriver.Chrome, proxy: Se
 
 @pytest.mark.parametrize(("width", "height", "mobile"), [(1280, 800, False), (390, 844, True)])
 def test_nothing_scrolls_sideways(browser: webdriver.Chrome, proxy: Serving, width: int, height: int,
-                                  mobile: bool) -> None:
+                                  mobile: bool, tmp_path_factory: pytest.TempPathFactory) -> None:
     set_viewport(browser, width, height, mobile)
     try:
         open_page(browser, proxy.admin)
         WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#reasons table"))
         seen = sideways(browser)
         assert seen["scroll"] <= seen["width"] and seen["over"] == [], seen
+        path = tmp_path_factory.mktemp("viewport") / f"live-page-{width}x{height}.png"
+        browser.save_screenshot(str(path))
+        print(f"\nthe page at {width}x{height}: {path}")
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
