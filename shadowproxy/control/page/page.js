@@ -177,7 +177,7 @@
   const PCTS = ["p50", "p90", "p95", "p99", "p999"];
 
   function renderLatency(s) {
-    const row = (name, block) => [name, ...PCTS.map((p) => fmt(block[p]))];
+    const row = (name, block) => [name, ...PCTS.map((p) => fmt(block[p], 3))];
     const rows = [
       row("production", s.production.latency_ms),
       row("candidate", s.candidate.latency_ms),
