@@ -445,6 +445,36 @@ def test_prediction_text_is_shown_as_text_never_as_html(
         candidate.close()
 
 
+def test_llm_figures_appear_under_the_openai_preset(
+    browser: webdriver.Chrome, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    models = [start_model("--protocol", "openai", "--role", role, "--first-token-ms", "5", "--inter-token-ms", "1")
+              for role in ("production", "candidate")]
+    serving = Serving(tmp_path_factory.mktemp("llm"), models[0][1], models[1][1], extra='[compare]\npreset = "openai"')
+    try:
+        with requests.Session() as s:
+            for i in range(6):
+                body = {"model": "m", "messages": [{"role": "user", "content": f"question {i}"}], "stream": i % 2 == 0}
+                assert s.post(serving.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        stats = serving.settled_stats()
+        answers = stats["llm"]["production"]["answers"]
+        assert answers == 6
+        open_page(browser, serving.admin)
+        WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "llm-card").is_displayed())
+        rows = {row.find_element(By.CSS_SELECTOR, "th").text: [c.text for c in row.find_elements(By.CSS_SELECTOR, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#llm table:first-of-type tbody tr")}
+        assert rows["answers"] == [str(answers), str(stats["llm"]["candidate"]["answers"])]
+        assert rows["streams"][0] == str(stats["llm"]["production"]["streams"])
+        assert console_errors(browser) == []
+    finally:
+        serving.stop()
+        for proc, _ in models:
+            proc.terminate()
+            proc.wait(10)
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
 def test_workers_page_shows_the_merged_state(
     browser: webdriver.Chrome, stand_ins: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:

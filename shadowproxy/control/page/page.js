@@ -243,15 +243,29 @@
     return out;
   }
 
-  // One column per member of `obj` (per candidate, per target), a row per leaf they have.
-  function columns(obj, limit) {
+  // One column per member of `obj` (per candidate, per target), a row per leaf they have (only
+  // the leaves `only` names, in its order, when given).
+  function columns(obj, limit, only) {
     const names = Object.keys(obj);
     const values = names.map((n) => new Map(leaves(obj[n], "", [], 0)));
-    const paths = [];
+    let paths = [];
     for (const m of values) for (const p of m.keys()) if (!paths.includes(p)) paths.push(p);
+    if (only) paths = only.filter((p) => paths.includes(p));
     const rows = paths.slice(0, limit).map((p) => [p, ...values.map((m) => (m.has(p) ? m.get(p) : "—"))]);
     return table(["", ...names], rows);
   }
+
+  const LLM_ROWS = [
+    "answers", "streams", "errors", "too_large", "ttft_ms.p50", "ttft_ms.p99", "inter_token_ms.p50",
+    "inter_token_ms.p99", "tokens_per_s.p50", "output_tokens.total", "cost_usd.total", "cost_usd.per_request",
+    "finish_reasons.stop", "finish_reasons.length", "finish_reasons.tool_calls", "finish_reasons.content_filter",
+    "finish_reasons.other",
+  ];
+  const LLM_PAIR_ROWS = [
+    "streamed", "production_ttft_ms.p50", "candidate_ttft_ms.p50", "production_ttft_ms.p99",
+    "candidate_ttft_ms.p99", "similarity.mean", "similarity.p50", "tool_calls.compared",
+    "tool_calls.agreement_rate",
+  ];
 
   function renderExtras(s) {
     const cands = s.candidates;
@@ -271,7 +285,14 @@
     if (active) {
       const sides = {};
       for (const k of Object.keys(llm)) if (llm[k] && typeof llm[k] === "object") sides[k] = llm[k];
-      fill($("llm"), columns(sides, 80));
+      const parts = [columns(sides, 80, LLM_ROWS)];
+      const pairs = llm.candidate && llm.candidate.pairs;
+      if (pairs) {
+        parts.push(el("h3", { text: "On the same mirrored requests" }));
+        parts.push(table(["", "value"], leaves(pairs, "", [], 0).filter(([p]) => LLM_PAIR_ROWS.includes(p))
+          .sort((a, b) => LLM_PAIR_ROWS.indexOf(a[0]) - LLM_PAIR_ROWS.indexOf(b[0]))));
+      }
+      fill($("llm"), ...parts);
     }
 
     const workers = s.workers;
