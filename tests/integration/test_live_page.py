@@ -445,6 +445,25 @@ def test_prediction_text_is_shown_as_text_never_as_html(
         candidate.close()
 
 
+def test_drift_status_appears_with_a_drift_table(
+    browser: webdriver.Chrome, stand_ins: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    serving = Serving(tmp_path_factory.mktemp("drift"), *stand_ins, extra="[drift]\nwarmup = 20\nwindow = 50\n")
+    try:
+        send(serving.url, 60, seed=6)
+        open_page(browser, serving.admin)
+        WebDriverWait(browser, 8).until(lambda d: d.find_element(By.ID, "drift-card").is_displayed())
+        doc = requests.get(serving.admin + "/shadow/drift", timeout=5).json()
+        WebDriverWait(browser, 8).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#drift tbody tr")) == len(doc["features"]) + 1)
+        statuses = [row.find_elements(By.CSS_SELECTOR, "td")[0].text
+                    for row in browser.find_elements(By.CSS_SELECTOR, "#drift tbody tr")]
+        assert set(statuses) <= {"ok", "warn", "alert", "no_data"}
+        assert console_errors(browser) == []
+    finally:
+        serving.stop()
+
+
 def test_llm_figures_appear_under_the_openai_preset(
     browser: webdriver.Chrome, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
