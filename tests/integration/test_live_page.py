@@ -494,6 +494,79 @@ def test_llm_figures_appear_under_the_openai_preset(
             proc.stderr.close()
 
 
+class CannedAdmin:
+    """The page's own files, and fixed API answers: for blocks other features add to the stats."""
+
+    def __init__(self, stats: dict[str, Any]) -> None:
+        from shadowproxy.config import parse_config
+        from shadowproxy.judging.verdict import evaluate
+
+        page = ROOT / "shadowproxy" / "control" / "page"
+        types = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+        gates = parse_config({"production": {"url": "http://127.0.0.1:1"},
+                              "candidate": {"url": "http://127.0.0.1:2"}}).gates
+        answers: dict[str, tuple[str, bytes]] = {
+            "/shadow/stats": ("application/json", json.dumps(stats).encode()),
+            "/shadow/verdict": ("application/json", json.dumps(evaluate(stats, gates)).encode()),
+            "/shadow/sample_rate": ("application/json", b'{"sample_rate": 0.1}'),
+            "/shadow/history": ("application/json", b'{"interval_s": 5.0, "capacity": 720, "points": []}'),
+            "/page/features.json": ("application/json", b'{"drift": false}'),
+            "/": ("text/html", (page / "index.html").read_bytes()),
+        }
+        for file in page.iterdir():
+            answers[f"/page/{file.name}"] = (types[file.suffix[1:]], file.read_bytes())
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                kind, body = answers.get(self.path.split("?")[0], ("text/plain", b""))
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_candidates_block_gets_one_column_per_candidate_and_a_judge_block_its_table(
+    browser: webdriver.Chrome
+) -> None:
+    from shadowproxy.judging.stats import ShadowStats
+
+    stats = ShadowStats().snapshot()
+    stats["candidates"] = {
+        "v2": {"candidate": {"requests": 120, "errors": 1}, "comparisons": {"disagreement_rate": 0.05}},
+        "<i>v3</i>": {"candidate": {"requests": 80, "errors": 0}, "comparisons": {"disagreement_rate": 0.01}},
+    }
+    stats["judge"] = {"judged": 42, "candidate_better": 0.4, "win_rate_ci95": [0.3, 0.5]}
+    canned = CannedAdmin(stats)
+    try:
+        open_page(browser, canned.url)
+        WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "candidates-card").is_displayed())
+        head = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#candidates thead th")]
+        assert head == ["", "v2", "<i>v3</i>"]
+        rows = {row.find_element(By.CSS_SELECTOR, "th").text: [c.text for c in row.find_elements(By.CSS_SELECTOR, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#candidates tbody tr")}
+        assert rows["candidate.requests"] == ["120", "80"]
+        assert rows["comparisons.disagreement_rate"] == ["0.05", "0.01"]
+        judge = {row.find_element(By.CSS_SELECTOR, "th").text: row.find_element(By.CSS_SELECTOR, "td").text
+                 for row in browser.find_elements(By.CSS_SELECTOR, "#judge tbody tr")}
+        assert judge == {"judged": "42", "candidate_better": "0.4", "win_rate_ci95": "[0.3, 0.5]"}
+        assert browser.find_elements(By.CSS_SELECTOR, "#candidates i") == []
+        assert console_errors(browser) == []
+    finally:
+        canned.close()
+
+
 def test_workers_page_shows_the_merged_state(
     browser: webdriver.Chrome, stand_ins: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
