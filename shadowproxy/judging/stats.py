@@ -40,16 +40,17 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
 )
 MIRROR_RESULTS: tuple[str, ...] = ("sampled", "sent", "dropped", "skipped", "error")
 # Why a sampled copy never reached a comparison: the labels of shadowproxy_mirror_skipped_total,
-# shadowproxy_mirror_dropped_total and (target="candidate") shadowproxy_upstream_failures_total.
+# shadowproxy_mirror_dropped_total and (target="candidate") shadowproxy_upstream_failures_total,
+# in the same order (shadow/metrics.py declares those; a unit test keeps the two in step).
 # "path": preset openai, and not a chat, completions or embeddings path.
-SKIP_REASONS: tuple[str, ...] = ("method", "body_too_large", "path")
-DROP_REASONS: tuple[str, ...] = ("in_flight_full", "backoff", "client_gone")
-ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "malformed")
+MIRROR_SKIP_REASONS: tuple[str, ...] = ("method", "body_too_large", "path")
+MIRROR_DROP_REASONS: tuple[str, ...] = ("in_flight_full", "backoff", "client_gone")
+MIRROR_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "malformed")
 # The by-reason dicts of the mirror block, and the result each one splits.
 MIRROR_REASONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("skipped_by_reason", "skipped", SKIP_REASONS),
-    ("dropped_by_reason", "dropped", DROP_REASONS),
-    ("errors_by_kind", "error", ERROR_KINDS),
+    ("skipped_by_reason", "skipped", MIRROR_SKIP_REASONS),
+    ("dropped_by_reason", "dropped", MIRROR_DROP_REASONS),
+    ("errors_by_kind", "error", MIRROR_ERROR_KINDS),
 )
 OUTCOMES: tuple[str, ...] = ("candidate_error", "unparseable", "too_large")
 # Each target's p99 bounds hold with 97.5%, so both hold together, and with them the interval of

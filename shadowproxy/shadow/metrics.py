@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shadowproxy.judging.stats import DROP_REASONS, ERROR_KINDS, SKIP_REASONS
 from shadowproxy.shadow.hotmetrics import PlainCounter, PlainGauge, PlainHistogram
 
 if TYPE_CHECKING:
@@ -43,7 +42,10 @@ OUTCOMES = ("agree", "disagree", "candidate_error", "unparseable", "too_large")
 # "accept": a connection the kernel queued that could not be accepted (out of file descriptors);
 # "max_connections": a new connection closed at once, listen.max_connections being open
 CLIENT_ERRORS = ("bad_request", "header_too_large", "body_too_large", "header_timeout", "accept", "max_connections")
-UPSTREAM_FAILURES = ERROR_KINDS
+UPSTREAM_FAILURES = ("connect", "timeout", "reset", "malformed")
+# "path": preset openai, and not a chat, completions or embeddings path
+SKIP_REASONS = ("method", "body_too_large", "path")
+DROP_REASONS = ("in_flight_full", "backoff", "client_gone")
 
 
 class Metrics:

@@ -273,6 +273,15 @@ def test_outcomes_and_mirror_counters() -> None:
     assert snap["mirror"]["dropped_by_reason"] == {"in_flight_full": 0, "backoff": 1, "client_gone": 0}
 
 
+def test_mirror_reasons_are_the_metrics_labels() -> None:
+    from shadowproxy.judging.stats import MIRROR_DROP_REASONS, MIRROR_ERROR_KINDS, MIRROR_SKIP_REASONS
+    from shadowproxy.shadow.metrics import DROP_REASONS, SKIP_REASONS, UPSTREAM_FAILURES
+
+    assert (MIRROR_SKIP_REASONS, MIRROR_DROP_REASONS, MIRROR_ERROR_KINDS) == (
+        SKIP_REASONS, DROP_REASONS, UPSTREAM_FAILURES
+    )
+
+
 def test_mirror_reasons_merge_across_states_by_adding() -> None:
     a, b = ShadowStats(), ShadowStats()
     for _ in range(3):
