@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from shadowproxy.control.live import HistoryRecorder, live_routes
 from shadowproxy.judging.verdict import evaluate_all
 from shadowproxy.shadow.routes import GUARD_KEY, TokenGuard, json_response, requires_token
 
@@ -28,6 +29,7 @@ class AdminBackend(Protocol):
     draining: bool
     components: list[Component]
     guard: TokenGuard  # one per process, so SIGHUP can make it read a `file:` token again
+    history: HistoryRecorder  # the points of /shadow/history and the live page's charts
 
     async def production_reachable(self) -> bool: ...
 
@@ -119,4 +121,6 @@ def make_admin_app(proxy: AdminBackend) -> web.Application:
     app.router.add_put("/shadow/sample_rate", put_sample_rate)
     for component in proxy.components:
         app.router.add_routes(component.routes())
+    drift = any(getattr(r, "canonical", "") == "/shadow/drift" for r in app.router.resources())
+    app.router.add_routes(live_routes(proxy.history, drift=drift))
     return app

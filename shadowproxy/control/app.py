@@ -18,6 +18,7 @@ from shadowproxy.config import Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
 from shadowproxy.control.descriptors import client_connection_limit, raise_open_files_limit
+from shadowproxy.control.live import HistoryRecorder
 from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.http.server import Server, ServerLimits
 from shadowproxy.http.upstream import UpstreamPool
@@ -85,6 +86,10 @@ class ShadowProxy:
         self._admin_runner: web.AppRunner | None = None
         self.readiness = Readiness(config.production)
         self.guard = TokenGuard(config.admin)
+        self.history = HistoryRecorder(self._own_stats)
+
+    async def _own_stats(self) -> ShadowStats:
+        return self.stats
 
     async def start(self) -> None:
         cfg = self.config
@@ -162,6 +167,7 @@ class ShadowProxy:
         site = web.TCPSite(runner, cfg.admin.host, cfg.admin.port)
         await site.start()
         self._admin_runner = runner
+        self.history.start()
         server = cast(asyncio.Server, site._server)
         sockname = server.sockets[0].getsockname()
         self.admin_address = (str(sockname[0]), int(sockname[1]))
@@ -232,6 +238,7 @@ class ShadowProxy:
             await self.judge.close()  # what is still queued or being judged is counted as dropped
         for component in self.components:
             await component.close()  # after the drain: every answered request is recorded
+        await self.history.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

@@ -33,6 +33,7 @@ from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.app import describe_candidates
 from shadowproxy.control.collectors import ShadowCollector
 from shadowproxy.control.descriptors import raise_open_files_limit
+from shadowproxy.control.live import HistoryRecorder
 from shadowproxy.control.readiness import Readiness, tls_context
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.shadow.metrics import DriftCollector
@@ -220,6 +221,7 @@ class Supervisor:
         self._watchers: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.guard = TokenGuard(config.admin)
+        self.history = HistoryRecorder(self._merged_stats)
 
     # -- processes --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -238,6 +240,7 @@ class Supervisor:
         self._runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.config.admin.host, self.config.admin.port).start()
+        self.history.start()
 
     async def _spawn(self, worker: Worker) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
@@ -300,6 +303,7 @@ class Supervisor:
             codes.append(code)
         for task in self._watchers:
             task.cancel()
+        await self.history.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -358,6 +362,11 @@ class Supervisor:
             {**state.get("process", {}), "requests": state["production"]["requests"]} for state in states
         ]
         return merged, extras
+
+    async def _merged_stats(self) -> ShadowStats | None:
+        """The workers' merged stats for the history; None when no worker answered."""
+        states = [orjson.loads(body) for body in await self._from_all("/shadow/stats?full=1")]
+        return ShadowStats.from_states(states) if states else None
 
     async def snapshot(self, full: bool = False) -> dict[str, Any]:
         merged, extras = await self._merged()

@@ -40,6 +40,19 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p999", 0.999),
 )
 MIRROR_RESULTS: tuple[str, ...] = ("sampled", "sent", "dropped", "skipped", "error")
+# Why a sampled copy never reached a comparison: the labels of shadowproxy_mirror_skipped_total,
+# shadowproxy_mirror_dropped_total and (target="candidate") shadowproxy_upstream_failures_total,
+# in the same order (shadow/metrics.py declares those; a unit test keeps the two in step).
+# "path": preset openai, and not a chat, completions or embeddings path.
+MIRROR_SKIP_REASONS: tuple[str, ...] = ("method", "body_too_large", "path")
+MIRROR_DROP_REASONS: tuple[str, ...] = ("in_flight_full", "backoff", "client_gone")
+MIRROR_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "malformed")
+# The by-reason dicts of the mirror block, and the result each one splits.
+MIRROR_REASONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("skipped_by_reason", "skipped", MIRROR_SKIP_REASONS),
+    ("dropped_by_reason", "dropped", MIRROR_DROP_REASONS),
+    ("errors_by_kind", "error", MIRROR_ERROR_KINDS),
+)
 OUTCOMES: tuple[str, ...] = ("candidate_error", "unparseable", "too_large")
 # Each target's p99 bounds hold with 97.5%, so both hold together, and with them the interval of
 # the ratio of the two p99s the latency gate decides on, with at least 95% (Bonferroni).
@@ -420,6 +433,10 @@ class ShadowStats:
         self.candidate = _Target()
         self.mirror: dict[str, int] = dict.fromkeys(MIRROR_RESULTS, 0)
         self.mirror_in_flight = 0
+        # skipped / dropped / error split by reason, every known reason present from zero.
+        self.mirror_reasons: dict[str, dict[str, int]] = {
+            block: dict.fromkeys(reasons, 0) for block, _, reasons in MIRROR_REASONS
+        }
         self.agree = 0
         self.disagree = 0
         self.tool_calls_compared = 0  # openai pairs where either side called a tool
@@ -509,6 +526,12 @@ class ShadowStats:
         if result not in self.mirror:
             raise ValueError(f"unknown mirror result {result!r}; expected one of {', '.join(MIRROR_RESULTS)}")
         self.mirror[result] += 1
+
+    def record_mirror_reason(self, block: str, reason: str) -> None:
+        """One more copy skipped, dropped or in error (`block`: a MIRROR_REASONS name) for `reason`;
+        the caller counts the result itself (`record_mirror`)."""
+        counts = self.mirror_reasons[block]
+        counts[reason] = counts.get(reason, 0) + 1
 
     def record_outcome(self, outcome: str, n: int = 1) -> None:
         if outcome not in self.outcomes:
@@ -636,7 +659,11 @@ class ShadowStats:
         out: dict[str, Any] = {
             "production": self._total(self.production, self.slice_production).snapshot(),
             "candidate": self._total(self.candidate, self.slice_candidate).snapshot(),
-            "mirror": {**self.mirror, "in_flight": self.mirror_in_flight},
+            "mirror": {
+                **self.mirror,
+                "in_flight": self.mirror_in_flight,
+                **{block: dict(counts) for block, counts in self.mirror_reasons.items()},
+            },
             "comparisons": {
                 "total": total,
                 "agree": self.agree,
@@ -682,6 +709,7 @@ class ShadowStats:
             "candidate": self.candidate.to_state(),
             "mirror": dict(self.mirror),
             "mirror_in_flight": self.mirror_in_flight,
+            "mirror_reasons": {block: dict(counts) for block, counts in self.mirror_reasons.items()},
             "agree": self.agree,
             "disagree": self.disagree,
             "tool_calls": [self.tool_calls_compared, self.tool_calls_agree],
@@ -717,6 +745,11 @@ class ShadowStats:
         for key in MIRROR_RESULTS:
             self.mirror[key] += int(state["mirror"].get(key, 0))
         self.mirror_in_flight += int(state["mirror_in_flight"])
+        for block, counts in state.get("mirror_reasons", {}).items():  # absent from an older proxy
+            mine = self.mirror_reasons.get(block)
+            if mine is not None:
+                for reason, n in counts.items():
+                    mine[str(reason)] = mine.get(str(reason), 0) + int(n)
         self.agree += int(state["agree"])
         self.disagree += int(state["disagree"])
         compared, agree = state.get("tool_calls", (0, 0))

@@ -130,10 +130,12 @@ class Mirror:
 
     def skip(self, reason: str) -> None:
         self._count("skipped")
+        self.stats.record_mirror_reason("skipped_by_reason", reason)
         self._skipped[reason].value += 1
 
     def drop(self, reason: str) -> None:
         self._count("dropped")
+        self.stats.record_mirror_reason("dropped_by_reason", reason)
         self._dropped[reason].value += 1
 
     def _set_in_flight(self, delta: int) -> None:
@@ -226,6 +228,7 @@ class Mirror:
         slice_index = exchange.ticket.slice
         if response is None:
             self._count("error")
+            self.stats.record_mirror_reason("errors_by_kind", failure)
             self.metrics.upstream_failures.labels(self.name, failure).inc()
             if slice_index >= 0:  # the candidate's total adds its slices up
                 self.stats.record_slice_candidate(slice_index, None, True)

@@ -57,6 +57,22 @@ async def mirror_metrics(proxy: RunningProxy) -> dict[str, float]:
     return out
 
 
+async def reason_metrics(proxy: RunningProxy) -> dict[str, dict[str, int]]:
+    """The by-reason label counts of /metrics, in the layout of `/shadow/stats` `mirror`."""
+    async with client() as s, s.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, dict[str, int]] = {"skipped_by_reason": {}, "dropped_by_reason": {}, "errors_by_kind": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "shadowproxy_mirror_skipped_total":
+                out["skipped_by_reason"][sample.labels["reason"]] = int(sample.value)
+            elif sample.name == "shadowproxy_mirror_dropped_total":
+                out["dropped_by_reason"][sample.labels["reason"]] = int(sample.value)
+            elif sample.name == "shadowproxy_upstream_failures_total" and sample.labels["target"] == "candidate":
+                out["errors_by_kind"][sample.labels["kind"]] = int(sample.value)
+    return out
+
+
 def mirror_counts(proxy: RunningProxy) -> dict[str, int]:
     m = proxy.stats()["mirror"]
     return {k: m[k] for k in ("sampled", "sent", "error", "dropped", "skipped")}
@@ -375,9 +391,17 @@ async def test_stats_metrics_and_candidate_agree_on_mirror_counts(
     await proxy.settle()
     await asyncio.sleep(0.05)  # the candidate's handlers of the timed-out requests have recorded them
 
-    stats = (await admin_stats(proxy))["mirror"]
+    mirror = (await admin_stats(proxy))["mirror"]
     metrics = await mirror_metrics(proxy)
+    stats = {k: v for k, v in mirror.items() if not isinstance(v, dict)}
     assert stats == {"sampled": 12, "sent": 7, "error": 2, "dropped": 2, "skipped": 3, "in_flight": 0}
+    # Split by reason, as the metrics' labels split them, and adding up to each result.
+    assert mirror["skipped_by_reason"] == {"method": 2, "body_too_large": 1, "path": 0}
+    assert mirror["dropped_by_reason"] == {"in_flight_full": 2, "backoff": 0, "client_gone": 0}
+    assert mirror["errors_by_kind"] == {"connect": 0, "timeout": 2, "reset": 0, "malformed": 0}
+    by_label = await reason_metrics(proxy)
+    for block in ("skipped_by_reason", "dropped_by_reason", "errors_by_kind"):
+        assert mirror[block] == by_label[block], block
     for result in ("sent", "dropped", "skipped", "error"):
         assert metrics[result] == stats[result], result
     assert metrics["in_flight"] == stats["in_flight"] == 0

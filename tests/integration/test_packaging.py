@@ -118,3 +118,50 @@ def test_version_says_how_the_hot_path_runs() -> None:
     asked = subprocess.run(run, capture_output=True, text=True, check=True,
                            env={**environ, "SHADOWPROXY_PURE_PYTHON": "1"})
     assert asked.stdout == "shadowproxy 0.1.0 (hot path: pure Python)\n"
+
+
+# -- the live page's files ship in the wheel ------------------------------------------------------
+
+def test_the_wheel_ships_the_live_page_and_serves_it(tmp_path: Path) -> None:
+    import urllib.request
+    import zipfile
+
+    from tests.helpers import free_port, write_config
+
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True, text=True, check=False, env={**environ, "SHADOWPROXY_PURE_PYTHON": "1"},
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("shadowproxy-*.whl")
+    page = ROOT / "shadowproxy" / "control" / "page"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {f"shadowproxy/control/page/{p.name}" for p in page.iterdir()} <= names
+        archive.extractall(tmp_path / "site")  # a pure wheel installs as its files on the path
+    listen, admin = free_port(), free_port()
+    config = write_config(tmp_path / "c.toml", "http://127.0.0.1:9", listen_port=listen, admin_port=admin)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shadowproxy", "serve", "--config", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**environ, "PYTHONPATH": str(tmp_path / "site"), "SHADOWPROXY_PURE_PYTHON": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        base = f"http://127.0.0.1:{admin}"
+        for path, name in (("/", "index.html"), ("/page/page.js", "page.js"), ("/page/page.css", "page.css")):
+            with urllib.request.urlopen(base + path, timeout=5) as answer:
+                assert answer.read() == (page / name).read_bytes(), path
+                assert "script-src 'self'" in answer.headers["Content-Security-Policy"]
+        version = subprocess.run(
+            [sys.executable, "-c", "import shadowproxy; print(shadowproxy.__file__)"], capture_output=True,
+            text=True, check=True, cwd=tmp_path, env={**environ, "PYTHONPATH": str(tmp_path / "site")},
+        )
+        assert version.stdout.startswith(str(tmp_path / "site"))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()

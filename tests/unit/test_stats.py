@@ -208,7 +208,12 @@ def test_fresh_snapshot_has_the_documented_layout() -> None:
     zeros = {"p50": 0, "p90": 0, "p95": 0, "p99": 0, "p999": 0, "p99_ci": [0.0, None]}
     assert snap["production"] == {"requests": 0, "errors": 0, "latency_ms": zeros}
     assert snap["candidate"] == {"requests": 0, "errors": 0, "latency_ms": zeros}
-    assert snap["mirror"] == {"sampled": 0, "sent": 0, "dropped": 0, "skipped": 0, "error": 0, "in_flight": 0}
+    assert snap["mirror"] == {
+        "sampled": 0, "sent": 0, "dropped": 0, "skipped": 0, "error": 0, "in_flight": 0,
+        "skipped_by_reason": {"method": 0, "body_too_large": 0, "path": 0},
+        "dropped_by_reason": {"in_flight_full": 0, "backoff": 0, "client_gone": 0},
+        "errors_by_kind": {"connect": 0, "timeout": 0, "reset": 0, "malformed": 0},
+    }
     comparisons = snap["comparisons"]
     assert {
         k: comparisons[k] for k in ("total", "agree", "disagree", "candidate_error", "unparseable")
@@ -258,11 +263,34 @@ def test_outcomes_and_mirror_counters() -> None:
     s.record_outcome("too_large")
     for result in ("sampled", "sampled", "sent", "dropped"):
         s.record_mirror(result)
+    s.record_mirror_reason("dropped_by_reason", "backoff")
     s.mirror_in_flight = 4
     snap = s.snapshot()
     assert (snap["comparisons"]["candidate_error"], snap["comparisons"]["unparseable"]) == (1, 3)
     assert snap["comparisons"]["too_large"] == 1
-    assert snap["mirror"] == {"sampled": 2, "sent": 1, "dropped": 1, "skipped": 0, "error": 0, "in_flight": 4}
+    counts = {k: v for k, v in snap["mirror"].items() if not isinstance(v, dict)}
+    assert counts == {"sampled": 2, "sent": 1, "dropped": 1, "skipped": 0, "error": 0, "in_flight": 4}
+    assert snap["mirror"]["dropped_by_reason"] == {"in_flight_full": 0, "backoff": 1, "client_gone": 0}
+
+
+def test_mirror_reasons_are_the_metrics_labels() -> None:
+    from shadowproxy.judging.stats import MIRROR_DROP_REASONS, MIRROR_ERROR_KINDS, MIRROR_SKIP_REASONS
+    from shadowproxy.shadow.metrics import DROP_REASONS, SKIP_REASONS, UPSTREAM_FAILURES
+
+    assert (MIRROR_SKIP_REASONS, MIRROR_DROP_REASONS, MIRROR_ERROR_KINDS) == (
+        SKIP_REASONS, DROP_REASONS, UPSTREAM_FAILURES
+    )
+
+
+def test_mirror_reasons_merge_across_states_by_adding() -> None:
+    a, b = ShadowStats(), ShadowStats()
+    for _ in range(3):
+        a.record_mirror_reason("errors_by_kind", "timeout")
+    b.record_mirror_reason("errors_by_kind", "timeout")
+    b.record_mirror_reason("skipped_by_reason", "method")
+    merged = ShadowStats.from_states([a.snapshot(full=True), b.snapshot(full=True)]).snapshot()["mirror"]
+    assert merged["errors_by_kind"] == {"connect": 0, "timeout": 4, "reset": 0, "malformed": 0}
+    assert merged["skipped_by_reason"] == {"method": 1, "body_too_large": 0, "path": 0}
 
 
 def test_unknown_outcome_and_mirror_result_are_rejected() -> None:
