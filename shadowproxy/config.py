@@ -499,6 +499,17 @@ class CandidateConfig(UpstreamConfig):
     headers: Mapping[str, Secret] = field(default_factory=dict, metadata={"check": _header_table})
 
 
+@dataclass(frozen=True, slots=True)
+class SecondaryConfig(UpstreamConfig):
+    """[secondary]: a second copy of production, sent every request mirrored to any candidate, so
+    that production's own disagreement with itself (the noise) can be told apart from the
+    candidate's (docs/comparison.md, "Noise and net disagreement"). Its answers never reach
+    clients and it has no gates."""
+
+    max_in_flight: int = _key(256, _COUNT)
+    backoff_after: int = _key(5, _COUNT)
+
+
 # Names the stats, verdict and metrics already use for something else.
 _RESERVED_CANDIDATE_NAMES = frozenset(("production", "secondary", "judge"))
 MAX_CANDIDATES = 8
@@ -653,6 +664,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     drift: DriftConfig | None = None
     judge: JudgeConfig | None = None
+    secondary: SecondaryConfig | None = None
     # Every candidate, in config order; `candidate` is the first of them (the old `[candidate]`
     # table is the one candidate named "candidate").
     candidates: tuple[NamedCandidateConfig, ...] = ()
@@ -678,8 +690,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "drift": DriftConfig,
     "judge": JudgeConfig,
+    "secondary": SecondaryConfig,
 }
-_OPTIONAL_SECTIONS = frozenset({"drift", "judge"})
+_OPTIONAL_SECTIONS = frozenset({"drift", "judge", "secondary"})
 # Arrays of tables (`[[candidates]]`), each entry checked as a section of its own.
 _ARRAY_SECTIONS: dict[str, type[Any]] = {"candidates": NamedCandidateConfig, "slices": SliceConfig}
 

@@ -140,6 +140,7 @@ def test_defaults_are_the_documented_values() -> None:
         },
         "drift": None,
         "judge": None,
+        "secondary": None,
     }
 
 
