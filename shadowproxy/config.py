@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json", "openai")
-KINDS = ("label", "numeric", "vector", "distribution", "text")
+KINDS = ("label", "numeric", "vector", "distribution", "text", "fields")
 
 _T = TypeVar("_T")
 _Check = Callable[[object], object]
@@ -573,6 +573,9 @@ class CompareConfig:
     min_similarity: float = _key(1.0, _FRACTION)
     # An openai embeddings pair agrees at this cosine or above.
     min_cosine: float = _key(0.99, _number(ge=-1, le=1))
+    # kind "fields" with a [secondary]: a field on which the secondary differs from production in
+    # more than this share of answers is noisy, left out of agreement.
+    noise_threshold: float = _key(0.01, _FRACTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -833,7 +836,10 @@ def _parse_section(name: str, cls: type[_T], table: Mapping[str, object], proble
 def _check_across_sections(sections: Mapping[str, Any], problems: list[str]) -> None:
     """Rules that involve more than one key; run on the sections that passed their own checks."""
     compare = sections.get("compare")
-    if isinstance(compare, CompareConfig) and compare.preset == "json" and not compare.path:
+    if (
+        isinstance(compare, CompareConfig) and compare.preset == "json" and not compare.path
+        and compare.kind != "fields"  # whole answers: no path to predictions
+    ):
         problems.append('compare.path: required when compare.preset is "json"')
 
     listen, admin = sections.get("listen"), sections.get("admin")

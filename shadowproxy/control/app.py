@@ -61,6 +61,8 @@ class ShadowProxy:
         self.stats = ShadowStats(config.candidate_names, self.slices.names if self.slices is not None else ())
         if config.secondary is not None:
             self.stats.enable_secondary()
+        if config.compare.kind == "fields":
+            self.stats.enable_fields(config.compare.noise_threshold)
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)

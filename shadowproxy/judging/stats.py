@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 
 from shadowproxy.judging.compare import Comparison
+from shadowproxy.judging.fields import FieldTable
 from shadowproxy.judging.intervals import (
     newcombe_interval,
     paired_newcombe_interval,
@@ -472,6 +473,14 @@ class ShadowStats:
         # [secondary]: the secondary's own figures (requests, errors, latency, mirror counts); on
         # the first candidate's object only.
         self.secondary: ShadowStats | None = None
+        # compare.kind "fields": this candidate's per-field counts (judging/fields.py); else None.
+        self.fields: FieldTable | None = None
+
+    def enable_fields(self, noise_threshold: float) -> None:
+        """compare.kind is "fields": every candidate counts differences per field."""
+        for stats in (self, *self.others.values()):
+            if stats.fields is None:
+                stats.fields = FieldTable(noise_threshold)
 
     def enable_secondary(self) -> None:
         """A [secondary] runs: every candidate gets noise and net figures."""
@@ -732,6 +741,9 @@ class ShadowStats:
                 "error_rate_delta_ci95": list(newcombe_interval(min(cand_err, sent), sent, min(prod_err, sent), sent)),
             },
         }
+        if self.fields is not None:
+            out["fields"] = self.fields.snapshot()
+            out["fields_overflow"] = self.fields.overflow
         out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
         if self.judge.enabled:
             out["judge"] = self.judge.snapshot()
@@ -805,6 +817,8 @@ class ShadowStats:
         }
         if self.noise is not None:
             state["noise"] = [*self.noise, self.noise_missing]
+        if self.fields is not None:
+            state["fields"] = self.fields.to_state()
         if self.secondary is not None:
             state["secondary"] = self.secondary.to_state()
         if self.others:
@@ -865,6 +879,10 @@ class ShadowStats:
             for i, n in enumerate(cells):
                 self.noise[i] += n
             self.noise_missing += missing
+        if "fields" in state:  # only from a proxy with compare.kind "fields"
+            if self.fields is None:
+                self.fields = FieldTable()
+            self.fields.merge_state(state["fields"])
         if "secondary" in state:
             if self.secondary is None:
                 self.secondary = ShadowStats(("secondary",))

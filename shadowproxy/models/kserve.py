@@ -33,6 +33,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
@@ -146,6 +147,8 @@ class ModelBehaviour:
     - ``noise_rate``: share of instances moved one class further (``(c + 1) % 3`` unless flipped
       too), drawn afresh for every answer and unseeded: a non-deterministic model, whose two
       copies disagree on about ``2 s (1 - s)`` of the instances for ``noise_rate = s``.
+    - ``timestamp``: add ``"created"``, the answer's time (ISO 8601, microseconds) and so a field
+      that differs between any two answers.
     - ``delay_ms`` + uniform ``[0, jitter_ms)``: extra latency before every answer.
     - ``error_rate``: share of request bodies answered 500 (see ``request_fails``).
     - ``garbage``: answer every predict request 200 with a body that is not JSON.
@@ -160,6 +163,7 @@ class ModelBehaviour:
     name: str = "demo"
     flip_rate: float = 0.0
     noise_rate: float = 0.0
+    timestamp: bool = False
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     error_rate: float = 0.0
@@ -321,6 +325,8 @@ async def _predict(request: web.Request) -> web.Response:
         behaviour.predictions_key: _predictions(behaviour, rows),
         "model_version": behaviour.model_version,
     }
+    if behaviour.timestamp:
+        answer["created"] = datetime.now(UTC).isoformat(timespec="microseconds")
     return _json(answer, headers=version_header)
 
 

@@ -29,7 +29,8 @@ from shadowproxy.http.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.compare import Comparison, compare_predictions
+from shadowproxy.judging.fields import FieldTable, field_diffs
 from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
 from shadowproxy.judging.stats import ShadowStats
@@ -324,7 +325,7 @@ class Mirror:
                         shared.done = True
                         shared.predictions = prod_preds
         outcome, cand_preds, flags = self._compare(
-            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm
+            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm, ticket
         )
         if (
             outcome in ("agree", "disagree")
@@ -347,7 +348,11 @@ class Mirror:
             judge.offer(ticket.request_body, ticket.endpoint, prod_preds, cand_preds)
         shared = ticket.shared
         if shared is not None and shared.with_secondary and flags is not None and outcome in ("agree", "disagree"):
-            self.stats.record_noise(flags, self._secondary_flags(shared, prod_preds, prod_choices, ticket.endpoint))
+            if self.compare.kind == "fields" and prod_choices is None:
+                secondary_flags = ticket.secondary_agrees  # worked out with the fields' noise
+            else:
+                secondary_flags = self._secondary_flags(shared, prod_preds, prod_choices, ticket.endpoint)
+            self.stats.record_noise(flags, secondary_flags)
         if ticket.slice >= 0 and outcome != "not_compared":
             agree = sum(flags) if flags is not None else 0
             disagree = len(flags) - agree if flags is not None else 0
@@ -369,6 +374,43 @@ class Mirror:
                     observer.on_pair(record)
                 except Exception:  # an observer's bug must never break the mirror
                     log.exception("observer %r failed", observer)
+
+    def _compare_fields(
+        self, prod_doc: object, cand_preds: list[object], ticket: MirrorTicket | None
+    ) -> tuple[str, list[object] | None, list[bool] | None]:
+        """compare.kind "fields" (judging/fields.py): the whole answers, leaf by leaf; with a
+        secondary, its own differences from production count per field too, and decide which
+        fields are noisy before either answer's agreement is read."""
+        cfg = self.compare
+        table = self.stats.fields
+        if table is None:  # stats built without enable_fields: count from the first answer on
+            table = self.stats.fields = FieldTable(cfg.noise_threshold)
+        try:
+            cand = field_diffs(prod_doc, cand_preds[0], cfg.abs_tol, cfg.rel_tol)
+        except RecursionError:
+            return "candidate_error", cand_preds, None
+        shared = ticket.shared if ticket is not None else None
+        secondary: dict[str, bool] | None = None
+        if shared is not None and shared.with_secondary:
+            if not shared.secondary_read:
+                shared.secondary_read = True
+                answer = shared.secondary
+                if answer is not None and 200 <= answer.status < 300 and not answer.truncated:
+                    try:
+                        shared.secondary_fields = field_diffs(prod_doc, _loads(answer.body), cfg.abs_tol, cfg.rel_tol)
+                    except (ValueError, RecursionError):
+                        shared.secondary_fields = None
+            secondary = shared.secondary_fields
+        agrees, secondary_agrees = table.record(cand, secondary)
+        if ticket is not None:
+            ticket.secondary_agrees = [secondary_agrees] if secondary_agrees is not None else None
+        result = Comparison()
+        result.flags = [agrees]
+        result.agree = int(agrees)
+        result.disagree = 1 - result.agree
+        self.stats.record_comparison(result, "fields")
+        self._comparisons["agree" if agrees else "disagree"].value += 1
+        return ("agree" if agrees else "disagree"), cand_preds, result.flags
 
     def _secondary_flags(
         self,
@@ -403,6 +445,11 @@ class Mirror:
 
     def _predictions(self, body: bytes) -> list[object] | None:
         cfg = self.compare
+        if cfg.kind == "fields":  # the whole answer is the one prediction; preset and path unused
+            try:
+                return [_loads(body)]
+            except (ValueError, RecursionError):
+                return None
         try:
             return extract_predictions(_loads(body), cfg.preset, cfg.path, cfg.output)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
@@ -424,6 +471,7 @@ class Mirror:
         endpoint: str = "",
         prod_choices: list[OpenAIChoice] | None = None,
         cand_llm: LlmWatch | None = None,
+        ticket: MirrorTicket | None = None,
     ) -> tuple[str, list[object] | None, list[bool] | None]:
         """The request's outcome, the candidate's predictions and per-prediction agreement."""
         if candidate is None or candidate.status >= 500:
@@ -442,6 +490,8 @@ class Mirror:
         if cand_preds is None or len(prod_preds) != len(cand_preds):
             return "candidate_error", cand_preds, None
         cfg = self.compare
+        if cfg.kind == "fields":
+            return self._compare_fields(prod_preds[0], cand_preds, ticket)
         result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
@@ -650,7 +700,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm", "request_body", "slice", "shared")
+                 "candidate_llm", "request_body", "slice", "shared", "secondary_agrees")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -672,6 +722,8 @@ class MirrorTicket:
         self.request_body = b""  # kept for the judge only ([judge])
         self.slice = -1  # [[slices]]: the request's slice, else -1
         self.shared: SharedAnswer | None = None  # several candidates: production's answer, read once
+        # compare.kind "fields" with a secondary: whether its answer agreed, noisy fields left out.
+        self.secondary_agrees: list[bool] | None = None
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -776,7 +828,7 @@ class SharedAnswer:
 
     __slots__ = (
         "done", "predictions", "with_secondary", "secondary_pending", "secondary", "secondary_read",
-        "secondary_flags", "waiting",
+        "secondary_flags", "secondary_fields", "waiting",
     )
 
     def __init__(self) -> None:
@@ -788,6 +840,7 @@ class SharedAnswer:
         self.secondary: BufferedResponse | None = None
         self.secondary_read = False  # its flags below were worked out (by the first judgement)
         self.secondary_flags: list[bool] | None = None
+        self.secondary_fields: dict[str, bool] | None = None  # compare.kind "fields"
         self.waiting: list[MirrorTicket] = []
 
     def secondary_finished(self, answer: BufferedResponse | None) -> None:

@@ -134,3 +134,52 @@ async def test_noise_figures_of_one_proxy_survive_the_full_state(start_proxy: An
     assert merged["comparisons"]["noise"]["compared"] == workers_states * noise["compared"]
     assert merged["comparisons"]["noise"]["rate"] == pytest.approx(noise["rate"])
     assert merged["secondary"]["requests"] == workers_states * n
+
+
+async def test_field_diffs_find_the_altered_field_and_mark_the_timestamp_noisy(start_proxy: Any) -> None:
+    n, f = 400, 0.3
+    instances = generate_instances(n, seed=10)
+    flipped = sum(candidate_flips(x, f) for x in instances)
+    same = {"version": "1", "timestamp": True}
+    async with await start_model(ModelBehaviour(role="production", **same)) as prod, \
+            await start_model(ModelBehaviour(role="secondary", **same)) as second, \
+            await start_model(ModelBehaviour(role="flipper", flip_rate=f, **same)) as flipper:
+        proxy: RunningProxy = await start_proxy(
+            prod.url, flipper.url, mirror={"sample_rate": 1.0}, compare={"kind": "fields"},
+            secondary={"url": second.url},
+        )
+        await send(proxy, instances, clients=4)
+        await proxy.settle(timeout=15.0)
+        stats = proxy.stats()
+    fields = stats["fields"]
+    assert set(fields) == {"/predictions/*", "/model_version", "/created"}
+    assert fields["/predictions/*"] == {
+        "compared": n, "differ": flipped, "noise_compared": n, "noise_differ": 0, "noisy": False,
+    }
+    assert fields["/model_version"]["differ"] == 0 and not fields["/model_version"]["noisy"]
+    assert fields["/created"]["noisy"] is True
+    assert fields["/created"]["noise_differ"] == n
+    comparisons = stats["comparisons"]
+    # One answer is one prediction; the timestamp, noisy from its first difference, is left out.
+    assert comparisons["total"] == n
+    assert comparisons["disagree"] == flipped
+    assert comparisons["noise"]["rate"] == 0.0
+    assert comparisons["net"]["rate"] == pytest.approx(flipped / n)
+
+
+async def test_without_a_secondary_every_differing_field_counts(start_proxy: Any) -> None:
+    n = 50
+    instances = generate_instances(n, seed=11)
+    async with await start_model(ModelBehaviour(role="production", timestamp=True)) as prod, \
+            await start_model(ModelBehaviour(role="twin", timestamp=True)) as twin:
+        proxy: RunningProxy = await start_proxy(
+            prod.url, twin.url, mirror={"sample_rate": 1.0}, compare={"kind": "fields"},
+        )
+        await send(proxy, instances, clients=2)
+        await proxy.settle(timeout=15.0)
+        stats = proxy.stats()
+    # The versions differ by role, the timestamps by time: every answer disagrees, nothing is noisy.
+    assert stats["comparisons"]["disagree"] == n
+    assert stats["fields"]["/model_version"]["differ"] == n
+    assert stats["fields"]["/predictions/*"]["differ"] == 0
+    assert not any(row["noisy"] for row in stats["fields"].values())
