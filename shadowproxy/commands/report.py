@@ -30,6 +30,7 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
+from shadowproxy.commands.report_noise import field_lines, flip_lines, noise_lines
 from shadowproxy.config import GatesConfig
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.http.urls import parse_upstream_url
@@ -643,6 +644,7 @@ def render(report: Report, color: bool = False) -> str:
             sections.append(gates)
         for name, doc in report.stats["candidates"].items():  # each candidate against production
             sections.append(_latency_lines(doc, paint, name))
+            sections.extend(_named(name, lines) for lines in _noise_sections(doc, paint))
         sections.append(_slice_lines(report.stats, paint))
         return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
@@ -655,9 +657,20 @@ def render(report: Report, color: bool = False) -> str:
         _llm_lines(stats, paint),
         _judge_lines(stats, paint),
         _confusion_lines(stats, paint),
+        *_noise_sections(stats, paint),
         _mirror_lines(stats, paint),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines)
+
+
+def _noise_sections(stats: Mapping[str, Any], paint: _Painter) -> list[list[str]]:
+    """[secondary] noise and net, compare.kind "fields" fields, label flips (commands/report_noise.py)."""
+    return [noise_lines(stats, paint), field_lines(stats, paint), flip_lines(stats)]
+
+
+def _named(name: str, lines: list[str]) -> list[str]:
+    """A section's heading, with the candidate it is about."""
+    return [f"{lines[0]} - {name}", *lines[1:]] if lines else lines
 
 
 def to_json_text(data: Any) -> str:

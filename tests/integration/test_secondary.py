@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -183,3 +184,50 @@ async def test_without_a_secondary_every_differing_field_counts(start_proxy: Any
     assert stats["fields"]["/model_version"]["differ"] == n
     assert stats["fields"]["/predictions/*"]["differ"] == 0
     assert not any(row["noisy"] for row in stats["fields"].values())
+
+
+async def test_report_states_noise_net_fields_and_flip_shares(start_proxy: Any, capsys: Any) -> None:
+    from shadowproxy.commands import cli
+    from shadowproxy.models.kserve import predict_labels
+
+    n, f = 300, 0.3
+    instances = generate_instances(n, seed=12)
+    # Where the flipper flips, its label is production's plus one: the truth of the flip shares.
+    toward: dict[int, int] = {}
+    for x, label in zip(instances, predict_labels(instances), strict=True):
+        if candidate_flips(x, f):
+            toward[(label + 1) % 3] = toward.get((label + 1) % 3, 0) + 1
+    flips = sum(toward.values())
+    same = {"version": "1", "timestamp": True}
+    async with await start_model(ModelBehaviour(role="production", **same)) as prod, \
+            await start_model(ModelBehaviour(role="secondary", **same)) as second, \
+            await start_model(ModelBehaviour(role="flipper", flip_rate=f, **same)) as flipper, \
+            await start_model(ModelBehaviour(role="twin", **same)) as twin:
+        labels = await start_proxy(
+            prod.url, flipper.url, mirror={"sample_rate": 1.0}, secondary={"url": second.url},
+        )
+        fields = await start_proxy(
+            prod.url, None, mirror={"sample_rate": 1.0}, compare={"kind": "fields"},
+            candidates=candidates(flipper=flipper.url, twin=twin.url), secondary={"url": second.url},
+        )
+        await send(labels, instances, clients=4)
+        await send(fields, instances, clients=4)
+        await labels.settle(timeout=15.0)
+        await fields.settle(timeout=15.0)
+        # The report runs its own event loop; the proxies keep serving on the test's loop meanwhile.
+        await asyncio.to_thread(cli.main, ["report", "--admin-url", labels.admin_url])
+        label_out = capsys.readouterr().out
+        await asyncio.to_thread(cli.main, ["report", "--admin-url", fields.admin_url])
+        fields_out = capsys.readouterr().out
+    assert "Noise (production against its secondary copy)" in label_out
+    assert "noise 0% " in label_out and f"over {n} predictions, 0 left out" in label_out
+    net = f"{flips / n * 100:.3g}%"
+    assert f"net disagreement {net}" in label_out
+    shares = ", ".join(f"{label} {count / flips * 100:.3g}%" for label, count in
+                       sorted(toward.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    assert f"Flips toward each class (the candidate's label, of {flips} disagreeing labels): {shares}" in label_out
+    assert "Fields by net difference rate (top 3 of 3) - flipper" in fields_out
+    assert "noisy, left out of agreement: /created (100% noise)" in fields_out
+    flipper_rows = fields_out.split("(top 3 of 3) - flipper", 1)[1].splitlines()
+    assert flipper_rows[1].lstrip().startswith("/predictions/*")
+    assert f"differ {flips} of {n}" in flipper_rows[1]
