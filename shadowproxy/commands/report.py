@@ -644,7 +644,7 @@ def render(report: Report, color: bool = False) -> str:
             sections.append(gates)
         for name, doc in report.stats["candidates"].items():  # each candidate against production
             sections.append(_latency_lines(doc, paint, name))
-            sections.extend(_named(name, lines) for lines in _noise_sections(doc, paint))
+            sections.extend(_noise_sections(doc, paint, name))
         sections.append(_slice_lines(report.stats, paint))
         return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
@@ -663,14 +663,13 @@ def render(report: Report, color: bool = False) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections if lines)
 
 
-def _noise_sections(stats: Mapping[str, Any], paint: _Painter) -> list[list[str]]:
-    """[secondary] noise and net, compare.kind "fields" fields, label flips (commands/report_noise.py)."""
-    return [noise_lines(stats, paint), field_lines(stats, paint), flip_lines(stats)]
-
-
-def _named(name: str, lines: list[str]) -> list[str]:
-    """A section's heading, with the candidate it is about."""
-    return [f"{lines[0]} - {name}", *lines[1:]] if lines else lines
+def _noise_sections(stats: Mapping[str, Any], paint: _Painter, name: str = "") -> list[list[str]]:
+    """[secondary] noise and net, compare.kind "fields" fields, label flips (commands/report_noise.py);
+    `name`: the candidate's, put in the headings when there are several."""
+    sections = [noise_lines(stats, paint), field_lines(stats, paint)]
+    if name:
+        sections = [[f"{lines[0]} - {name}", *lines[1:]] if lines else lines for lines in sections]
+    return [*sections, flip_lines(stats, name)]
 
 
 def to_json_text(data: Any) -> str:

@@ -87,11 +87,13 @@ def flip_shares(confusion: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
     return flips, {label: n / flips for label, n in toward.items()} if flips else {}
 
 
-def flip_lines(stats: Mapping[str, Any]) -> list[str]:
-    """Label kind: the share of flips toward each class ("candidate more permissive" at a glance)."""
+def flip_lines(stats: Mapping[str, Any], name: str = "") -> list[str]:
+    """Label kind: the share of flips toward each class ("candidate more permissive" at a glance);
+    `name`: the candidate's, when there are several."""
     flips, shares = flip_shares(stats.get("confusion") or {})
     if not flips:
         return []
     ranked = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
     parts = ", ".join(f"{label} {_pct(share)}" for label, share in ranked if share > 0)
-    return [f"Flips toward each class (the candidate's label, of {flips} disagreeing labels): {parts}"]
+    whose = f" of {name}" if name else ""
+    return [f"Flips toward each class{whose} (the candidate's label, of {flips} disagreeing labels): {parts}"]

@@ -196,3 +196,11 @@ def test_secondary_section_is_optional_and_checked() -> None:
     text = "\n".join(err.value.problems)
     assert "secondary.max_in_flight" in text
     assert "secondary.model" in text
+
+
+def test_check_config_names_the_secondary() -> None:
+    from shadowproxy.commands.cli import summary
+
+    config = make_config("http://127.0.0.1:1", "http://127.0.0.1:2", secondary={"url": "http://127.0.0.1:3"})
+    assert "secondary" in summary(config) and "127.0.0.1:3" in summary(config)
+    assert "secondary" not in summary(make_config("http://127.0.0.1:1", "http://127.0.0.1:2"))

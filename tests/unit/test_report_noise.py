@@ -50,3 +50,8 @@ def test_noise_lines_state_noise_raw_and_net() -> None:
     assert "noise 32%" in lines[1] and "2000 predictions, 4 left out" in lines[1]
     assert "net disagreement 14%" in lines[2] and "raw 46% less noise 32%" in lines[2]
     assert noise_lines({"comparisons": {}}, plain) == []
+
+
+def test_with_several_candidates_the_flip_line_names_the_candidate() -> None:
+    confusion = {"labels": ["a", "b"], "matrix": [[1, 2], [0, 1]]}
+    assert flip_lines({"confusion": confusion}, "retrained")[0].startswith("Flips toward each class of retrained (")
