@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 PRESETS = ("kserve-v1", "oip-v2", "tf-serving", "mlflow", "json", "openai")
-KINDS = ("label", "numeric", "vector", "distribution", "text")
+KINDS = ("label", "numeric", "vector", "distribution", "text", "fields")
 
 _T = TypeVar("_T")
 _Check = Callable[[object], object]
@@ -499,6 +499,17 @@ class CandidateConfig(UpstreamConfig):
     headers: Mapping[str, Secret] = field(default_factory=dict, metadata={"check": _header_table})
 
 
+@dataclass(frozen=True, slots=True)
+class SecondaryConfig(UpstreamConfig):
+    """[secondary]: a second copy of production, sent every request mirrored to any candidate, so
+    that production's own disagreement with itself (the noise) can be told apart from the
+    candidate's (docs/comparison.md, "Noise and net disagreement"). Its answers never reach
+    clients and it has no gates."""
+
+    max_in_flight: int = _key(256, _COUNT)
+    backoff_after: int = _key(5, _COUNT)
+
+
 # Names the stats, verdict and metrics already use for something else.
 _RESERVED_CANDIDATE_NAMES = frozenset(("production", "secondary", "judge"))
 MAX_CANDIDATES = 8
@@ -562,6 +573,9 @@ class CompareConfig:
     min_similarity: float = _key(1.0, _FRACTION)
     # An openai embeddings pair agrees at this cosine or above.
     min_cosine: float = _key(0.99, _number(ge=-1, le=1))
+    # kind "fields" with a [secondary]: a field on which the secondary differs from production in
+    # more than this share of answers is noisy, left out of agreement.
+    noise_threshold: float = _key(0.01, _FRACTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,6 +667,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     drift: DriftConfig | None = None
     judge: JudgeConfig | None = None
+    secondary: SecondaryConfig | None = None
     # Every candidate, in config order; `candidate` is the first of them (the old `[candidate]`
     # table is the one candidate named "candidate").
     candidates: tuple[NamedCandidateConfig, ...] = ()
@@ -678,8 +693,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "drift": DriftConfig,
     "judge": JudgeConfig,
+    "secondary": SecondaryConfig,
 }
-_OPTIONAL_SECTIONS = frozenset({"drift", "judge"})
+_OPTIONAL_SECTIONS = frozenset({"drift", "judge", "secondary"})
 # Arrays of tables (`[[candidates]]`), each entry checked as a section of its own.
 _ARRAY_SECTIONS: dict[str, type[Any]] = {"candidates": NamedCandidateConfig, "slices": SliceConfig}
 
@@ -820,7 +836,10 @@ def _parse_section(name: str, cls: type[_T], table: Mapping[str, object], proble
 def _check_across_sections(sections: Mapping[str, Any], problems: list[str]) -> None:
     """Rules that involve more than one key; run on the sections that passed their own checks."""
     compare = sections.get("compare")
-    if isinstance(compare, CompareConfig) and compare.preset == "json" and not compare.path:
+    if (
+        isinstance(compare, CompareConfig) and compare.preset == "json" and not compare.path
+        and compare.kind != "fields"  # whole answers: no path to predictions
+    ):
         problems.append('compare.path: required when compare.preset is "json"')
 
     listen, admin = sections.get("listen"), sections.get("admin")

@@ -142,6 +142,8 @@ def summary(config: Config) -> str:
     lines = [
         ("production", str(config.production.target)),
         *_candidate_lines(config, identity),
+        *([("secondary", f"{config.secondary.target} (production's twin: noise and net disagreement)")]
+          if config.secondary is not None else []),
         ("listen", _address(config.listen.host, config.listen.port)),
         ("admin", _address(config.admin.host, config.admin.port)),
         ("mirror", f"sample_rate {mirror.sample_rate:g}, methods {', '.join(mirror.methods) or '(none)'}"),

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
+from shadowproxy.commands.report_noise import field_lines, flip_lines, noise_lines
 from shadowproxy.config import GatesConfig
 from shadowproxy.errors import ShadowProxyError
 from shadowproxy.http.urls import parse_upstream_url
@@ -643,6 +644,7 @@ def render(report: Report, color: bool = False) -> str:
             sections.append(gates)
         for name, doc in report.stats["candidates"].items():  # each candidate against production
             sections.append(_latency_lines(doc, paint, name))
+            sections.extend(_noise_sections(doc, paint, name))
         sections.append(_slice_lines(report.stats, paint))
         return "\n\n".join("\n".join(lines) for lines in sections if lines)
     stats = report.stats
@@ -655,9 +657,19 @@ def render(report: Report, color: bool = False) -> str:
         _llm_lines(stats, paint),
         _judge_lines(stats, paint),
         _confusion_lines(stats, paint),
+        *_noise_sections(stats, paint),
         _mirror_lines(stats, paint),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines)
+
+
+def _noise_sections(stats: Mapping[str, Any], paint: _Painter, name: str = "") -> list[list[str]]:
+    """[secondary] noise and net, compare.kind "fields" fields, label flips (commands/report_noise.py);
+    `name`: the candidate's, put in the headings when there are several."""
+    sections = [noise_lines(stats, paint), field_lines(stats, paint)]
+    if name:
+        sections = [[f"{lines[0]} - {name}", *lines[1:]] if lines else lines for lines in sections]
+    return [*sections, flip_lines(stats, name)]
 
 
 def to_json_text(data: Any) -> str:

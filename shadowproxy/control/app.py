@@ -14,7 +14,7 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from shadowproxy.config import Config
+from shadowproxy.config import CandidateConfig, Config
 from shadowproxy.control.admin import make_admin_app
 from shadowproxy.control.collectors import ShadowCollector
 from shadowproxy.control.descriptors import client_connection_limit, raise_open_files_limit
@@ -56,9 +56,13 @@ class ShadowProxy:
     def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
         self.reuse_port = reuse_port
-        self.metrics = Metrics(candidates=config.candidate_names)
+        self.metrics = Metrics(candidates=config.candidate_names, secondary=config.secondary is not None)
         self.slices = SliceMatcher(config.slices) if config.slices else None
         self.stats = ShadowStats(config.candidate_names, self.slices.names if self.slices is not None else ())
+        if config.secondary is not None:
+            self.stats.enable_secondary()
+        if config.compare.kind == "fields":
+            self.stats.enable_fields(config.compare.noise_threshold)
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
@@ -69,6 +73,8 @@ class ShadowProxy:
         self.mirror: Mirror | None = None  # the first candidate's
         self.mirrors: list[Mirror] = []  # one per candidate, in config order
         self.fanout: Mirror | MirrorGroup | None = None  # what the proxy hands sampled requests to
+        self.secondary: Mirror | None = None  # [secondary]: production's twin
+        self.secondary_pool: UpstreamPool | None = None
         # [judge]: a sample of the first candidate's compared LLM pairs judged blind, off the hot
         # path (shadow/judge.py).
         self.judge: PairJudge | None = (
@@ -125,7 +131,36 @@ class ShadowProxy:
             ))
         self.candidate_pool = self.candidate_pools[0]
         self.mirror = self.mirrors[0]
-        self.fanout = MirrorGroup(self.mirrors, cfg.mirror) if several else self.mirror
+        sec = cfg.secondary
+        if sec is not None:
+            self.secondary_pool = UpstreamPool(
+                sec.target,
+                max_connections=sec.max_in_flight,
+                idle_timeout_s=prod.pool_idle_timeout_s,
+                ssl=tls_context("secondary", sec),
+                connect_timeout_s=sec.timeout_s,
+            )
+            assert self.stats.secondary is not None
+            self.secondary = Mirror(
+                pool=self.secondary_pool,
+                # The secondary's own exchange ends within its timeout_s, streamed or not.
+                candidate=CandidateConfig(
+                    url=sec.url, timeout_s=sec.timeout_s, ca_file=sec.ca_file, tls_verify=sec.tls_verify,
+                    max_in_flight=sec.max_in_flight, backoff_after=sec.backoff_after,
+                    stream_timeout_s=sec.timeout_s, stream_idle_timeout_s=sec.timeout_s,
+                ),
+                mirror=cfg.mirror,
+                compare=cfg.compare,
+                production_timeout_s=prod.timeout_s,
+                metrics=self.metrics,
+                stats=self.stats.secondary,
+                name="secondary",
+                secondary=True,
+            )
+        self.fanout = (
+            MirrorGroup(self.mirrors, cfg.mirror, self.secondary)
+            if several or self.secondary is not None else self.mirror
+        )
         if self.judge is not None:
             await self.judge.start()
             self.mirror.judge = self.judge  # the first candidate's pairs
@@ -231,7 +266,7 @@ class ShadowProxy:
             log.warning("drain timeout: closed connections still in flight")
         if self.proxy is not None:
             self.proxy.close()
-        for pool in (self.production_pool, *self.candidate_pools):
+        for pool in (self.production_pool, *self.candidate_pools, self.secondary_pool):
             if pool is not None:
                 await pool.close()
         if self.judge is not None:

@@ -86,7 +86,43 @@ class ShadowCollector(Collector):
         yield bounds
         yield family
         yield figures
+        yield from self._noise(docs)
         yield from self._slices(snapshot.get("slices"))
+
+    @staticmethod
+    def _noise(docs: dict[str, Any]) -> Iterable[Metric]:
+        """[secondary]: each candidate's noise and net disagreement rates, net's interval."""
+        if not any("net" in doc["comparisons"] for doc in docs.values()):
+            return
+        noise = GaugeMetricFamily(
+            "shadowproxy_noise_rate",
+            "[secondary]: share of predictions on which the secondary differs from production, over the "
+            "predictions production, the secondary and the candidate all answered, by candidate.",
+            labels=["target"],
+        )
+        net = GaugeMetricFamily(
+            "shadowproxy_net_disagreement_rate",
+            "[secondary]: the candidate's disagreement rate less the noise rate, over the same predictions, "
+            "by candidate; the disagreement gate decides on it.",
+            labels=["target"],
+        )
+        bounds = GaugeMetricFamily(
+            "shadowproxy_net_disagreement_rate_ci95",
+            "[secondary]: the paired Newcombe 95% interval of the net disagreement rate, by candidate.",
+            labels=["target", "bound"],
+        )
+        for target, doc in docs.items():
+            comparisons = doc["comparisons"]
+            if "net" not in comparisons:
+                continue
+            noise.add_metric([target], comparisons["noise"]["rate"])
+            net.add_metric([target], comparisons["net"]["rate"])
+            lower, upper = comparisons["net"]["ci95"]
+            bounds.add_metric([target, "lower"], lower)
+            bounds.add_metric([target, "upper"], upper)
+        yield noise
+        yield net
+        yield bounds
 
     @staticmethod
     def _slices(slices: dict[str, Any] | None) -> Iterable[Metric]:

@@ -49,7 +49,8 @@ WORKER_LINE = "shadowproxy worker admin "
 # Computed from merged stats by the parent itself: never summed across workers.
 _DERIVED = frozenset(
     ("shadowproxy_disagreement_rate", "shadowproxy_disagreement_rate_ci95", "shadowproxy_promotion_verdict",
-     "shadowproxy_prediction_difference", "shadowproxy_slice_requests", "shadowproxy_slice_comparisons")
+     "shadowproxy_prediction_difference", "shadowproxy_slice_requests", "shadowproxy_slice_comparisons",
+     "shadowproxy_noise_rate", "shadowproxy_net_disagreement_rate", "shadowproxy_net_disagreement_rate_ci95")
 )
 # Gauges that add up across workers; any other gauge is a per-process reading (take the largest).
 _SUMMED_GAUGES = frozenset(("shadowproxy_mirror_in_flight",))

@@ -4,6 +4,10 @@
 - ``newcombe_interval``: Newcombe's hybrid score interval for the difference of two independent
   proportions, built from their Wilson intervals (Newcombe, Statistics in Medicine 17, 1998,
   method 10; statsmodels' ``confint_proportions_2indep(method="newcomb")``).
+- ``paired_newcombe_interval``: the same for two proportions measured on the same items (a paired
+  2x2 table), with the correlation between the two sides folded in (Newcombe, Statistics in
+  Medicine 17, 1998, "Improved confidence intervals for the difference between binomial
+  proportions based on paired data", method 10).
 - ``quantile_rank_bounds``: distribution-free bounds for a quantile, as the ranks of two order
   statistics chosen with the exact binomial distribution (Hahn & Meeker, *Statistical Intervals*,
   chapter 5). For ``n`` values from any distribution, the number of them at or below its ``q``-quantile
@@ -24,6 +28,7 @@ __all__ = [
     "Z95",
     "binomial_cdf_window",
     "newcombe_interval",
+    "paired_newcombe_interval",
     "quantile_rank_bounds",
     "wilson_interval",
 ]
@@ -72,6 +77,47 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tup
     d = p1 - p2
     lower = d - math.hypot(p1 - l1, u2 - p2)
     upper = d + math.hypot(u1 - p1, p2 - l2)
+    return (max(-1.0, lower), min(1.0, upper))
+
+
+def paired_newcombe_interval(both: int, first: int, second: int, neither: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's score interval (method 10) for ``p1 - p2`` on paired data (95% by default).
+
+    The table counts items where both events happened, only the first, only the second, and
+    neither: ``p1 = (both + first) / n``, ``p2 = (both + second) / n``. With ``(l1, u1)`` and
+    ``(l2, u2)`` their Wilson intervals and ``phi`` the table's correlation (its numerator
+    ``both * neither - first * second`` shrunk towards 0 by ``n / 2`` when positive, and ``phi`` 0
+    when a margin is empty)::
+
+        lower = d - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        upper = d + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
+
+    (-1, 1) when the table is empty.
+    """
+    if min(both, first, second, neither) < 0:
+        raise ValueError("need non-negative counts")
+    n = both + first + second + neither
+    if n == 0:
+        return (-1.0, 1.0)
+    k1 = both + first
+    k2 = both + second
+    l1, u1 = wilson_interval(k1, n, z)
+    l2, u2 = wilson_interval(k2, n, z)
+    p1 = k1 / n
+    p2 = k2 / n
+    d = p1 - p2
+    margins = float(k1) * (n - k1) * k2 * (n - k2)
+    phi = 0.0
+    if margins > 0:
+        cross = both * neither - first * second
+        if cross > n / 2:
+            phi = (cross - n / 2) / math.sqrt(margins)
+        elif cross < 0:
+            phi = cross / math.sqrt(margins)
+    down1, up2 = p1 - l1, u2 - p2
+    up1, down2 = u1 - p1, p2 - l2
+    lower = d - math.sqrt(max(0.0, down1 * down1 - 2 * phi * down1 * up2 + up2 * up2))
+    upper = d + math.sqrt(max(0.0, up1 * up1 - 2 * phi * up1 * down2 + down2 * down2))
     return (max(-1.0, lower), min(1.0, upper))
 
 

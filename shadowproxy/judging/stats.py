@@ -20,7 +20,13 @@ from typing import Any, Final
 import numpy as np
 
 from shadowproxy.judging.compare import Comparison
-from shadowproxy.judging.intervals import newcombe_interval, quantile_rank_bounds, wilson_interval
+from shadowproxy.judging.fields import FieldTable
+from shadowproxy.judging.intervals import (
+    newcombe_interval,
+    paired_newcombe_interval,
+    quantile_rank_bounds,
+    wilson_interval,
+)
 from shadowproxy.judging.judgestats import JudgeStats
 
 __all__ = [
@@ -64,6 +70,9 @@ CONFUSION_MAX_PAIRS = 1000
 CONFUSION_TOP_LABELS = 10
 OTHER = "other"
 STATE_VERSION = 1
+# The cell of the paired noise table for (candidate agrees, secondary agrees): both differ from
+# production, the candidate only, the secondary only, neither.
+_NOISE_CELL: Final = ((0, 1), (2, 3))
 
 
 def _rank(q: float, n: int) -> int:
@@ -455,6 +464,44 @@ class ShadowStats:
 
         self.llm = LlmStats()  # the "llm" block: figures of OpenAI-compatible answers
         self.judge = JudgeStats()  # the "judge" block, shown once [judge] enables it
+        # [secondary]: predictions that production, the secondary and this candidate all answered,
+        # as a paired table of (candidate differs from production, secondary differs from
+        # production): both, the candidate only, the secondary only, neither; and predictions
+        # left out because the secondary's answer was missing or unreadable.
+        self.noise: list[int] | None = None
+        self.noise_missing = 0
+        # [secondary]: the secondary's own figures (requests, errors, latency, mirror counts); on
+        # the first candidate's object only.
+        self.secondary: ShadowStats | None = None
+        # compare.kind "fields": this candidate's per-field counts (judging/fields.py); else None.
+        self.fields: FieldTable | None = None
+
+    def enable_fields(self, noise_threshold: float) -> None:
+        """compare.kind is "fields": every candidate counts differences per field."""
+        for stats in (self, *self.others.values()):
+            if stats.fields is None:
+                stats.fields = FieldTable(noise_threshold)
+
+    def enable_secondary(self) -> None:
+        """A [secondary] runs: every candidate gets noise and net figures."""
+        if self.secondary is None:
+            self.secondary = ShadowStats(("secondary",))
+        for stats in (self, *self.others.values()):
+            if stats.noise is None:
+                stats.noise = [0, 0, 0, 0]
+
+    def record_noise(self, candidate_agrees: list[bool], secondary_agrees: list[bool] | None) -> None:
+        """One request's predictions with a secondary: each candidate flag beside the secondary's
+        flag for the same prediction (True: agrees with production); None, or flags of another
+        length, leave the predictions out and count them as missing."""
+        table = self.noise
+        if table is None:
+            return
+        if secondary_agrees is None or len(secondary_agrees) != len(candidate_agrees):
+            self.noise_missing += len(candidate_agrees)
+            return
+        for cand, sec in zip(candidate_agrees, secondary_agrees, strict=True):
+            table[_NOISE_CELL[cand][sec]] += 1
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -625,6 +672,8 @@ class ShadowStats:
             # The "llm" block is keyed by upstream: production, "candidate" (the first, as with
             # one candidate) and each candidate by name.
             out["llm"] = {**out["llm"], **{name: doc["llm"]["candidate"] for name, doc in candidates.items()}}
+        if self.secondary is not None:
+            out["secondary"] = self._secondary_block()
         if self.slice_names:
             out["slices"] = {
                 name: {
@@ -672,6 +721,7 @@ class ShadowStats:
                 "disagreement_rate": self.disagree / total if total else 0.0,
                 "disagreement_rate_ci95": [lo, hi],
                 "tool_calls": {"compared": self.tool_calls_compared, "agree": self.tool_calls_agree},
+                **self._noise_blocks(),
             },
             "mirrored": {
                 "pairs": self.mirrored_production.count,
@@ -691,10 +741,51 @@ class ShadowStats:
                 "error_rate_delta_ci95": list(newcombe_interval(min(cand_err, sent), sent, min(prod_err, sent), sent)),
             },
         }
+        if self.fields is not None:
+            out["fields"] = self.fields.snapshot()
+            out["fields_overflow"] = self.fields.overflow
         out["llm"] = self.llm.snapshot(self.summaries["similarity"], self.tool_calls_compared, self.tool_calls_agree)
         if self.judge.enabled:
             out["judge"] = self.judge.snapshot()
         return out
+
+    def _noise_blocks(self) -> dict[str, Any]:
+        """With a [secondary]: ``noise`` (production vs secondary) and ``net`` (candidate vs
+        production, less the noise) over the predictions all three answered, ``net`` with the
+        paired Newcombe interval; empty without one."""
+        table = self.noise
+        if table is None:
+            return {}
+        both, cand_only, sec_only, neither = table
+        n = both + cand_only + sec_only + neither
+        noisy = both + sec_only
+        differ = both + cand_only
+        return {
+            "noise": {
+                "rate": noisy / n if n else 0.0,
+                "ci95": list(wilson_interval(noisy, n)),
+                "compared": n,
+                "missing": self.noise_missing,
+            },
+            "net": {
+                "rate": (differ - noisy) / n if n else 0.0,
+                "ci95": list(paired_newcombe_interval(both, cand_only, sec_only, neither)),
+                "raw_rate": differ / n if n else 0.0,
+                "table": {"both": both, "candidate_only": cand_only, "secondary_only": sec_only, "neither": neither},
+            },
+        }
+
+    def _secondary_block(self) -> dict[str, Any]:
+        sec = self.secondary
+        assert sec is not None
+        return {
+            **sec._total(sec.candidate, []).snapshot(),
+            "mirror": {
+                **sec.mirror,
+                "in_flight": sec.mirror_in_flight,
+                **{block: dict(counts) for block, counts in sec.mirror_reasons.items()},
+            },
+        }
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -724,6 +815,12 @@ class ShadowStats:
             "llm": self.llm.to_state(),
             **({"judge": self.judge.to_state()} if self.judge.enabled else {}),
         }
+        if self.noise is not None:
+            state["noise"] = [*self.noise, self.noise_missing]
+        if self.fields is not None:
+            state["fields"] = self.fields.to_state()
+        if self.secondary is not None:
+            state["secondary"] = self.secondary.to_state()
         if self.others:
             state["candidates"] = {name: other.to_state() for name, other in self.others.items()}
         if self.slice_names:
@@ -775,6 +872,21 @@ class ShadowStats:
             self.name = str(state["name"])
         if "slices" in state:
             self._merge_slices(state["slices"])
+        if "noise" in state:  # only from a proxy with a [secondary]
+            if self.noise is None:
+                self.noise = [0, 0, 0, 0]
+            *cells, missing = (int(x) for x in state["noise"])
+            for i, n in enumerate(cells):
+                self.noise[i] += n
+            self.noise_missing += missing
+        if "fields" in state:  # only from a proxy with compare.kind "fields"
+            if self.fields is None:
+                self.fields = FieldTable()
+            self.fields.merge_state(state["fields"])
+        if "secondary" in state:
+            if self.secondary is None:
+                self.secondary = ShadowStats(("secondary",))
+            self.secondary.merge_state(state["secondary"])
         for name, other in state.get("candidates", {}).items():
             if name not in self.others:
                 self.others[name] = ShadowStats((name,), self.slice_names)

@@ -11,7 +11,9 @@ threshold, fails when the whole interval is on the bad side, and otherwise keeps
 | gate | value | interval | judged once |
 |---|---|---|---|
 | ``min_samples`` | compared predictions | None | always (waits below ``min_samples``) |
-| ``max_disagreement_rate`` | upper end of the Wilson interval | Wilson | ``min_samples`` predictions compared |
+| ``max_disagreement_rate`` | upper end of the Wilson interval; with a secondary, of the net rate's \
+interval | Wilson; with a secondary, paired Newcombe on ``comparisons.net`` | ``min_samples`` predictions \
+compared (with a secondary: by all three) |
 | ``max_p99_latency_ratio`` | candidate p99 / production p99 on mirrored requests | \
 ``[lo_c / hi_p, hi_c / lo_p]`` from each p99's ``p99_ci`` | ``min_samples`` sent |
 | ``max_error_rate_delta`` | candidate_error / sent - production errors / sent | Newcombe | ``min_samples`` sent |
@@ -195,12 +197,35 @@ def _disagreement_gate(
     snapshot: Mapping[str, Any], total: int, min_samples: int, limit: float
 ) -> dict[str, Any]:
     name = "max_disagreement_rate"
+    net = _get(snapshot, "comparisons", "net", default=None)
+    if isinstance(net, Mapping):
+        return _net_disagreement_gate(snapshot, net, min_samples, limit)
     ci = _interval(_get(snapshot, "comparisons", "disagreement_rate_ci95", default=None)) or [0.0, 1.0]
     lower, upper = float(ci[0] or 0.0), float(1.0 if ci[1] is None else ci[1])
     rate = float(_get(snapshot, "comparisons", "disagreement_rate", default=0.0))
     if total < min_samples:
         return _gate(name, upper, limit, None, f"waiting: {total} of {min_samples} predictions compared", ci)
     passed, reason = _decide("disagreement", lower, upper, limit, f"(observed {_pct(rate)} of {total})")
+    return _gate(name, upper, limit, passed, reason, ci)
+
+
+def _net_disagreement_gate(
+    snapshot: Mapping[str, Any], net: Mapping[str, Any], min_samples: int, limit: float
+) -> dict[str, Any]:
+    """With a secondary: the candidate's disagreement less production's own (the noise), over the
+    predictions production, secondary and candidate all answered, judged on its paired interval."""
+    name = "max_disagreement_rate"
+    ci = _interval(net.get("ci95")) or [-1.0, 1.0]
+    lower, upper = float(-1.0 if ci[0] is None else ci[0]), float(1.0 if ci[1] is None else ci[1])
+    rate = float(net.get("rate", 0.0))
+    raw = float(net.get("raw_rate", 0.0))
+    noise = float(_get(snapshot, "comparisons", "noise", "rate", default=0.0))
+    n = int(_get(snapshot, "comparisons", "noise", "compared", default=0))
+    if n < min_samples:
+        waiting = f"waiting: {n} of {min_samples} predictions compared with the secondary"
+        return _gate(name, upper, limit, None, waiting, ci)
+    point = f"(net {_pct(rate)}: raw {_pct(raw)} less noise {_pct(noise)}, of {n})"
+    passed, reason = _decide("net disagreement", lower, upper, limit, point)
     return _gate(name, upper, limit, passed, reason, ci)
 
 

@@ -33,6 +33,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
@@ -143,6 +144,11 @@ class ModelBehaviour:
     - ``role``: a free-form name (``production``, ``candidate``); ``version`` defaults to
       ``f"{role}-1"`` and is sent as ``model_version`` and ``X-Model-Version``.
     - ``flip_rate``: share of instances answered ``(c + 1) % 3`` (see ``candidate_flips``).
+    - ``noise_rate``: share of instances moved one class further (``(c + 1) % 3`` unless flipped
+      too), drawn afresh for every answer and unseeded: a non-deterministic model, whose two
+      copies disagree on about ``2 s (1 - s)`` of the instances for ``noise_rate = s``.
+    - ``timestamp``: add ``"created"``, the answer's time (ISO 8601, microseconds) and so a field
+      that differs between any two answers.
     - ``delay_ms`` + uniform ``[0, jitter_ms)``: extra latency before every answer.
     - ``error_rate``: share of request bodies answered 500 (see ``request_fails``).
     - ``garbage``: answer every predict request 200 with a body that is not JSON.
@@ -156,6 +162,8 @@ class ModelBehaviour:
     version: str = ""
     name: str = "demo"
     flip_rate: float = 0.0
+    noise_rate: float = 0.0
+    timestamp: bool = False
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     error_rate: float = 0.0
@@ -165,7 +173,7 @@ class ModelBehaviour:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("flip_rate", "error_rate"):
+        for key in ("flip_rate", "noise_rate", "error_rate"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key}: must be between 0 and 1, got {value}")
@@ -261,17 +269,25 @@ def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
     )
 
 
+# noise_rate's draws: seeded from the operating system, so no two runs (or copies) share them.
+_noise = random.Random()
+
+
 def _predictions(behaviour: ModelBehaviour, rows: list[list[float]]) -> list[int] | list[list[float]]:
     if not rows:
         return []
     proba = predict_proba(rows)
     labels = proba.argmax(axis=1)
-    flips = [candidate_flips(row, behaviour.flip_rate) for row in rows]
+    noise = behaviour.noise_rate
+    flips = [
+        int(candidate_flips(row, behaviour.flip_rate)) + (1 if noise and _noise.random() < noise else 0)
+        for row in rows
+    ]
     if behaviour.output == "label":
-        return [int((c + 1) % N_CLASSES if flip else c) for c, flip in zip(labels, flips, strict=True)]
+        return [int((c + flip) % N_CLASSES) for c, flip in zip(labels, flips, strict=True)]
     # np.roll by one moves p[c] to index c + 1, so the argmax moves with it.
     out: list[list[float]] = [
-        (np.roll(p, 1) if flip else p).tolist() for p, flip in zip(proba, flips, strict=True)
+        (np.roll(p, flip) if flip else p).tolist() for p, flip in zip(proba, flips, strict=True)
     ]
     return out
 
@@ -309,6 +325,8 @@ async def _predict(request: web.Request) -> web.Response:
         behaviour.predictions_key: _predictions(behaviour, rows),
         "model_version": behaviour.model_version,
     }
+    if behaviour.timestamp:
+        answer["created"] = datetime.now(UTC).isoformat(timespec="microseconds")
     return _json(answer, headers=version_header)
 
 

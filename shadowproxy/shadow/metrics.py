@@ -50,13 +50,22 @@ DROP_REASONS = ("in_flight_full", "backoff", "client_gone")
 
 
 class Metrics:
-    """`candidates`: the candidates' names, the `target` label values beside "production"."""
+    """`candidates`: the candidates' names, the `target` label values beside "production".
+    `secondary`: a [secondary] runs, and the upstream and mirror families also carry
+    target="secondary" (it compares nothing of its own, so not the comparison and LLM ones)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, candidates: tuple[str, ...] = ("candidate",)) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        candidates: tuple[str, ...] = ("candidate",),
+        secondary: bool = False,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.candidates = candidates
         self.targets = targets = ("production", *candidates)
+        mirrored = (*candidates, "secondary") if secondary else candidates
+        upstreams = ("production", *mirrored)
         # Updated per request or per mirrored request: plain numbers, read at scrape time.
         self.requests = PlainCounter(
             "shadowproxy_requests_total",
@@ -67,7 +76,7 @@ class Metrics:
         self.upstream_duration = PlainHistogram(
             "shadowproxy_upstream_request_duration_seconds",
             "Upstream exchange time, first byte sent to last byte of the answer.",
-            "target", targets, LATENCY_BUCKETS, r,
+            "target", upstreams, LATENCY_BUCKETS, r,
         )
         self.duration_by_target = self.upstream_duration.children
         self.upstream_failures = Counter(
@@ -76,7 +85,7 @@ class Metrics:
             ["target", "kind"],
             registry=r,
         )
-        for t in targets:
+        for t in upstreams:
             for k in UPSTREAM_FAILURES:
                 self.upstream_failures.labels(t, k)
         self.client_errors = Counter(
@@ -91,24 +100,24 @@ class Metrics:
         self.mirror_requests = PlainCounters(
             "shadowproxy_mirror_requests_total",
             "Sampled requests by candidate and what became of their shadow copy.",
-            ("target", "result"), [(c, x) for c in candidates for x in MIRROR_RESULTS], r,
+            ("target", "result"), [(c, x) for c in mirrored for x in MIRROR_RESULTS], r,
         )
         self.mirror_skipped = PlainCounters(
             "shadowproxy_mirror_skipped_total",
             "Sampled requests not mirrored because they were not eligible, by candidate and reason.",
-            ("target", "reason"), [(c, x) for c in candidates for x in SKIP_REASONS], r,
+            ("target", "reason"), [(c, x) for c in mirrored for x in SKIP_REASONS], r,
         )
         self.mirror_dropped = PlainCounters(
             "shadowproxy_mirror_dropped_total",
             "Sampled requests not mirrored for lack of capacity or a backed-off candidate, by candidate and reason.",
-            ("target", "reason"), [(c, x) for c in candidates for x in DROP_REASONS], r,
+            ("target", "reason"), [(c, x) for c in mirrored for x in DROP_REASONS], r,
         )
         self.mirror_in_flight = PlainGauges(
-            "shadowproxy_mirror_in_flight", "Shadow requests outstanding, by candidate.", "target", candidates, r
+            "shadowproxy_mirror_in_flight", "Shadow requests outstanding, by candidate.", "target", mirrored, r
         )
         self.mirror_sample_rate = PlainGauges(
             "shadowproxy_mirror_sample_rate", "The share of requests currently mirrored, by candidate.",
-            "target", candidates, r,
+            "target", mirrored, r,
         )
         self.comparisons = PlainCounters(
             "shadowproxy_comparisons_total",

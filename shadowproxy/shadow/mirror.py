@@ -29,7 +29,8 @@ from shadowproxy.http.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from shadowproxy.judging.compare import compare_predictions
+from shadowproxy.judging.compare import Comparison, compare_predictions
+from shadowproxy.judging.fields import FieldTable, field_diffs
 from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
 from shadowproxy.judging.stats import ShadowStats
@@ -65,9 +66,13 @@ class Mirror:
         stats: ShadowStats,
         observers: list[Observer] | None = None,
         name: str = "candidate",
+        secondary: bool = False,
     ) -> None:
         self.pool = pool
         self.name = name
+        # [secondary]: production's twin, whose answers are read by the candidates' judgements
+        # (`SharedAnswer`), never judged on their own.
+        self.is_secondary = secondary
         self.observers = observers if observers is not None else []  # shared: added to at run time
         self.sampler = Sampler(mirror)
         if isinstance(candidate, NamedCandidateConfig):
@@ -82,7 +87,7 @@ class Mirror:
         # The candidate's LLM figures, over its mirrored answers.
         self.llm = (
             LlmMeter(name, stats.llm.candidate, metrics, candidate.price, compare.max_response_bytes)
-            if self.openai else None
+            if self.openai and not secondary else None
         )
         self.rewrite = CandidateRewrite.from_config(candidate)  # None: the copy is the client's request
         # [judge]: offered every compared chat and completions pair (shadow/judge.py); None: no judge.
@@ -107,7 +112,7 @@ class Mirror:
         self._mirror_counter = metrics.mirror_requests.by_first(name)
         self._skipped = metrics.mirror_skipped.by_first(name)
         self._dropped = metrics.mirror_dropped.by_first(name)
-        self._comparisons = metrics.comparisons.by_first(name)
+        self._comparisons = metrics.comparisons.by_first(name) if not secondary else {}
         self._in_flight_gauge = metrics.mirror_in_flight.children[name]
         self._rate_gauge = metrics.mirror_sample_rate.children[name]
         self._duration = metrics.duration_by_target[name]
@@ -225,6 +230,9 @@ class Mirror:
         self.active.discard(exchange)
         self._set_in_flight(-1)
         self._note_connect_outcome(failure == "connect")
+        if self.is_secondary:
+            self._secondary_done(exchange.ticket, response, failure)
+            return
         slice_index = exchange.ticket.slice
         if response is None:
             self._count("error")
@@ -241,6 +249,20 @@ class Mirror:
             else:
                 self.stats.record_candidate(response.latency_s, error=response.status >= 500)
         exchange.ticket.candidate_ready(response)
+
+    def _secondary_done(self, ticket: MirrorTicket, response: BufferedResponse | None, failure: str) -> None:
+        if response is None:
+            self._count("error")
+            self.stats.record_mirror_reason("errors_by_kind", failure)
+            self.metrics.upstream_failures.labels(self.name, failure).inc()
+            self.stats.record_candidate(None, error=True)
+        else:
+            self._duration.observe(response.latency_s)
+            self.stats.record_candidate(response.latency_s, error=response.status >= 500)
+        self.unjudged -= 1
+        shared = ticket.shared
+        if shared is not None:
+            shared.secondary_finished(response)
 
     def judge_later(self, ticket: MirrorTicket) -> None:
         # Not now: the caller may be writing the client's answer, which must leave first.
@@ -303,7 +325,7 @@ class Mirror:
                         shared.done = True
                         shared.predictions = prod_preds
         outcome, cand_preds, flags = self._compare(
-            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm
+            status, prod_body, prod_preds, candidate, ticket.endpoint, prod_choices, cand_llm, ticket
         )
         if (
             outcome in ("agree", "disagree")
@@ -324,6 +346,13 @@ class Mirror:
             and cand_preds is not None
         ):
             judge.offer(ticket.request_body, ticket.endpoint, prod_preds, cand_preds)
+        shared = ticket.shared
+        if shared is not None and shared.with_secondary and flags is not None and outcome in ("agree", "disagree"):
+            if self.compare.kind == "fields" and prod_choices is None:
+                secondary_flags = ticket.secondary_agrees  # worked out with the fields' noise
+            else:
+                secondary_flags = self._secondary_flags(shared, prod_preds, prod_choices, ticket.endpoint)
+            self.stats.record_noise(flags, secondary_flags)
         if ticket.slice >= 0 and outcome != "not_compared":
             agree = sum(flags) if flags is not None else 0
             disagree = len(flags) - agree if flags is not None else 0
@@ -346,8 +375,81 @@ class Mirror:
                 except Exception:  # an observer's bug must never break the mirror
                     log.exception("observer %r failed", observer)
 
+    def _compare_fields(
+        self, prod_doc: object, cand_preds: list[object], ticket: MirrorTicket | None
+    ) -> tuple[str, list[object] | None, list[bool] | None]:
+        """compare.kind "fields" (judging/fields.py): the whole answers, leaf by leaf; with a
+        secondary, its own differences from production count per field too, and decide which
+        fields are noisy before either answer's agreement is read."""
+        cfg = self.compare
+        table = self.stats.fields
+        if table is None:  # stats built without enable_fields: count from the first answer on
+            table = self.stats.fields = FieldTable(cfg.noise_threshold)
+        try:
+            cand = field_diffs(prod_doc, cand_preds[0], cfg.abs_tol, cfg.rel_tol)
+        except RecursionError:
+            return "candidate_error", cand_preds, None
+        shared = ticket.shared if ticket is not None else None
+        secondary: dict[str, bool] | None = None
+        if shared is not None and shared.with_secondary:
+            if not shared.secondary_read:
+                shared.secondary_read = True
+                answer = shared.secondary
+                if answer is not None and 200 <= answer.status < 300 and not answer.truncated:
+                    try:
+                        shared.secondary_fields = field_diffs(prod_doc, _loads(answer.body), cfg.abs_tol, cfg.rel_tol)
+                    except (ValueError, RecursionError):
+                        shared.secondary_fields = None
+            secondary = shared.secondary_fields
+        agrees, secondary_agrees = table.record(cand, secondary)
+        if ticket is not None:
+            ticket.secondary_agrees = [secondary_agrees] if secondary_agrees is not None else None
+        result = Comparison()
+        result.flags = [agrees]
+        result.agree = int(agrees)
+        result.disagree = 1 - result.agree
+        self.stats.record_comparison(result, "fields")
+        self._comparisons["agree" if agrees else "disagree"].value += 1
+        return ("agree" if agrees else "disagree"), cand_preds, result.flags
+
+    def _secondary_flags(
+        self,
+        shared: SharedAnswer,
+        prod_preds: list[object] | None,
+        prod_choices: list[OpenAIChoice] | None,
+        endpoint: str,
+    ) -> list[bool] | None:
+        """Per prediction, whether the secondary agrees with production (one [compare] for all
+        candidates: worked out by the first judgement and reused); None when its answer is
+        missing, not 2xx, too large or unreadable, or holds another number of predictions."""
+        if shared.secondary_read:
+            return shared.secondary_flags
+        shared.secondary_read = True
+        answer = shared.secondary
+        if answer is None or not 200 <= answer.status < 300 or answer.truncated or prod_preds is None:
+            return None
+        cfg = self.compare
+        if prod_choices is not None:
+            choices = self._choices(answer.body, endpoint)
+            if choices is None or len(choices) != len(prod_choices):
+                return None
+            shared.secondary_flags = compare_openai(prod_choices, choices, cfg).flags
+        else:
+            preds = self._predictions(answer.body)
+            if preds is None or len(preds) != len(prod_preds):
+                return None
+            shared.secondary_flags = compare_predictions(
+                cfg.kind, prod_preds, preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity
+            ).flags
+        return shared.secondary_flags
+
     def _predictions(self, body: bytes) -> list[object] | None:
         cfg = self.compare
+        if cfg.kind == "fields":  # the whole answer is the one prediction; preset and path unused
+            try:
+                return [_loads(body)]
+            except (ValueError, RecursionError):
+                return None
         try:
             return extract_predictions(_loads(body), cfg.preset, cfg.path, cfg.output)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
@@ -369,6 +471,7 @@ class Mirror:
         endpoint: str = "",
         prod_choices: list[OpenAIChoice] | None = None,
         cand_llm: LlmWatch | None = None,
+        ticket: MirrorTicket | None = None,
     ) -> tuple[str, list[object] | None, list[bool] | None]:
         """The request's outcome, the candidate's predictions and per-prediction agreement."""
         if candidate is None or candidate.status >= 500:
@@ -387,6 +490,8 @@ class Mirror:
         if cand_preds is None or len(prod_preds) != len(cand_preds):
             return "candidate_error", cand_preds, None
         cfg = self.compare
+        if cfg.kind == "fields":
+            return self._compare_fields(prod_preds[0], cand_preds, ticket)
         result = compare_predictions(cfg.kind, prod_preds, cand_preds, cfg.abs_tol, cfg.rel_tol, cfg.min_similarity)
         self.stats.record_comparison(result, cfg.kind)
         if result.agree:
@@ -595,7 +700,7 @@ class MirrorTicket:
 
     __slots__ = ("mirror", "method", "path", "fields", "request_id", "chunks", "size", "cancelled",
                  "dispatched", "production", "candidate", "candidate_in", "endpoint", "production_llm",
-                 "candidate_llm", "request_body", "slice", "shared")
+                 "candidate_llm", "request_body", "slice", "shared", "secondary_agrees")
 
     def __init__(self, mirror: Mirror, method: bytes, path: bytes, request_id: str) -> None:
         self.mirror = mirror
@@ -617,6 +722,8 @@ class MirrorTicket:
         self.request_body = b""  # kept for the judge only ([judge])
         self.slice = -1  # [[slices]]: the request's slice, else -1
         self.shared: SharedAnswer | None = None  # several candidates: production's answer, read once
+        # compare.kind "fields" with a secondary: whether its answer agreed, noisy fields left out.
+        self.secondary_agrees: list[bool] | None = None
 
     def add_body(self, data: bytes) -> None:
         if self.cancelled:
@@ -647,12 +754,20 @@ class MirrorTicket:
             self.mirror.drop("client_gone")
         self.production = (status, body, latency_s)
         if self.candidate_in:
-            self.mirror.judge_later(self)
+            self._ready()
 
     def candidate_ready(self, response: BufferedResponse | None) -> None:
         self.candidate = response
         self.candidate_in = True
         if self.production is not None:
+            self._ready()
+
+    def _ready(self) -> None:
+        """Both answers are in: judge now, or once the secondary's answer is in too."""
+        shared = self.shared
+        if shared is not None and shared.secondary_pending:
+            shared.waiting.append(self)
+        else:
             self.mirror.judge_later(self)
 
 
@@ -662,8 +777,11 @@ class MirrorGroup:
     and joined once, and each candidate then runs on its own pool, bound and backoff, so a slow
     or dead one delays neither production nor the others."""
 
-    def __init__(self, mirrors: list[Mirror], mirror: MirrorConfig) -> None:
+    def __init__(self, mirrors: list[Mirror], mirror: MirrorConfig, secondary: Mirror | None = None) -> None:
         self.mirrors = mirrors
+        # [secondary]: sent every request mirrored to any candidate; its answer joins each
+        # candidate's judgement of the same request (`SharedAnswer`).
+        self.secondary = secondary
         self.sampler = Sampler(mirror)  # the draw, methods and size limit; rates are the mirrors'
         self.max_body_bytes = mirror.max_body_bytes
 
@@ -684,35 +802,70 @@ class MirrorGroup:
             ticket.endpoint = endpoint
             ticket.shared = shared
             tickets.append(ticket)
-        return TicketGroup(self, tickets) if tickets else None
+        if not tickets:
+            return None
+        second: MirrorTicket | None = None
+        if self.secondary is not None:
+            second = MirrorTicket(self.secondary, cycle.method, path, rid)
+            second.endpoint = tickets[0].endpoint
+            second.shared = shared
+            shared.with_secondary = True
+            shared.secondary_pending = True
+        return TicketGroup(self, tickets, second)
 
     @property
     def busy(self) -> bool:
-        return any(m.busy for m in self.mirrors)
+        return any(m.busy for m in self.mirrors) or (self.secondary is not None and self.secondary.busy)
 
     async def drain(self, timeout_s: float) -> None:
-        await asyncio.gather(*(m.drain(timeout_s) for m in self.mirrors))
+        secondary = [self.secondary] if self.secondary is not None else []
+        await asyncio.gather(*(m.drain(timeout_s) for m in [*self.mirrors, *secondary]))
 
 
 class SharedAnswer:
     """Production's predictions for one request, read by the first of several candidates' judgements
     and reused by the others (one [compare] for all: the same reading)."""
 
-    __slots__ = ("done", "predictions")
+    __slots__ = (
+        "done", "predictions", "with_secondary", "secondary_pending", "secondary", "secondary_read",
+        "secondary_flags", "secondary_fields", "waiting",
+    )
 
     def __init__(self) -> None:
         self.done = False
         self.predictions: list[object] | None = None
+        # [secondary]: its answer (None: missing), and the candidates' tickets waiting for it.
+        self.with_secondary = False
+        self.secondary_pending = False
+        self.secondary: BufferedResponse | None = None
+        self.secondary_read = False  # its flags below were worked out (by the first judgement)
+        self.secondary_flags: list[bool] | None = None
+        self.secondary_fields: dict[str, bool] | None = None  # compare.kind "fields"
+        self.waiting: list[MirrorTicket] = []
+
+    def secondary_finished(self, answer: BufferedResponse | None) -> None:
+        """The secondary answered, failed, timed out or was never sent: judge who waited."""
+        if not self.secondary_pending:
+            return
+        self.secondary_pending = False
+        self.secondary = answer
+        waiting, self.waiting = self.waiting, []
+        for ticket in waiting:
+            ticket.mirror.judge_later(ticket)
 
 
 class TicketGroup:
     """One sampled exchange for several candidates: the proxy's side of a `MirrorTicket`, fanned out."""
 
-    __slots__ = ("group", "tickets", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm", "slice")
+    __slots__ = (
+        "group", "tickets", "secondary", "fields", "chunks", "size", "cancelled", "dispatched", "production_llm",
+        "slice",
+    )
 
-    def __init__(self, group: MirrorGroup, tickets: list[MirrorTicket]) -> None:
+    def __init__(self, group: MirrorGroup, tickets: list[MirrorTicket], secondary: MirrorTicket | None = None) -> None:
         self.group = group
         self.tickets = tickets
+        self.secondary = secondary  # [secondary]: its copy of the exchange
         self.fields = b""
         self.chunks: list[bytes] = []
         self.size = 0
@@ -731,6 +884,7 @@ class TicketGroup:
             for ticket in self.tickets:
                 ticket.cancelled = True
                 ticket.mirror.skip("body_too_large")
+            self._secondary_off(skip="body_too_large")
         else:
             self.chunks.append(data)
 
@@ -746,8 +900,37 @@ class TicketGroup:
             ticket.dispatched = True
             ticket.mirror.dispatch(ticket, body)
         self.cancelled = all(ticket.cancelled for ticket in self.tickets)
+        second = self.secondary
+        if second is not None:
+            if self.cancelled:
+                self._secondary_off()  # no candidate is to be judged: nothing to send it for
+            else:
+                second.mirror._count("sampled")
+                second.fields = self.fields
+                second.dispatched = True
+                second.mirror.dispatch(second, body)
+                if second.cancelled:  # dropped (in_flight_full, backoff): counted by dispatch
+                    self._secondary_off()
+
+    def _secondary_off(self, skip: str = "", drop: str = "") -> None:
+        """The secondary's copy is not sent (or not answered): the candidates judge without it."""
+        second = self.secondary
+        if second is None:
+            return
+        second.cancelled = True
+        if skip or drop:
+            second.mirror._count("sampled")
+        if skip:
+            second.mirror.skip(skip)
+        elif drop:
+            second.mirror.drop(drop)
+        if second.shared is not None:
+            second.shared.secondary_finished(None)
 
     def production_done(self, status: int, body: bytes | None, latency_s: float | None) -> None:
+        second = self.secondary
+        if second is not None and not second.dispatched and not second.cancelled:
+            self._secondary_off(drop="client_gone")  # the client's request never completed
         for ticket in self.tickets:
             ticket.production_llm = self.production_llm
             ticket.production_done(status, body, latency_s)

@@ -115,6 +115,7 @@ def test_defaults_are_the_documented_values() -> None:
             "output": "",
             "min_similarity": 1.0,
             "min_cosine": 0.99,
+            "noise_threshold": 0.01,
             "max_response_bytes": 1048576,
         },
         "gates": {
@@ -140,6 +141,7 @@ def test_defaults_are_the_documented_values() -> None:
         },
         "drift": None,
         "judge": None,
+        "secondary": None,
     }
 
 
