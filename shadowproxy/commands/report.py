@@ -137,6 +137,9 @@ def gates_from_verdict(verdict: Mapping[str, Any], url: str = "") -> GatesConfig
         values[str(name)] = int(threshold) if name == "min_samples" else float(threshold)
     if values.get("min_samples", 1) < 1:
         raise ReportError(url, f"/shadow/verdict: min_samples threshold {values['min_samples']} < 1")
+    min_labels = verdict.get("min_labels")  # present when the accuracy gate is configured
+    if isinstance(min_labels, int) and not isinstance(min_labels, bool) and min_labels >= 1:
+        values["min_labels"] = min_labels
     return dataclasses.replace(GatesConfig(), **values)
 
 

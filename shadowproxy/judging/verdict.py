@@ -171,6 +171,10 @@ def evaluate_all(snapshot: Mapping[str, Any], gates: GatesLike) -> dict[str, Any
     ``"candidates"`` block) also each candidate's verdict and gates under ``"candidates"``, the
     top-level gates those of the first candidate and the top-level verdict the worst of all."""
     result = evaluate(snapshot, gates)
+    if getattr(gates, "min_accuracy_delta", None) is not None:
+        # Not a threshold of any listed gate, yet it decides when the accuracy gate joins: a
+        # report that judges merged stats again reads it here.
+        result["min_labels"] = int(getattr(gates, "min_labels", 100))
     candidates = snapshot.get("candidates")
     if not isinstance(candidates, Mapping) or not candidates:
         return result

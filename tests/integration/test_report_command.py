@@ -18,7 +18,7 @@ from shadowproxy.commands.report import Report, collect, gates_from_verdict, ren
 from shadowproxy.config import GatesConfig
 from shadowproxy.judging.intervals import newcombe_interval
 from shadowproxy.judging.stats import ShadowStats
-from shadowproxy.judging.verdict import evaluate
+from shadowproxy.judging.verdict import evaluate, evaluate_all
 from shadowproxy.models import ModelBehaviour, RunningModel, generate_instances, start_model
 from tests.helpers import RunningProxy, Upstream, closed_port_url
 
@@ -197,6 +197,20 @@ def test_gates_are_read_from_verdict_thresholds() -> None:
         ],
     }
     assert gates_from_verdict(verdict) == GatesConfig(min_samples=7, max_p99_latency_ratio=2.5)
+
+
+def test_min_labels_travels_in_the_verdict_so_a_report_adds_the_accuracy_gate_when_the_proxy_does() -> None:
+    gates = GatesConfig(min_samples=1, min_accuracy_delta=-0.05, min_labels=20)
+    snapshot = ShadowStats().snapshot()
+    snapshot["ground_truth"] = {"candidate_labeled": 30, "accuracy_delta": 0.0,
+                                "accuracy_delta_ci95": [-0.1, 0.1]}
+    verdict = evaluate_all(snapshot, gates)
+    assert verdict["min_labels"] == 20
+    assert "min_accuracy_delta" in [g["name"] for g in verdict["gates"]]  # 30 labels >= 20
+    read = gates_from_verdict(verdict)
+    assert (read.min_labels, read.min_accuracy_delta) == (20, -0.05)
+    assert evaluate_all(snapshot, read)["gates"] == verdict["gates"]  # the default 100 would leave it out
+    assert "min_labels" not in evaluate_all(snapshot, GatesConfig())
 
 
 async def test_report_of_one_proxy_is_its_own_stats_and_verdict(models, start_proxy) -> None:
