@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.metrics_core import Metric
 
 from shadowproxy.config import Config, parse_config
-from shadowproxy.shadow.metrics import Metrics
+from shadowproxy.shadow.metrics import JudgeMetrics, Metrics
 from tests.helpers import DASHBOARD, PROMETHEUS_DIR, ROOT, dashboard_panels, require_binary
 
 KUBERNETES_DIR = ROOT / "config" / "kubernetes"
@@ -50,7 +50,9 @@ def exported_series_names() -> set[str]:
     """Every series name the proxy's /metrics can show (histograms as _bucket, _count, _sum)."""
     names: set[str] = set()
     metric: Metric
-    for metric in Metrics().registry.collect():
+    metrics = Metrics()
+    JudgeMetrics(metrics.registry)  # registered with a [judge] table only
+    for metric in metrics.registry.collect():
         names.update(sample.name for sample in metric.samples)
     return names
 
@@ -106,6 +108,8 @@ def test_every_alert_has_a_severity_summary_description_and_runbook() -> None:
         "ShadowproxyProduction5xxHigh",
         "ShadowproxyDown",
         "ShadowproxyFeatureDrift",
+        "ShadowproxyCandidateTimeToFirstTokenRegression",
+        "ShadowproxyJudgeErrorsHigh",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
