@@ -114,3 +114,17 @@ class OipServer:
 
     async def close(self) -> None:
         await self.server.stop(0)
+
+
+async def _serve_forever(port: int, flip_above: float | None) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Classifier(flip_above, 0.0, True), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":  # python -m tests.grpc_models PORT [FLIP_ABOVE]: the benchmark's stand-in
+    import sys
+
+    asyncio.run(_serve_forever(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -222,3 +222,23 @@ async def test_hung_candidate_never_delays_production_and_is_bounded(start_proxy
     assert mirror["sent"] == 4
     assert mirror["dropped"] == 6
     assert mirror["error"] == 4  # each timed out
+
+
+async def test_tls_listener_with_cert_and_key(start_proxy: Start, upstream: Any, oip: Any, tmp_path: Any) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await made.wait() == 0
+    production = await oip()
+    _, address = await grpc_proxy(start_proxy, upstream.url, production.url,
+                                  listen={"grpc_cert_file": str(cert), "grpc_key_file": str(key)})
+    credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        answer = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=5)
+    assert list(answer.outputs[0].contents.int64_contents) == [label_of(r) for r in ROWS]
+    async with grpc.aio.insecure_channel(address) as channel:  # cleartext is refused
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=2)
