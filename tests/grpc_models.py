@@ -50,7 +50,9 @@ def _rows(request: Any) -> list[list[float]]:
 
 
 class Classifier(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, flip_above: float | None, delay_s: float, raw_answers: bool) -> None:
+    def __init__(self, flip_above: float | None, delay_s: float, raw_answers: bool,
+                 fail: grpc.StatusCode | None = None) -> None:
+        self.fail = fail
         self.flip_above = flip_above
         self.delay_s = delay_s
         self.raw_answers = raw_answers
@@ -67,6 +69,8 @@ class Classifier(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         self.time_remaining.append(context.time_remaining())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            await context.abort(self.fail, "the stand-in fails every call")
         if request.model_name == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "model missing is not loaded",
                                 (("x-model-state", "unloaded"), ("why-bin", b"\x00\xff")))
@@ -95,8 +99,9 @@ async def _chat(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[b
 class OipServer:
     """One stand-in on a free loopback port: `url` is its grpc:// address."""
 
-    def __init__(self, flip_above: float | None = None, delay_s: float = 0.0, raw_answers: bool = False) -> None:
-        self.model = Classifier(flip_above, delay_s, raw_answers)
+    def __init__(self, flip_above: float | None = None, delay_s: float = 0.0, raw_answers: bool = False,
+                 fail: grpc.StatusCode | None = None) -> None:
+        self.model = Classifier(flip_above, delay_s, raw_answers, fail)
         self.server: Any = None
         self.url = ""
         self.address = ""

@@ -183,6 +183,24 @@ async def test_mirrored_share_follows_the_sample_rate(start_proxy: Start, upstre
     assert stats["comparisons"]["agree"] == sampled * len(ROWS)
 
 
+async def test_candidate_error_status_is_a_candidate_error(start_proxy: Start, upstream: Any, oip: Any) -> None:
+    production = await oip()
+    candidate = await oip(fail=grpc.StatusCode.INTERNAL)
+    proxy, address = await grpc_proxy(start_proxy, upstream.url, production.url, candidate.url,
+                                      mirror={"sample_rate": 1.0})
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(5):
+            await stub.ModelInfer(infer_request(ROWS))
+    await settle(proxy)
+    stats = proxy.stats()
+    assert candidate.model.calls == 5
+    assert stats["comparisons"]["candidate_error"] == 5
+    assert stats["comparisons"]["agree"] == stats["comparisons"]["disagree"] == 0
+    assert stats["candidate"]["errors"] == 5
+    assert stats["mirror"]["error"] == 0  # it answered, with an error status
+
+
 async def test_dead_candidate_leaves_production_untouched(start_proxy: Start, upstream: Any, oip: Any) -> None:
     production = await oip()
     proxy, address = await grpc_proxy(start_proxy, upstream.url, production.url, f"grpc://127.0.0.1:{free_port()}",
@@ -202,6 +220,7 @@ async def test_dead_candidate_leaves_production_untouched(start_proxy: Start, up
     assert mirror["dropped"] >= 1  # backed off after 3 refusals in a row
     assert mirror["sent"] + mirror["dropped"] == 30
     assert mirror["error"] == mirror["sent"]
+    assert stats["comparisons"]["candidate_error"] == mirror["sent"]
     assert stats["production"]["errors"] == 0
 
 
@@ -222,6 +241,7 @@ async def test_hung_candidate_never_delays_production_and_is_bounded(start_proxy
     assert mirror["sent"] == 4
     assert mirror["dropped"] == 6
     assert mirror["error"] == 4  # each timed out
+    assert mirror["errors_by_kind"]["timeout"] == 4
 
 
 async def test_tls_listener_with_cert_and_key(start_proxy: Start, upstream: Any, oip: Any, tmp_path: Any) -> None:
