@@ -207,7 +207,7 @@ class ShadowProxy:
             from shadowproxy.grpcproxy.forward import GrpcProxy
 
             self.grpc = GrpcProxy(cfg, self.metrics, self.stats, {m.name: m.sampler for m in self.mirrors})
-            self.grpc_port = await self.grpc.start(listen.host, listen.grpc_port)
+            self.grpc_port = await self.grpc.start(listen.host, listen.grpc_port, reuse_port=self.reuse_port)
         runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, cfg.admin.host, cfg.admin.port)
@@ -328,6 +328,9 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     cap = proxy.max_client_connections
     how = "as set" if config.listen.max_connections is not None else "from the open-files limit"
     log.info("%s; listen.max_connections %s (%s)", open_files.describe(), "unlimited" if cap is None else cap, how)
+    if proxy.grpc is not None:
+        log.info("gRPC listening on %s:%d, production %s", config.listen.host, proxy.grpc_port,
+                 config.production.grpc_url)
     # Everything loaded so far lives as long as the process: out of the collector's way, so the
     # full collections that per-request garbage triggers do not walk it again and again.
     gc.collect()

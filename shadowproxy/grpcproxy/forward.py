@@ -90,8 +90,9 @@ class GrpcProxy:
         self.server: Any = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; the port bound (for port 0, the one the system chose)."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen; the port bound (for port 0, the one the system chose). `reuse_port`: several
+        processes share the port (serve --workers); otherwise a port in use is an error."""
         listen = self.config.listen
         proxy = self
 
@@ -99,16 +100,21 @@ class GrpcProxy:
             def service(self, details: Any) -> Any:
                 return proxy._handler(details.method)
 
-        self.server = grpc.aio.server(options=_UNLIMITED)
+        self.server = grpc.aio.server(options=[*_UNLIMITED, ("grpc.so_reuseport", int(reuse_port))])
         self.server.add_generic_rpc_handlers((Handler(),))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if listen.grpc_cert_file:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(listen.grpc_key_file).read_bytes(), Path(listen.grpc_cert_file).read_bytes())]
-            )
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if listen.grpc_cert_file:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(listen.grpc_key_file).read_bytes(), Path(listen.grpc_cert_file).read_bytes())]
+                )
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio's "Failed to bind"
+            raise OSError(f"gRPC listener on {address}: {exc}") from None
+        if not self.port:
+            raise OSError(f"gRPC listener: cannot bind {address}")
         await self.server.start()
         return self.port
 
