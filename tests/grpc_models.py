@@ -16,6 +16,7 @@ from shadowproxy.grpcproxy import grpc_predict_v2_pb2 as pb
 from shadowproxy.grpcproxy import grpc_predict_v2_pb2_grpc as pb_grpc
 
 CHAT = "/test.Echo/Chat"
+BREAK = "/test.Echo/Break"  # two messages, then RESOURCE_EXHAUSTED with trailing metadata
 
 
 def label_of(row: Sequence[float], flip_above: float | None = None) -> int:
@@ -96,6 +97,13 @@ async def _chat(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[b
     context.set_trailing_metadata((("x-messages", str(count)),))
 
 
+async def _break(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield request
+    yield request + request
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota spent after two",
+                        (("x-quota", "0"), ("detail-bin", b"\x07")))
+
+
 class OipServer:
     """One stand-in on a free loopback port: `url` is its grpc:// address."""
 
@@ -110,7 +118,8 @@ class OipServer:
         self.server = grpc.aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.model, self.server)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "test.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(_chat)}),))
+            "test.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(_chat),
+                          "Break": grpc.unary_stream_rpc_method_handler(_break)}),))
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.address = f"127.0.0.1:{port}"

@@ -14,7 +14,7 @@ import pytest
 
 from shadowproxy.grpcproxy import grpc_predict_v2_pb2 as pb
 from shadowproxy.grpcproxy import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.grpc_models import CHAT, OipServer, infer_request, label_of
+from tests.grpc_models import BREAK, CHAT, OipServer, infer_request, label_of
 from tests.helpers import RunningProxy, free_port
 
 Start = Callable[..., Awaitable[RunningProxy]]
@@ -140,6 +140,29 @@ async def test_unknown_service_streams_through_both_ways(start_proxy: Start, ups
         live = await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())
     assert live.live is True
     assert grpc_side.calls.labels("other", "OK")._value.get() == 2
+
+
+async def test_server_stream_ending_in_an_error_passes_through(start_proxy: Start, upstream: Any, oip: Any) -> None:
+    production = await oip()
+    _, address = await grpc_proxy(start_proxy, upstream.url, production.url)
+
+    async def broken(target: str) -> tuple[list[bytes], Any, str, list[Any]]:
+        got: list[bytes] = []
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_stream(BREAK)(b"ab")
+            try:
+                async for message in call:
+                    got.append(message)
+            except grpc.aio.AioRpcError as exc:
+                return got, exc.code(), exc.details() or "", pairs(exc.trailing_metadata())
+        raise AssertionError("the stream ended without its error")
+
+    direct = await broken(production.address)
+    proxied = await broken(address)
+    assert proxied == direct
+    assert proxied[0] == [b"ab", b"abab"]
+    assert proxied[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("detail-bin", b"\x07") in proxied[3]
 
 
 async def test_disagreement_equals_the_offline_truth(start_proxy: Start, upstream: Any, oip: Any) -> None:
