@@ -58,6 +58,7 @@ class Classifier(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         self.delay_s = delay_s
         self.raw_answers = raw_answers
         self.calls = 0
+        self.cancelled = 0
         self.metadata: list[list[tuple[str, Any]]] = []
         self.time_remaining: list[float | None] = []
 
@@ -69,7 +70,11 @@ class Classifier(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         self.metadata.append([(m.key, m.value) for m in context.invocation_metadata()])
         self.time_remaining.append(context.time_remaining())
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            try:
+                await asyncio.sleep(self.delay_s)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail is not None:
             await context.abort(self.fail, "the stand-in fails every call")
         if request.model_name == "missing":

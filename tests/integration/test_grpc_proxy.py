@@ -116,6 +116,24 @@ async def test_client_deadline_reaches_production(start_proxy: Start, upstream: 
     assert remaining is not None and 0 < remaining <= 0.31  # deadlines travel in ms units
 
 
+async def test_cancelled_client_call_cancels_production(start_proxy: Start, upstream: Any, oip: Any) -> None:
+    production = await oip(delay_s=3.0)
+    proxy, address = await grpc_proxy(start_proxy, upstream.url, production.url)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS))
+        deadline = time.monotonic() + 2
+        while production.model.calls == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        call.cancel()
+    deadline = time.monotonic() + 2
+    while production.model.cancelled == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert production.model.cancelled == 1
+    grpc_side = proxy.proxy.grpc
+    assert grpc_side is not None
+    assert grpc_side.calls.labels("model_infer", "CANCELLED")._value.get() == 1
+
+
 async def test_unknown_service_streams_through_both_ways(start_proxy: Start, upstream: Any, oip: Any) -> None:
     production = await oip()
     proxy, address = await grpc_proxy(start_proxy, upstream.url, production.url)
