@@ -374,6 +374,17 @@ def _pointer_or_empty(text: str) -> str:
     return _pointer(text) if text else text
 
 
+def _grpc_url(text: str) -> str:
+    """`grpc://host:port` (cleartext HTTP/2) or `grpcs://host:port` (TLS)."""
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme not in ("grpc", "grpcs") or not colon or not host or "/" in rest:
+        raise _Invalid(f"must be grpc://host:port or grpcs://host:port, got {_quote(text)}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _Invalid(f"port must be between 1 and 65535, got {_quote(port)}")
+    return text
+
+
 def _url(text: str) -> str:
     try:
         parse_upstream_url(text)
@@ -417,6 +428,10 @@ class ListenConfig:
     lingering_timeout_s: float = _key(5.0, _NON_NEGATIVE)
     # Client connections per process; None: computed from the open-files limit at start.
     max_connections: int | None = _key(None, _COUNT)
+    # The gRPC listener (grpcproxy/): None keeps it off; with both files set it speaks TLS.
+    grpc_port: int | None = _key(None, _PORT)
+    grpc_cert_file: str = _key("", _string())
+    grpc_key_file: str = _key("", _string())
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +495,8 @@ class ProductionConfig(UpstreamConfig):
 
     max_connections: int = _key(1024, _COUNT)
     pool_idle_timeout_s: float = _key(4.0, _POSITIVE)
+    # Where the gRPC listener's calls go; required with listen.grpc_port.
+    grpc_url: str | None = _key(None, _string(_grpc_url))
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +505,8 @@ class CandidateConfig(UpstreamConfig):
 
     max_in_flight: int = _key(256, _COUNT)
     backoff_after: int = _key(5, _COUNT)
+    # Where sampled gRPC ModelInfer calls are mirrored; None: gRPC calls are not mirrored to it.
+    grpc_url: str | None = _key(None, _string(_grpc_url))
     # A streamed answer (text/event-stream) may take this long in all; timeout_s then bounds its first byte.
     stream_timeout_s: float = _key(600.0, _POSITIVE)
     # A streamed answer that sends nothing for this long is given up, its in-flight slot freed.
@@ -847,6 +866,16 @@ def _check_across_sections(sections: Mapping[str, Any], problems: list[str]) -> 
         wildcard = {"0.0.0.0", "::", "*"}
         if listen.host == admin.host or listen.host in wildcard or admin.host in wildcard:
             problems.append(f"admin.port: must differ from listen.port on the same host, got {admin.port}")
+
+    production = sections.get("production")
+    if isinstance(listen, ListenConfig) and listen.grpc_port is not None:
+        if isinstance(production, ProductionConfig) and not production.grpc_url:
+            problems.append("production.grpc_url: required when listen.grpc_port is set")
+        if listen.grpc_port == listen.port and listen.grpc_port is not None:
+            problems.append(f"listen.grpc_port: must differ from listen.port, got {listen.grpc_port}")
+    if isinstance(listen, ListenConfig) and bool(listen.grpc_cert_file) != bool(listen.grpc_key_file):
+        missing = "grpc_key_file" if listen.grpc_cert_file else "grpc_cert_file"
+        problems.append(f"listen.{missing}: required when the other of grpc_cert_file and grpc_key_file is set")
 
     drift = sections.get("drift")
     if isinstance(drift, DriftConfig) and len(drift.features) > drift.max_features:

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -31,6 +31,9 @@ from shadowproxy.shadow.observers import Component, Observer
 from shadowproxy.shadow.proxy import Proxy
 from shadowproxy.shadow.routes import TokenGuard
 from shadowproxy.shadow.slices import SliceMatcher
+
+if TYPE_CHECKING:
+    from shadowproxy.grpcproxy.forward import GrpcProxy
 
 log = logging.getLogger("shadowproxy")
 
@@ -66,6 +69,8 @@ class ShadowProxy:
         self.metrics.registry.register(ShadowCollector(self.stats, config.gates, self.component_blocks))
         self.draining = False
         self.listen_address: tuple[str, int] = ("", 0)
+        self.grpc: GrpcProxy | None = None  # listen.grpc_port's listener
+        self.grpc_port = 0  # the port it bound
         self.admin_address: tuple[str, int] = ("", 0)
         self.production_pool: UpstreamPool | None = None
         self.candidate_pool: UpstreamPool | None = None  # the first candidate's
@@ -197,6 +202,12 @@ class ShadowProxy:
             on_client_error=lambda reason: self.metrics.client_errors.labels(reason).inc(),
         )
         self.listen_address = await self.server.listen(listen.host, listen.port, reuse_port=self.reuse_port)
+        if listen.grpc_port is not None:
+            # Imported here: grpcio is an optional extra, needed only with a gRPC listener.
+            from shadowproxy.grpcproxy.forward import GrpcProxy
+
+            self.grpc = GrpcProxy(cfg, self.metrics, self.stats, {m.name: m.sampler for m in self.mirrors})
+            self.grpc_port = await self.grpc.start(listen.host, listen.grpc_port, reuse_port=self.reuse_port)
         runner = web.AppRunner(make_admin_app(self), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, cfg.admin.host, cfg.admin.port)
@@ -259,8 +270,9 @@ class ShadowProxy:
         # Client requests and shadow exchanges drain side by side within one drain_timeout_s, so the
         # whole stop fits shutdown_delay_s + drain_timeout_s (a pod's grace period).
         assert self.server is not None and self.fanout is not None
-        drained, _ = await asyncio.gather(
-            self.server.drain(listen.drain_timeout_s), self._drain_shadow(listen.drain_timeout_s)
+        drained, *_ = await asyncio.gather(
+            self.server.drain(listen.drain_timeout_s), self._drain_shadow(listen.drain_timeout_s),
+            *([self.grpc.stop(listen.drain_timeout_s)] if self.grpc is not None else []),
         )
         if not drained:
             log.warning("drain timeout: closed connections still in flight")
@@ -316,6 +328,9 @@ async def serve(config: Config, *, worker: bool = False) -> int:
     cap = proxy.max_client_connections
     how = "as set" if config.listen.max_connections is not None else "from the open-files limit"
     log.info("%s; listen.max_connections %s (%s)", open_files.describe(), "unlimited" if cap is None else cap, how)
+    if proxy.grpc is not None:
+        log.info("gRPC listening on %s:%d, production %s", config.listen.host, proxy.grpc_port,
+                 config.production.grpc_url)
     # Everything loaded so far lives as long as the process: out of the collector's way, so the
     # full collections that per-request garbage triggers do not walk it again and again.
     gc.collect()
