@@ -614,6 +614,7 @@ class Exchange(ResponseSink):
             mirrored,
             b"".join(request_capture) if request_capture is not None else None,
             response_body,
+            self.cycle.headers,
         )
         for observer, on_exchange, every in self.proxy._tell:
             wanted = bool(wants & 1)

@@ -1,0 +1,218 @@
+"""Record production's traffic through the proxy, then replay the recording against candidates:
+a twin passes with no disagreement, a candidate flipping a known share disagrees on exactly that
+share, a dead candidate is a candidate error on every request; GoReplay files replay too."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import zstandard
+
+from shadowproxy.commands.goreplay import SEPARATOR
+from shadowproxy.commands.replay import Pacing, replay_main
+from shadowproxy.config import CompareConfig, GatesConfig
+from shadowproxy.models import ModelBehaviour, RunningModel, candidate_flips, generate_instances, start_model
+from shadowproxy.record.fileformat import read_paths, recording_files
+from shadowproxy.record.recorder import Recorder
+from tests.helpers import RunningProxy, closed_port_url
+
+PREDICT = "/v1/models/demo:predict"
+N = 120
+FLIP_RATE = 0.3
+SECRET = "s3cr3t-do-not-record"
+TOKEN = "Bearer tok-never-in-the-file"
+GATES = GatesConfig(min_samples=50, max_disagreement_rate=0.1, max_error_rate_delta=0.1)
+
+
+@pytest.fixture
+async def production() -> AsyncIterator[RunningModel]:
+    model = await start_model(ModelBehaviour.production(version="prod-7"))
+    yield model
+    await model.close()
+
+
+async def record(start_proxy: Any, production: RunningModel, directory: Path) -> list[list[float]]:
+    """N requests of one instance each through a recording proxy; the instances sent."""
+    proxy: RunningProxy = await start_proxy(
+        production.url, record={"path": str(directory), "redact": ["/secret"], "sample_rate": 1.0},
+    )
+    instances = generate_instances(N, seed=11)
+    async with aiohttp.ClientSession() as session:
+        for i, row in enumerate(instances):
+            body = {"instances": [row], "secret": SECRET}
+            async with session.post(f"{proxy.url}{PREDICT}?trace=on", json=body,
+                                    headers={"Authorization": TOKEN, "X-Request-ID": f"req-{i}",
+                                             "Cookie": "session=abc", "X-Tenant": "acme"}) as r:
+                assert r.status == 200
+                await r.read()
+    (recorder,) = [c for c in proxy.proxy.components if isinstance(c, Recorder)]
+    await recorder.close()  # what SIGTERM does after the drain: write everything queued
+    return instances
+
+
+async def run_replay(paths: list[str], *candidates: str, secondary: str | None = None,
+                     input_format: str = "recording") -> tuple[int, dict[str, Any]]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await replay_main(
+        paths, list(candidates), compare=CompareConfig(), gates=GATES,
+        secondary=secondary, pacing=Pacing(), concurrency=8, timeout_s=5.0, input_format=input_format,
+        as_json=True, stdout=out, stderr=err,
+    )
+    return code, orjson.loads(out.getvalue())
+
+
+def decompressed(directory: Path) -> bytes:
+    out = b""
+    for path in recording_files([str(directory)]):
+        data = Path(path).read_bytes()
+        while data:
+            d = zstandard.ZstdDecompressor().decompressobj()
+            out += d.decompress(data)
+            data = d.unused_data
+    return out
+
+
+async def test_recording_holds_each_request_and_production_answer(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    instances = await record(start_proxy, production, tmp_path / "rec")
+    records = list(read_paths([str(tmp_path / "rec")]))
+    assert [r["id"] for r in records] == [f"req-{i}" for i in range(N)]
+    first = records[0]
+    assert first["request"]["method"] == "POST"
+    assert first["request"]["path"] == PREDICT
+    assert first["request"]["query"] == "trace=on"
+    assert orjson.loads(first["request"]["body"]) == {"instances": [instances[0]]}  # /secret redacted
+    assert ["X-Tenant", "acme"] in first["request"]["headers"]
+    assert first["response"]["status"] == 200
+    assert first["response"]["latency_s"] > 0
+    assert first["version"] == "prod-7"
+    assert orjson.loads(first["response"]["body"])["predictions"]
+
+
+async def test_redacted_fields_and_dropped_headers_never_reach_the_file(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    await record(start_proxy, production, tmp_path / "rec")
+    raw = decompressed(tmp_path / "rec")
+    assert raw.count(b"X-Tenant") == N  # the check below reads the right bytes
+    for secret in (SECRET.encode(), TOKEN.encode(), b"session=abc", b"Authorization\"", b"Cookie\""):
+        assert secret not in raw
+
+
+async def test_replay_against_a_twin_passes_with_no_disagreement(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    await record(start_proxy, production, tmp_path / "rec")
+    twin = await start_model(ModelBehaviour.production())
+    try:
+        code, doc = await run_replay([str(tmp_path / "rec")], twin.url)
+    finally:
+        await twin.close()
+    assert doc["stats"]["comparisons"]["agree"] == N
+    assert doc["stats"]["comparisons"]["disagree"] == 0
+    assert doc["verdict"] == "pass" and code == 0
+    assert "max_p99_latency_ratio" not in [g["name"] for g in doc["gates"]]  # no --secondary
+
+
+async def test_replay_counts_exactly_the_flipped_share(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    instances = await record(start_proxy, production, tmp_path / "rec")
+    expected = sum(candidate_flips(row, FLIP_RATE) for row in instances)
+    assert 0 < expected < N
+    flipper = await start_model(ModelBehaviour.candidate(flip_rate=FLIP_RATE, delay_ms=0.0))
+    twin = await start_model(ModelBehaviour.production())
+    try:
+        code, doc = await run_replay([str(tmp_path / "rec")], f"flip={flipper.url}", secondary=twin.url)
+    finally:
+        await flipper.close()
+        await twin.close()
+    assert doc["stats"]["comparisons"]["disagree"] == expected
+    assert doc["stats"]["comparisons"]["agree"] == N - expected
+    assert doc["verdict"] == "fail" and code == 1
+    assert "max_p99_latency_ratio" in [g["name"] for g in doc["gates"]]  # the secondary is its baseline
+
+
+async def test_replay_against_a_dead_candidate_reports_every_request_as_its_error(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    await record(start_proxy, production, tmp_path / "rec")
+    code, doc = await run_replay([str(tmp_path / "rec")], closed_port_url())
+    assert doc["stats"]["comparisons"]["candidate_error"] == N
+    assert doc["stats"]["comparisons"]["agree"] == 0
+    assert doc["verdict"] == "fail" and code == 1
+
+
+async def test_a_torn_file_replays_everything_before_the_tear(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    await record(start_proxy, production, tmp_path / "rec")
+    (path,) = recording_files([str(tmp_path / "rec")])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) - 7])  # cut inside the last frame
+    torn: list[str] = []
+    records = list(read_paths([path], torn))
+    assert torn  # the tear is reported
+    ids = [r["id"] for r in records]
+    assert ids == [f"req-{i}" for i in range(len(ids))]  # a prefix, in order
+    twin = await start_model(ModelBehaviour.production())
+    try:
+        _, doc = await run_replay([path], twin.url)
+    finally:
+        await twin.close()
+    assert doc["stats"]["comparisons"]["agree"] == len(ids)
+    assert doc["replay"]["torn"] == torn
+
+
+async def test_a_goreplay_file_replays(production: RunningModel, tmp_path: Path) -> None:
+    instances = generate_instances(60, seed=5)
+    payloads: list[bytes] = []
+    async with aiohttp.ClientSession() as session:
+        for i, row in enumerate(instances):
+            body = orjson.dumps({"instances": [row]})
+            async with session.post(production.url + PREDICT, data=body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                answer = await r.read()
+                status = r.status
+            rid = f"{i:024x}"
+            request = (f"POST {PREDICT} HTTP/1.1\r\nHost: example\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            response = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(answer)}\r\n\r\n").encode() + answer
+            payloads.append(f"1 {rid} {1_700_000_000_000_000_000 + i} 0\n".encode() + request)
+            payloads.append(f"2 {rid} {1_700_000_000_000_100_000 + i} 100000\n".encode() + response)
+    payloads.append(b"1 ffff 1700000000000000000 0\nGET /unanswered HTTP/1.1\r\nHost: x\r\n\r\n")
+    gor = tmp_path / "requests_0.gor"
+    gor.write_bytes(SEPARATOR.join(payloads))
+    flipper = await start_model(ModelBehaviour.candidate(flip_rate=FLIP_RATE, delay_ms=0.0))
+    try:
+        _, doc = await run_replay([str(gor)], flipper.url, input_format="goreplay")
+    finally:
+        await flipper.close()
+    assert doc["replay"]["replayed"] == 60
+    assert sum(doc["replay"]["not_replayed"].values()) == 1
+    assert doc["stats"]["comparisons"]["disagree"] == sum(candidate_flips(row, FLIP_RATE) for row in instances)
+
+
+def test_crc_guards_each_record(tmp_path: Path) -> None:
+    from shadowproxy.record.fileformat import frame, read_file
+
+    records = [{"type": "exchange", "id": str(i)} for i in range(3)]
+    compressed = frame(records, zstandard.ZstdCompressor())
+    data = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(compressed))
+    assert zlib.crc32(data[8:8 + int.from_bytes(data[:4], "little")]) == int.from_bytes(data[4:8], "little")
+    data[-2] ^= 0xFF  # a flipped bit in the last record's payload
+    path = tmp_path / "x.rec.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(bytes(data)))
+    torn: list[str] = []
+    assert [r["id"] for r in read_file(path, torn)] == ["0", "1"]
+    assert Counter("CRC" in t for t in torn)[True] == 1
