@@ -216,3 +216,79 @@ def test_crc_guards_each_record(tmp_path: Path) -> None:
     torn: list[str] = []
     assert [r["id"] for r in read_file(path, torn)] == ["0", "1"]
     assert Counter("CRC" in t for t in torn)[True] == 1
+
+
+def write_recording(directory: Path, bodies: list[bytes], answers: list[bytes], spacing_s: float) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from shadowproxy.config import RecordConfig
+    from shadowproxy.record.recorder import _EXCHANGE, RecordWriter
+    from shadowproxy.shadow.metrics import RecordMetrics
+
+    writer = RecordWriter(RecordConfig(path=str(directory)), RecordMetrics(CollectorRegistry()))
+    for i, (body, answer) in enumerate(zip(bodies, answers, strict=True)):
+        writer.records.append((_EXCHANGE, f"r{i}", 1000.0 + i * spacing_s, "POST", PREDICT, 200,
+                               [(b"Content-Type", b"application/json")], [], 0.001, False, body, answer))
+    writer._cycle()
+    writer._close_file()
+
+
+async def recorded_answers(production: RunningModel, n: int) -> tuple[list[bytes], list[bytes]]:
+    bodies = [orjson.dumps({"instances": [row]}) for row in generate_instances(n, seed=3)]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for body in bodies:
+            async with session.post(production.url + PREDICT, data=body) as r:
+                answers.append(await r.read())
+    return bodies, answers
+
+
+@pytest.mark.parametrize(("pacing", "least_s", "most_s"), [
+    (Pacing("rate", 100.0), 0.39, 2.0),  # 40 requests at 100/s: the last starts at 0.39 s
+    (Pacing("speed", 4.0), 0.39, 2.0),  # recorded 40 ms apart, four times faster: 10 ms apart
+])
+async def test_pacing_spreads_the_requests_as_asked(
+    production: RunningModel, tmp_path: Path, pacing: Pacing, least_s: float, most_s: float
+) -> None:
+    import time
+
+    from shadowproxy.commands.replay import replay
+
+    bodies, answers = await recorded_answers(production, 40)
+    write_recording(tmp_path / "rec", bodies, answers, spacing_s=0.04)
+    from shadowproxy.commands.replay import from_recording
+
+    items = [from_recording(doc, Counter()) for doc in read_paths([str(tmp_path / "rec")])]
+    assert all(items)
+    started = time.monotonic()
+    stats = await replay([i for i in items if i is not None], [("candidate", production.url)],
+                         compare=CompareConfig(), pacing=pacing, concurrency=4)
+    elapsed = time.monotonic() - started
+    assert least_s <= elapsed <= most_s
+    assert stats.snapshot()["comparisons"]["agree"] == 40
+
+
+async def test_a_mirrored_request_carries_the_candidates_outcome(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    candidate = await start_model(ModelBehaviour.candidate(flip_rate=0.0, delay_ms=0.0))
+    try:
+        proxy: RunningProxy = await start_proxy(production.url, candidate.url, mirror={"sample_rate": 1.0},
+                                                record={"path": str(tmp_path / "rec")})
+        async with aiohttp.ClientSession() as session:
+            for i in range(5):
+                async with session.post(proxy.url + PREDICT, json={"instances": [[0.1, 0.2, 0.3, 0.4]]},
+                                        headers={"X-Request-ID": f"m-{i}"}) as r:
+                    assert r.status == 200
+        await proxy.settle()
+        (recorder,) = [c for c in proxy.proxy.components if isinstance(c, Recorder)]
+        await recorder.close()
+    finally:
+        await candidate.close()
+    records = list(read_paths([str(tmp_path / "rec")]))
+    assert [r["id"] for r in records] == [f"m-{i}" for i in range(5)]
+    for r in records:
+        assert r["mirrored"] is True
+        assert r["candidate"]["outcome"] == "agree"
+        assert r["candidate"]["status"] == 200
+        assert r["candidate"]["latency_s"] > 0
