@@ -117,12 +117,16 @@ class RecordWriter:
         self.file: Any = None
         self.size = 0
         self._failing = False
+        self.cpu_s = 0.0  # the writer thread's CPU time so far (benchmarks/replay.py reports it per record)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadowproxy-record", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def stop(self, timeout: float) -> bool:
         self._stop.set()
@@ -143,6 +147,13 @@ class RecordWriter:
         self._close_file()
 
     def _cycle(self) -> None:
+        started = time.thread_time()
+        try:
+            self._write_queued()
+        finally:
+            self.cpu_s += time.thread_time() - started
+
+    def _write_queued(self) -> None:
         counted = self.queued_bytes
         popleft = self.records.popleft
         batch = [popleft() for _ in range(len(self.records))]
