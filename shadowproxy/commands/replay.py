@@ -35,7 +35,7 @@ from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.judging.verdict import worst
 from shadowproxy.record.fileformat import decode_body
 
-__all__ = ["Answer", "Replayed", "judge_answer", "parse_candidate", "replay_main", "without_latency_gate"]
+__all__ = ["Answer", "Failure", "Replayed", "judge_answer", "parse_candidate", "replay_main", "without_latency_gate"]
 
 LATENCY_GATE = "max_p99_latency_ratio"
 # Not re-sent: hop-by-hop fields (RFC 9110 §7.6.1) and the framing, which aiohttp sets itself.
@@ -65,6 +65,13 @@ class Answer:
     status: int
     body: bytes
     latency_s: float
+
+
+@dataclass(slots=True)
+class Failure:
+    """No answer: `kind` is one of the mirror's error kinds (connect, timeout, reset, malformed)."""
+
+    kind: str
 
 
 @dataclass(slots=True)
@@ -143,15 +150,16 @@ def _flags(
 
 def judge_answer(
     stats: ShadowStats, cfg: CompareConfig, item: Replayed, answer: Answer | None,
-    secondary: Answer | None = None, with_secondary: bool = False,
+    secondary: Answer | None = None, with_secondary: bool = False, failure: str = "connect",
 ) -> str:
-    """Record one candidate's answer to a replayed request in `stats`; returns the outcome."""
+    """Record one candidate's answer to a replayed request in `stats`; returns the outcome.
+    `answer` None: no answer, for the reason `failure` (an error kind of the mirror's)."""
     error = answer is None or answer.status >= 500
     stats.record_mirror("sampled")
     stats.record_mirror("sent")
     if answer is None:
         stats.record_mirror("error")
-        stats.record_mirror_reason("errors_by_kind", "connect")
+        stats.record_mirror_reason("errors_by_kind", failure)
     stats.record_candidate(answer.latency_s if answer is not None else None, error)
     if answer is not None and secondary is not None:
         stats.record_pair_latency(secondary.latency_s, answer.latency_s)
@@ -249,14 +257,20 @@ class _Progress:
         self.stream.flush()
 
 
-async def _send(session: aiohttp.ClientSession, base: str, item: Replayed) -> Answer | None:
+async def _send(session: aiohttp.ClientSession, base: str, item: Replayed) -> Answer | Failure:
     started = time.perf_counter()
     try:
         async with session.request(item.method, base + item.target, headers=item.headers, data=item.body) as r:
             body = await r.read()
             return Answer(r.status, body, time.perf_counter() - started)
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return None
+    except TimeoutError:
+        return Failure("timeout")
+    except aiohttp.ClientConnectorError:
+        return Failure("connect")
+    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError):
+        return Failure("malformed")
+    except (aiohttp.ClientError, OSError):
+        return Failure("reset")
 
 
 @dataclass(slots=True)
@@ -311,15 +325,17 @@ async def replay(
             sends = [_send(s, url.rstrip("/"), item) for s, (_, url) in zip(sessions, candidates, strict=True)]
             if sec_session is not None and secondary is not None:
                 sends.append(_send(sec_session, secondary.rstrip("/"), item))
-            answers = await asyncio.gather(*sends)
+            results = await asyncio.gather(*sends)
+            answers = [r if isinstance(r, Answer) else None for r in results]
             sec = answers[len(candidates)] if secondary is not None else None
             stats.record_production(item.latency_s, item.status)
             if stats.secondary is not None:
                 stats.secondary.record_mirror("sent")
                 stats.secondary.record_candidate(sec.latency_s if sec is not None else None,
                                                  sec is None or sec.status >= 500)
-            for (name, _), answer in zip(candidates, answers, strict=False):
-                judge_answer(stats.for_candidate(name), compare, item, answer, sec, secondary is not None)
+            for (name, _), answer, result in zip(candidates, answers, results, strict=False):
+                failure = result.kind if isinstance(result, Failure) else ""
+                judge_answer(stats.for_candidate(name), compare, item, answer, sec, secondary is not None, failure)
         finally:
             gate.release()
             bar.step()

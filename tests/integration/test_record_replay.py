@@ -149,6 +149,7 @@ async def test_replay_against_a_dead_candidate_reports_every_request_as_its_erro
     code, doc = await run_replay([str(tmp_path / "rec")], closed_port_url())
     assert doc["stats"]["comparisons"]["candidate_error"] == N
     assert doc["stats"]["comparisons"]["agree"] == 0
+    assert doc["stats"]["mirror"]["errors_by_kind"]["connect"] == N
     assert doc["verdict"] == "fail" and code == 1
 
 
