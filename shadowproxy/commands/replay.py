@@ -408,6 +408,9 @@ async def replay_main(
                          concurrency=concurrency, timeout_s=timeout_s, progress=err)
     snapshot = stats.snapshot()
     report: Report = make_report(snapshot, gates, list(paths), [name for name, _ in named])
+    report = dataclasses.replace(
+        report, title=f"shadowproxy replay: {len(items)} recorded requests ({', '.join(paths)})"
+    )
     if secondary is None:
         report = dataclasses.replace(report, verdict=without_latency_gate(report.verdict))
     if as_json:

@@ -293,3 +293,47 @@ async def test_a_mirrored_request_carries_the_candidates_outcome(
         assert r["candidate"]["outcome"] == "agree"
         assert r["candidate"]["status"] == 200
         assert r["candidate"]["latency_s"] > 0
+
+
+async def test_the_replay_command_reads_gates_from_config_and_exits_by_the_verdict(
+    production: RunningModel, start_proxy: Any, tmp_path: Path
+) -> None:
+    import asyncio
+    import sys
+
+    await record(start_proxy, production, tmp_path / "rec")
+    config = tmp_path / "gates.toml"
+    config.write_text("[compare]\npreset = \"kserve-v1\"\n\n[gates]\nmin_samples = 50\nmax_disagreement_rate = 0.1\n"
+                      "max_error_rate_delta = 0.1\n")
+    twin = await start_model(ModelBehaviour.production())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shadowproxy", "replay", str(tmp_path / "rec"), "--candidate", twin.url,
+            "--config", str(config), "--rate", "2000",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await twin.close()
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert text.startswith(f"shadowproxy replay: {N} recorded requests")
+    assert "PASS" in text
+    assert f"compared {N}: agree {N}, disagree 0" in text
+    assert "\r[" not in err.decode()  # no progress bar when piped
+    assert f"replayed {N} requests" in err.decode()
+
+
+async def test_a_bad_gates_key_in_the_replay_config_exits_2_naming_it(tmp_path: Path) -> None:
+    import asyncio
+    import sys
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[gates]\nmin_samples = 0\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shadowproxy", "replay", str(tmp_path), "--candidate", closed_port_url(),
+        "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert err.decode().strip().splitlines() == [f"{config}: gates.min_samples: must be at least 1, got 0"]
