@@ -167,7 +167,8 @@ class RecordWriter:
             return {"type": "pair", "id": request_id,
                     "candidate": {"outcome": outcome, "status": status, "latency_s": latency}}
         _, request_id, at, method, target, status, req_headers, resp_headers, latency, mirrored, req_body, \
-            resp_body = item
+            resp_body = item[:12]
+        chunk_times = item[12] if len(item) > 12 else None
         path, _, query = target.partition("?")
         request: dict[str, Any] = {"method": method, "path": path, "query": query,
                                    "headers": _headers(req_headers, self.drop)}
@@ -175,6 +176,10 @@ class RecordWriter:
                                     "latency_s": latency}
         self._body(req_body, request)
         self._body(resp_body, response)
+        content_type = _header(resp_headers, "content-type") or ""
+        if chunk_times and content_type.startswith("text/event-stream") and "body_omitted" not in response:
+            # A streamed answer: where each piece ended in the body, and when it arrived.
+            response["chunks"] = [[int(chunk_times[i + 1]), chunk_times[i]] for i in range(0, len(chunk_times), 2)]
         doc: dict[str, Any] = {"type": "exchange", "id": request_id, "time": at, "request": request,
                                "response": response, "mirrored": mirrored}
         if self.version_header:
@@ -261,6 +266,7 @@ class Recorder:
     """The `[record]` component: an `Observer` with a lifecycle; no routes, no stats block."""
 
     every_exchange = False  # only the sampled requests (and mirrored ones) cost a record
+    keeps_chunk_times = True  # the proxy notes when each piece of a recorded answer arrived
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         record = config.record
@@ -302,6 +308,7 @@ class Recorder:
         self._queue((
             _EXCHANGE, record.request_id, record.time, record.method, record.path, record.status,
             record.request_headers, record.response_headers, record.latency_s, record.mirrored, request, response,
+            record.chunk_times,
         ))
         self.writer.queued_bytes += size
 

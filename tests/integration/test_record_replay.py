@@ -337,3 +337,25 @@ async def test_a_bad_gates_key_in_the_replay_config_exits_2_naming_it(tmp_path: 
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert err.decode().strip().splitlines() == [f"{config}: gates.min_samples: must be at least 1, got 0"]
+
+
+async def test_a_streamed_answer_is_recorded_raw_with_chunk_times(openai_pair: Any, start_proxy: Any,
+                                                                  tmp_path: Path) -> None:
+    production_llm, _ = openai_pair
+    proxy: RunningProxy = await start_proxy(production_llm.url, record={"path": str(tmp_path / "rec")})
+    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "count to five"}]}
+    async with aiohttp.ClientSession() as session, session.post(proxy.url + "/v1/chat/completions",
+                                                                json=request) as r:
+        assert r.status == 200
+        received = await r.read()
+    (recorder,) = [c for c in proxy.proxy.components if isinstance(c, Recorder)]
+    await recorder.close()
+    (doc,) = list(read_paths([str(tmp_path / "rec")]))
+    response = doc["response"]
+    assert response["body"].encode() == received  # raw, as the client got it
+    chunks = response["chunks"]
+    assert len(chunks) >= 2
+    assert chunks[-1][0] == len(received)
+    assert [c[0] for c in chunks] == sorted(c[0] for c in chunks)
+    assert [c[1] for c in chunks] == sorted(c[1] for c in chunks)
+    assert 0 < chunks[-1][1] <= response["latency_s"]
