@@ -29,8 +29,9 @@ from shadowproxy.commands.report import EXIT_UNREACHABLE, Report, make_report, r
 from shadowproxy.config import CompareConfig, GatesConfig
 from shadowproxy.judging.compare import Comparison, compare_predictions
 from shadowproxy.judging.fields import FieldTable, field_diffs
-from shadowproxy.judging.openai import compare_openai, extract_openai, openai_endpoint
+from shadowproxy.judging.openai import OpenAIChoice, compare_openai, extract_openai, openai_endpoint
 from shadowproxy.judging.presets import extract_predictions
+from shadowproxy.judging.sse import StreamAssembler
 from shadowproxy.judging.stats import ShadowStats
 from shadowproxy.judging.verdict import worst
 from shadowproxy.record.fileformat import decode_body
@@ -118,18 +119,30 @@ def _predictions(body: bytes, cfg: CompareConfig) -> list[object] | None:
         return None
 
 
+def _openai_choices(body: bytes, endpoint: str) -> list[OpenAIChoice] | None:
+    """An OpenAI answer's choices, whole (JSON) or streamed (server-sent events, assembled as the
+    mirror assembles a stream); None when it is neither, or a stream that failed or broke off."""
+    if body.lstrip()[:1] in (b"d", b"e", b":"):  # `data:`, `event:` or a comment: a stream
+        asm = StreamAssembler(len(body) + 1)
+        asm.feed(body, 0.0)
+        asm.end()
+        return asm.openai_choices() if asm.complete else None
+    try:
+        return extract_openai(orjson.loads(body), endpoint)
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+
+
 def _flags(
     prod_body: bytes, body: bytes, cfg: CompareConfig, endpoint: str | None
 ) -> tuple[str, Any, list[bool] | None]:
     """(outcome, comparison or field diffs, flags) of one 2xx answer against production's."""
     if cfg.preset == "openai":
-        try:
-            prod_choices = extract_openai(orjson.loads(prod_body), endpoint or "chat")
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        prod_choices = _openai_choices(prod_body, endpoint or "chat")
+        if prod_choices is None:
             return "unparseable", None, None
-        try:
-            cand_choices = extract_openai(orjson.loads(body), endpoint or "chat")
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        cand_choices = _openai_choices(body, endpoint or "chat")
+        if cand_choices is None:
             return "candidate_error", None, None
         result = compare_openai(prod_choices, cand_choices, cfg)
         return ("disagree" if result.disagree else "agree"), result, result.flags

@@ -359,3 +359,28 @@ async def test_a_streamed_answer_is_recorded_raw_with_chunk_times(openai_pair: A
     assert [c[0] for c in chunks] == sorted(c[0] for c in chunks)
     assert [c[1] for c in chunks] == sorted(c[1] for c in chunks)
     assert 0 < chunks[-1][1] <= response["latency_s"]
+
+
+async def test_recorded_streams_replay_and_compare_as_streams(openai_pair: Any, start_proxy: Any,
+                                                             tmp_path: Path) -> None:
+    from shadowproxy.commands.replay import replay
+
+    production_llm, candidate_llm = openai_pair
+    proxy: RunningProxy = await start_proxy(production_llm.url, record={"path": str(tmp_path / "rec")})
+    async with aiohttp.ClientSession() as session:
+        for i in range(8):
+            request = {"model": "m", "stream": i % 2 == 0, "messages": [{"role": "user", "content": f"q {i}"}]}
+            async with session.post(proxy.url + "/v1/chat/completions", json=request) as r:
+                assert r.status == 200
+                await r.read()
+    (recorder,) = [c for c in proxy.proxy.components if isinstance(c, Recorder)]
+    await recorder.close()
+    from shadowproxy.commands.replay import from_recording
+
+    items = [from_recording(doc, Counter()) for doc in read_paths([str(tmp_path / "rec")])]
+    todo = [i for i in items if i is not None]
+    assert len(todo) == 8
+    stats = await replay(todo, [("twin", production_llm.url)], compare=CompareConfig(preset="openai"))
+    comparisons = stats.snapshot()["comparisons"]
+    assert comparisons["agree"] == 8  # streamed and whole answers alike, read back and compared
+    assert comparisons["unparseable"] == 0 and comparisons["candidate_error"] == 0
