@@ -151,6 +151,8 @@ def summary(config: Config) -> str:
         *([("slices", ", ".join([*(s.name for s in config.slices), "other"]))] if config.slices else []),
         ("store", config.store.path or "off"),
         ("drift", "on" if config.drift is not None else "off"),
+        *([("record", f"{config.record.path} (sample_rate {config.record.sample_rate:g}; see `shadowproxy replay`)")]
+          if config.record.path else []),
     ]
     width = max(12, *(len(name) + 2 for name, _ in lines))
     text = "\n".join(f"  {name:<{width}}{value}" for name, value in lines)

@@ -6,6 +6,7 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from shadowproxy.config import RecordConfig
@@ -92,3 +93,14 @@ def test_replay_refuses_bad_pacing_with_usage_exit(capsys: object) -> None:
 
     assert main(["replay", "nowhere", "--candidate", "http://127.0.0.1:9", "--rate", "0"]) == 2
     assert main(["replay", "nowhere", "--candidate", "http://127.0.0.1:9", "--rate", "5", "--max"]) == 2
+
+
+def test_check_config_names_the_recording_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shadowproxy.commands.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('[production]\nurl = "http://127.0.0.1:9001"\n[candidate]\nurl = "http://127.0.0.1:9002"\n'
+                      f'[record]\npath = "{tmp_path / "rec"}"\nsample_rate = 0.5\n')
+    assert main(["check-config", str(config)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("record")]
+    assert line == [f"  record      {tmp_path / 'rec'} (sample_rate 0.5; see `shadowproxy replay`)"]
