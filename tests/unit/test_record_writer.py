@@ -104,3 +104,15 @@ def test_check_config_names_the_recording_directory(tmp_path: Path, capsys: pyte
     assert main(["check-config", str(config)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("record")]
     assert line == [f"  record      {tmp_path / 'rec'} (sample_rate 0.5; see `shadowproxy replay`)"]
+
+
+def test_under_workers_each_recorder_keeps_its_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shadowproxy.config import CandidateConfig, Config, ProductionConfig
+    from shadowproxy.record.recorder import WORKERS_ENV
+    from shadowproxy.shadow.metrics import Metrics
+
+    monkeypatch.setenv(WORKERS_ENV, "4")  # as `serve --workers 4` sets it for each worker
+    config = Config(production=ProductionConfig(url="http://127.0.0.1:1"),
+                    candidate=CandidateConfig(url="http://127.0.0.1:2"),
+                    record=RecordConfig(path=str(tmp_path), max_total_bytes=400_000))
+    assert Recorder(config, Metrics(CollectorRegistry())).writer.total_cap == 100_000
