@@ -9,6 +9,7 @@ steady enough (process CPU time, min of 5 rounds) to judge a micro-optimisation 
     python benchmarks/hotpath.py --profile  # cProfile of the same loop
     python benchmarks/hotpath.py --drift    # with [drift] sample_rate 1.0 (its processing included)
     python benchmarks/hotpath.py --store    # with [store] on a temp file (its writer thread's CPU included)
+    python benchmarks/hotpath.py --record   # with [record] on a temp directory, every request recorded
     python benchmarks/hotpath.py --candidates 3   # every request mirrored to 3 candidates ([[candidates]])
     python benchmarks/hotpath.py --slices 32      # with 32 [[slices]] (by path prefix; none matches)
     python benchmarks/hotpath.py --cost           # 0, 1 and 3 candidates and 32 slices, interleaved:
@@ -106,7 +107,7 @@ class Setup:
     """One proxy on fake transports: production, `candidates` candidates (at sample_rate 1.0 when
     any), `slices` slices, and the components the flags turn on."""
 
-    def __init__(self, candidates: int, slices: int, drift: bool, store: str) -> None:
+    def __init__(self, candidates: int, slices: int, drift: bool, store: str, record: str = "") -> None:
         raw: dict[str, Any] = {"production": {"url": "http://127.0.0.1:1"}, "mirror": {"sample_rate": 1.0}}
         if candidates:
             raw["candidates"] = [{"name": f"c{i}", "url": f"http://127.0.0.1:{i + 2}"} for i in range(candidates)]
@@ -119,6 +120,8 @@ class Setup:
             raw["drift"] = {"sample_rate": 1.0, "warmup": 1000, "window": 10000}
         if store:
             raw["store"] = {"path": store}
+        if record:
+            raw["record"] = {"path": record, "sample_rate": 1.0}
         self.candidates = candidates
         self.config = config = parse_config(raw)
         matcher = SliceMatcher(config.slices) if config.slices else None
@@ -186,8 +189,10 @@ class Setup:
             await component.close()
 
 
-async def main(requests: int, profile: bool, candidates: int, slices: int, drift: bool, store: str) -> None:
-    setup = Setup(candidates, slices, drift, store)
+async def main(
+    requests: int, profile: bool, candidates: int, slices: int, drift: bool, store: str, record: str = ""
+) -> None:
+    setup = Setup(candidates, slices, drift, store, record)
     await setup.start()
     await setup.run(2000)
     gc.collect()  # as app.py does once it serves: the start-up heap leaves the collector's walks
@@ -250,5 +255,6 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         n_candidates = _option("--candidates", 1 if "--mirror" in sys.argv else 0)
         store = f"{tmp}/audit.db" if "--store" in sys.argv else ""
+        record = f"{tmp}/recordings" if "--record" in sys.argv else ""
         uvloop.run(main(_option("--requests", 50_000), "--profile" in sys.argv, n_candidates,
-                        _option("--slices", 0), "--drift" in sys.argv, store))
+                        _option("--slices", 0), "--drift" in sys.argv, store, record))

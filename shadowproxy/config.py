@@ -43,6 +43,7 @@ __all__ = [
     "Secret",
     "SliceConfig",
     "UpstreamConfig",
+    "RecordConfig",
     "StoreConfig",
     "UpstreamURL",
     "load_config",
@@ -628,6 +629,22 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordConfig:
+    """[record]: production's traffic written to compressed files for `replay`; off while `path` is ""."""
+
+    path: str = _key("", _string())  # a directory
+    sample_rate: float = _key(1.0, _FRACTION)
+    max_file_bytes: int = _key(64 * 1024 * 1024, _integer(4096))
+    max_total_bytes: int = _key(1024 * 1024 * 1024, _integer(4096))
+    redact: tuple[str, ...] = _key((), _strings(_pointer))
+    drop_headers: tuple[str, ...] = _key(
+        ("Authorization", "Cookie", "Proxy-Authorization", "X-Api-Key"), _strings(_non_empty)
+    )
+    max_body_bytes: int = _key(1024 * 1024, _integer(0))
+    version_header: str = _key("X-Model-Version", _string(_header_name_or_empty))
+
+
+@dataclass(frozen=True, slots=True)
 class DriftConfig:
     """[drift]: feature and prediction drift; runs only when the table is present."""
 
@@ -684,6 +701,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
     drift: DriftConfig | None = None
     judge: JudgeConfig | None = None
     secondary: SecondaryConfig | None = None
@@ -710,6 +728,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "compare": CompareConfig,
     "gates": GatesConfig,
     "store": StoreConfig,
+    "record": RecordConfig,
     "drift": DriftConfig,
     "judge": JudgeConfig,
     "secondary": SecondaryConfig,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from shadowproxy import __version__
 from shadowproxy.config import Config, load_config
@@ -151,6 +151,8 @@ def summary(config: Config) -> str:
         *([("slices", ", ".join([*(s.name for s in config.slices), "other"]))] if config.slices else []),
         ("store", config.store.path or "off"),
         ("drift", "on" if config.drift is not None else "off"),
+        *([("record", f"{config.record.path} (sample_rate {config.record.sample_rate:g}; see `shadowproxy replay`)")]
+          if config.record.path else []),
     ]
     width = max(12, *(len(name) + 2 for name, _ in lines))
     text = "\n".join(f"  {name:<{width}}{value}" for name, value in lines)
@@ -399,10 +401,98 @@ def _audit(args: argparse.Namespace) -> int:
     return run_audit(args.store, args.request_id, versions=args.versions, as_json=args.json, labels=args.labels)
 
 
+# ---------------------------------------------------------------------------------------------------
+# replay
+
+
+def _add_replay(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "replay",
+        help="re-send recorded requests to candidates and judge them against production's answers",
+        description="Re-send the requests of recordings ([record] files or directories, or GoReplay "
+        "files with --format goreplay) to each candidate, compare every answer with production's "
+        "recorded one using --config's [compare] and [gates], print the report and exit by its verdict "
+        "(0 pass, 1 fail, 3 insufficient data, 2 usage or unreadable input).",
+    )
+    parser.add_argument("recordings", nargs="+", metavar="RECORDINGS", help="recording files or directories")
+    parser.add_argument("--candidate", action="append", required=True, metavar="[NAME=]URL",
+                        help="a candidate's base URL; repeat for several")
+    parser.add_argument("--secondary", metavar="URL",
+                        help="a fresh production instance: its answers measure the noise, its latency is "
+                        "the latency gate's baseline (without it the latency gate is left out)")
+    parser.add_argument("--config", metavar="PATH", help="a config file; only [compare] and [gates] are read")
+    parser.add_argument("--format", dest="input_format", choices=("recording", "goreplay"), default="recording",
+                        help="the input's format (default: recording)")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--max", action="store_true", help="as fast as --concurrency allows (the default)")
+    pace.add_argument("--rate", type=float, metavar="R", help="R requests per second, open loop")
+    pace.add_argument("--speed", type=float, metavar="N", help="the recorded pace, N times faster (1: as recorded)")
+    parser.add_argument("--concurrency", type=int, default=64, metavar="N",
+                        help="requests in flight per target at most (default 64)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-request timeout (default 30)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=_replay)
+
+
+def _replay_config(path: str) -> tuple[Any, Any] | None:
+    """[compare] and [gates] of the file at `path` (nothing else is read or required)."""
+    import tomllib
+
+    from shadowproxy.config import parse_config
+
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        print(f"{path}: cannot read the config file: {exc}", file=sys.stderr)
+        return None
+    placeholder = {"url": "http://127.0.0.1:9"}
+    try:
+        config = parse_config({"production": placeholder, "candidate": placeholder,
+                               **{k: data[k] for k in ("compare", "gates") if k in data}})
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return None
+    return config.compare, config.gates
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from shadowproxy.commands.replay import Pacing, replay_main
+    from shadowproxy.config import CompareConfig, GatesConfig
+
+    problems = []
+    if args.concurrency < 1:
+        problems.append(f"--concurrency: must be at least 1, got {args.concurrency}")
+    if args.rate is not None and not args.rate > 0:
+        problems.append(f"--rate: must be a positive number, got {args.rate}")
+    if args.speed is not None and not args.speed > 0:
+        problems.append(f"--speed: must be a positive number, got {args.speed}")
+    if not args.timeout > 0:
+        problems.append(f"--timeout: must be a positive number, got {args.timeout}")
+    for problem in problems:
+        print(f"shadowproxy replay: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    compare, gates = CompareConfig(), GatesConfig()
+    if args.config:
+        loaded = _replay_config(args.config)
+        if loaded is None:
+            return EXIT_USAGE
+        compare, gates = loaded
+    pacing = Pacing("rate", args.rate) if args.rate else Pacing("speed", args.speed) if args.speed else Pacing()
+    return asyncio.run(replay_main(
+        args.recordings, args.candidate, compare=compare, gates=gates, secondary=args.secondary, pacing=pacing,
+        concurrency=args.concurrency, timeout_s=args.timeout, input_format=args.input_format, as_json=args.json,
+    ))
+
+
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_serve,
     _add_check_config,
     _add_report,
+    _add_replay,
     _add_demo,
     _add_profile,
     _add_audit,

@@ -78,6 +78,7 @@ class Report:
     sources: list[str]
     candidate: str | None = None  # --candidate: the report exits by this candidate's verdict
     names: tuple[str, ...] = ("candidate",)  # the candidates' names, in config order
+    title: str = ""  # the first line, when not the proxies the stats came from (`replay`)
 
     @property
     def candidate_verdicts(self) -> dict[str, dict[str, Any]]:
@@ -296,7 +297,7 @@ def _verdict_lines(report: Report, paint: _Painter) -> list[str]:
     }.get(verdict, "")
     n = len(report.sources)
     return [
-        f"shadowproxy report: {n} {'proxy' if n == 1 else 'proxies'} ({', '.join(report.sources)})",
+        report.title or f"shadowproxy report: {n} {'proxy' if n == 1 else 'proxies'} ({', '.join(report.sources)})",
         f"Verdict: {paint(label, 'bold', style)}  {what}",
     ]
 

@@ -50,6 +50,10 @@ def build_components(config: Config, metrics: Metrics, shared: bool = False) -> 
         from shadowproxy.drift.monitor import DriftMonitor  # numpy and the profile code load only with [drift]
 
         components.append(DriftMonitor(config.drift, config.compare, metrics))
+    if config.record.path:
+        from shadowproxy.record.recorder import Recorder
+
+        components.append(Recorder(config, metrics))
     return components
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterable
@@ -247,6 +248,7 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "shadowproxy", "serve", "--config", self.config_path, "--worker",
             stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "SHADOWPROXY_WORKERS": str(len(self.workers))},  # [record]: each keeps 1/N
         )
         assert proc.stdout is not None
         while True:

@@ -317,6 +317,27 @@ class StoreMetrics:
         child.inc(n)
 
 
+class RecordMetrics:
+    """The recorder's metrics (`[record]`), registered only when its path is set."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.dropped = Counter(
+            "shadowproxy_record_dropped_total",
+            "Requests not recorded because the recorder's queue was full (the disk fell behind).",
+            registry=r,
+        )
+        self.written = Counter(
+            "shadowproxy_record_written_total", "Records (exchanges and pairs) written to recording files.",
+            registry=r,
+        )
+        self.lost = Counter(
+            "shadowproxy_record_lost_total",
+            "Records not written because a recording file could not be opened or written.",
+            registry=r,
+        )
+
+
 # "queue_full": the judge's bounded queue was full; "shutdown": still queued or being judged at stop
 JUDGE_DROP_REASONS = ("queue_full", "shutdown")
 

@@ -24,7 +24,7 @@ class ExchangeRecord:
     """One client request and production's answer, as the client saw it."""
 
     __slots__ = ("request_id", "time", "method", "path", "status", "response_headers", "latency_s", "mirrored",
-                 "request_body", "response_body")
+                 "request_body", "response_body", "request_headers", "chunk_times")
 
     def __init__(
         self,
@@ -38,6 +38,12 @@ class ExchangeRecord:
         mirrored: bool,  # a shadow copy was sent to the candidate
         request_body: bytes | None,  # only when captured (an observer asked, or the request was mirrored)
         response_body: bytes | None,  # only when captured, 2xx and within compare.max_response_bytes
+        # The client's header fields as received (hop-by-hop ones included); the path holds the query.
+        request_headers: list[tuple[bytes, bytes]] | None = None,
+        # Only for an observer with `keeps_chunk_times = True` that wanted this request: for each
+        # captured piece of the answer, seconds since the request was sent and the body's length
+        # so far, flat ([t0, end0, t1, end1, ...]).
+        chunk_times: list[float] | None = None,
     ) -> None:
         self.request_id = request_id
         self.time = time
@@ -49,6 +55,8 @@ class ExchangeRecord:
         self.mirrored = mirrored
         self.request_body = request_body
         self.response_body = response_body
+        self.request_headers = request_headers
+        self.chunk_times = chunk_times
 
 
 class PairRecord:

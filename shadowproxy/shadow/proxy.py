@@ -138,6 +138,7 @@ class Proxy:
         self.waiting: set[Exchange] = set()
         self._every: tuple[bool, ...] = ()
         self._observe_every = False
+        self._chunk_mask = 0  # bit i: observer i keeps chunk times (see every_exchange)
         self._wants: tuple[Callable[[], bool], ...] = ()
         self._tell: tuple[tuple[Observer, Callable[[ExchangeRecord, bool], None], bool], ...] = ()
         self.sweep_interval = min(0.5, max(0.01, timeout_s / 20))
@@ -223,6 +224,7 @@ class Proxy:
             self._observe_every = any(self._every)
             self._wants = tuple(o.wants_bodies for o in observers)
             self._tell = tuple(zip(observers, [o.on_exchange for o in observers], self._every, strict=True))
+            self._chunk_mask = sum(1 << i for i, o in enumerate(observers) if getattr(o, "keeps_chunk_times", False))
         return self._every
 
     def _sweep(self) -> None:
@@ -256,6 +258,7 @@ class Exchange(ResponseSink):
         "pending_size", "retry_body", "retried", "t_sent", "status", "done", "request_sent",
         "capture", "capture_size", "t_body_done", "body_seen", "wants", "request_capture",
         "request_capture_size", "started_at", "path", "response_headers", "mirrored", "llm", "slice",
+        "chunk_times",
     )
 
     def __init__(
@@ -293,6 +296,9 @@ class Exchange(ResponseSink):
         self.mirrored = False
         self.llm: LlmWatch | None = None  # an answer to an OpenAI-compatible request (preset openai)
         self.slice = -1  # [[slices]]: the request's slice, else -1
+        # [record]: when each captured piece of the answer arrived and where it ended, flat
+        # ([time, end offset, ...]); None unless an observer that keeps chunk times wants this request.
+        self.chunk_times: list[float] | None = None
 
     def observe(self, path: bytes) -> None:
         """Ask each observer once whether it wants this request's bodies."""
@@ -308,6 +314,8 @@ class Exchange(ResponseSink):
                 if wants_bodies():
                     wants |= 1 << i
         self.wants = wants
+        if wants & proxy._chunk_mask:
+            self.chunk_times = []
         self.started_at = _wall_clock()
         self.path = path
         if self.ticket is not None or wants:
@@ -483,6 +491,10 @@ class Exchange(ResponseSink):
         if capture is not None:
             capture.append(data)
             self.capture_size += len(data)
+            times = self.chunk_times
+            if times is not None:
+                times.append(_perf_counter() - self.t_sent)
+                times.append(self.capture_size)
             if self.capture_size > self.proxy.capture_limit:
                 self.capture = None
         llm = self.llm
@@ -614,6 +626,8 @@ class Exchange(ResponseSink):
             mirrored,
             b"".join(request_capture) if request_capture is not None else None,
             response_body,
+            self.cycle.headers,
+            self.chunk_times,
         )
         for observer, on_exchange, every in self.proxy._tell:
             wanted = bool(wants & 1)

@@ -166,6 +166,8 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
                     assert json.load(file)["panels"]
                 for panel in dashboard_panels():
                     for target in panel["targets"]:
+                        if "shadowproxy_judge_" in target["expr"]:
+                            continue  # registered with a [judge] table only; this proxy has none
                         series = await prometheus.query(expand(target["expr"]))
                         assert series, f"panel {panel['title']!r} ({target['refId']}) returned no series"
 

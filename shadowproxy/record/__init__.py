@@ -1,0 +1,1 @@
+"""Recording production's traffic to files (`[record]`) and reading them back (`replay`)."""
