@@ -598,3 +598,29 @@ def test_workers_page_shows_the_merged_state(
         assert console_errors(browser) == []
     finally:
         serving.stop()
+
+
+def test_a_fields_block_lists_the_fields_that_differ_most_by_share(browser: webdriver.Chrome) -> None:
+    from shadowproxy.judging.stats import ShadowStats
+
+    stats = ShadowStats().snapshot()
+    stats["fields"] = {
+        "/predictions/*": {"compared": 200, "differ": 20, "noise_compared": 0, "noise_differ": 0, "noisy": False},
+        "/created": {"compared": 200, "differ": 200, "noise_compared": 200, "noise_differ": 200, "noisy": True},
+        "/<b>model</b>": {"compared": 50, "differ": 10, "noise_compared": 0, "noise_differ": 0, "noisy": False},
+        "/same": {"compared": 200, "differ": 0, "noise_compared": 0, "noise_differ": 0, "noisy": False},
+    }
+    canned = CannedAdmin(stats)
+    try:
+        open_page(browser, canned.url)
+        xpath = "//h3[text()='Fields that differ most']/following-sibling::table[1]//tbody/tr"
+        WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.XPATH, xpath))
+        rows = [[c.text for c in row.find_elements(By.CSS_SELECTOR, "th, td")]
+                for row in browser.find_elements(By.XPATH, xpath)]
+        # By the share that differs (200/200, 10/50, 20/200); a field that never differs is left out.
+        assert [row[0] for row in rows] == ["/created", "/<b>model</b>", "/predictions/*"]
+        assert rows[0][1:] == ["200", "200", "100%", "yes"]
+        assert rows[1][3:] == ["20%", "no"]
+        assert console_errors(browser) == []
+    finally:
+        canned.close()

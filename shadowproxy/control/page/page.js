@@ -212,11 +212,14 @@
       ]));
       parts.push(el("table", { id: "confusion" }, [el("thead", {}, [head]), el("tbody", {}, rows)]));
     }
-    const fields = s.comparisons.top_fields || s.top_fields;
-    if (Array.isArray(fields) && fields.length) {
+    // compare.kind "fields": {pointer: {compared, differ, noise_differ, noisy}}, the ten that differ most.
+    const fields = s.fields && typeof s.fields === "object" ? Object.entries(s.fields) : [];
+    const differing = fields.filter(([, f]) => f && f.compared > 0 && f.differ > 0)
+      .sort((a, b) => b[1].differ / b[1].compared - a[1].differ / a[1].compared).slice(0, 10);
+    if (differing.length) {
       parts.push(el("h3", { text: "Fields that differ most" }));
-      parts.push(table(["field", "differing"], fields.map((f) => [String(f.field ?? f.name ?? f[0]),
-        fmt(f.count ?? f.disagree ?? f[1])])));
+      parts.push(table(["field", "compared", "differing", "share", "noisy"], differing.map(([pointer, f]) => [
+        pointer, fmt(f.compared), fmt(f.differ), pct(f.differ / f.compared), f.noisy ? "yes" : "no"])));
     }
     const diffs = s.differences || {};
     const used = Object.keys(diffs).filter((k) => diffs[k] && diffs[k].count > 0);
