@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import orjson
+
 __all__ = [
     "PRESETS",
     "PresetError",
     "extract_predictions",
     "flatten",
     "parse_pointer",
+    "redact",
     "resolve_pointer",
 ]
 
@@ -196,3 +199,43 @@ def _reshape(flat: list[object], dims: list[int]) -> list[object]:
     inner = dims[1:]
     step = math.prod(inner)
     return [_reshape(flat[i * step : (i + 1) * step], inner) for i in range(dims[0])]
+
+
+def redact(body: bytes | None, pointers: Sequence[tuple[str, ...]]) -> bytes | None:
+    """`body` with every pointed member removed. A `*` token matches every array element or object
+    member (an extension of RFC 6901, for fields inside each instance of a batch). A body that is
+    not JSON cannot be searched, so it is not kept at all when there is anything to redact."""
+    if body is None or not pointers:
+        return body
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    for tokens in pointers:
+        if tokens:
+            _remove(doc, tokens)
+    return orjson.dumps(doc)
+
+
+def _remove(node: object, tokens: tuple[str, ...]) -> None:
+    head, rest = tokens[0], tokens[1:]
+    if isinstance(node, dict):
+        keys = list(node) if head == "*" else [head] if head in node else []
+        for key in keys:
+            if rest:
+                _remove(node[key], rest)
+            else:
+                del node[key]
+    elif isinstance(node, list):
+        if head == "*":
+            indexes = range(len(node))
+        elif head.isdigit() and (head == "0" or head[0] != "0") and int(head) < len(node):
+            indexes = range(int(head), int(head) + 1)
+        else:
+            return
+        if not rest:
+            for i in reversed(indexes):
+                del node[i]
+            return
+        for i in indexes:
+            _remove(node[i], rest)

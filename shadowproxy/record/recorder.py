@@ -20,12 +20,11 @@ import threading
 import time
 from typing import Any
 
-import orjson
 import zstandard
 from aiohttp import web
 
 from shadowproxy.config import Config, RecordConfig
-from shadowproxy.judging.presets import parse_pointer
+from shadowproxy.judging.presets import parse_pointer, redact
 from shadowproxy.record.fileformat import FORMAT, SUFFIX, VERSION, encode_body, frame
 from shadowproxy.shadow.metrics import Metrics, RecordMetrics
 from shadowproxy.shadow.observers import ExchangeRecord, PairRecord
@@ -44,45 +43,6 @@ WORKERS_ENV = "SHADOWPROXY_WORKERS"  # set by `serve --workers N` for its worker
 
 _EXCHANGE = 0
 _PAIR = 1
-
-
-def redact(body: bytes, pointers: list[tuple[str, ...]]) -> bytes | None:
-    """`body` with every pointed member removed (`*` matches every element or member); a body that
-    is not JSON cannot be searched, so it is left out when there is anything to redact."""
-    if not pointers:
-        return body
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    for tokens in pointers:
-        if tokens:
-            _remove(doc, tokens)
-    return orjson.dumps(doc)
-
-
-def _remove(node: object, tokens: tuple[str, ...]) -> None:
-    head, rest = tokens[0], tokens[1:]
-    if isinstance(node, dict):
-        keys = list(node) if head == "*" else [head] if head in node else []
-        for key in keys:
-            if rest:
-                _remove(node[key], rest)
-            else:
-                del node[key]
-    elif isinstance(node, list):
-        if head == "*":
-            indexes = list(range(len(node)))
-        elif head.isdigit() and int(head) < len(node):
-            indexes = [int(head)]
-        else:
-            return
-        if not rest:
-            for i in reversed(indexes):
-                del node[i]
-            return
-        for i in indexes:
-            _remove(node[i], rest)
 
 
 def _headers(fields: list[tuple[bytes, bytes]] | None, drop: frozenset[str]) -> list[list[str]]:

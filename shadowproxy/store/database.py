@@ -27,7 +27,7 @@ import orjson
 
 from shadowproxy.config import CompareConfig, StoreConfig
 from shadowproxy.judging.compare import canonical_label, compare_predictions
-from shadowproxy.judging.presets import PresetError, extract_predictions, parse_pointer, resolve_pointer
+from shadowproxy.judging.presets import PresetError, extract_predictions, parse_pointer, redact, resolve_pointer
 from shadowproxy.store.records import (
     E_ID,
     E_KIND,
@@ -396,45 +396,6 @@ def _pointer_version(doc: object, tokens: tuple[str, ...]) -> str | None:
     if isinstance(value, bool | int | float):
         return orjson.dumps(value).decode()
     return None
-
-
-def redact(body: bytes | None, pointers: Sequence[tuple[str, ...]]) -> bytes | None:
-    """`body` with every pointed member removed. A `*` token matches every array element or object
-    member (an extension of RFC 6901, for fields inside each instance of a batch). A body that is
-    not JSON cannot be searched, so it is not kept at all when there is anything to redact."""
-    if body is None or not pointers:
-        return body
-    doc = _loads(body)
-    if doc is _NOT_JSON:
-        return None
-    for tokens in pointers:
-        if tokens:
-            _remove(doc, tokens)
-    return orjson.dumps(doc)
-
-
-def _remove(node: object, tokens: tuple[str, ...]) -> None:
-    head, rest = tokens[0], tokens[1:]
-    if isinstance(node, dict):
-        keys = list(node) if head == "*" else [head] if head in node else []
-        for key in keys:
-            if rest:
-                _remove(node[key], rest)
-            else:
-                del node[key]
-    elif isinstance(node, list):
-        if head == "*":
-            indexes = range(len(node))
-        elif head.isdigit() and (head == "0" or head[0] != "0") and int(head) < len(node):
-            indexes = range(int(head), int(head) + 1)
-        else:
-            return
-        if not rest:
-            for i in reversed(indexes):
-                del node[i]
-            return
-        for i in indexes:
-            _remove(node[i], rest)
 
 
 # ---------------------------------------------------------------------------------------------------
